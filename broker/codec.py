@@ -1,0 +1,161 @@
+"""natron's wire format: msgpack maps with tensor data as raw little-endian bytes.
+
+Version 1, documented for clients that publish directly in docs/wire-format.md:
+
+request  {"v": 1, "id": str, "model": str, "version": str,
+          "inputs": [{"name": str, "datatype": str, "shape": [int], "data": bin}],
+          "outputs": [str], "parameters": {str: any}}
+response {"v": 1, "id": str, "model": str, "version": str,
+          "outputs": [{"name", "datatype", "shape", "data"}], "parameters": {}}
+error    {"v": 1, "id": str, "error": str}
+
+The response's status travels in the `Natron-Status` header (HTTP numbering, 200 for success),
+so a reader knows an error from a result before decoding the body. BYTES tensor data uses
+Triton's 4-byte-length-prefixed layout. Decoding turns any malformed message into
+InvalidArgument; it never raises anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from natron import datatypes
+from natron.errors import InvalidArgument, NatronError
+from natron.inference import InferRequest, InferResponse, Tensor
+
+WIRE_VERSION = 1
+
+
+def _pack_tensor(tensor: Tensor) -> dict[str, Any]:
+    return {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": list(tensor.shape),
+        "data": datatypes.to_raw(tensor.data, tensor.datatype),
+    }
+
+
+def _unpack_tensor(raw: Any) -> Tensor:
+    if not isinstance(raw, dict):
+        raise InvalidArgument("tensor entry must be a map")
+    name = raw.get("name")
+    datatype = raw.get("datatype")
+    shape = raw.get("shape")
+    data = raw.get("data")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("tensor 'name' must be a non-empty string")
+    if not isinstance(datatype, str) or datatype not in datatypes.DATATYPES:
+        raise InvalidArgument(f"tensor '{name}' has unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidArgument(f"tensor '{name}' shape must be a list of non-negative integers")
+    if not isinstance(data, bytes):
+        raise InvalidArgument(f"tensor '{name}' 'data' must be binary")
+    array = datatypes.from_raw(data, datatype, tuple(shape))
+    return Tensor(name, datatype, tuple(shape), array)
+
+
+def _unpack_map(data: bytes) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise InvalidArgument(f"message is not valid msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("message must be a msgpack map")
+    version = body.get("v")
+    if version != WIRE_VERSION:
+        raise InvalidArgument(f"unsupported wire format version {version!r}, expected {WIRE_VERSION}")
+    return body
+
+
+def _str_field(body: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = body.get(key, default)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"'{key}' must be a string")
+    return value
+
+
+def _tensors(body: dict[str, Any], key: str) -> list[Tensor]:
+    raw = body.get(key, [])
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"'{key}' must be a list")
+    return [_unpack_tensor(item) for item in raw]
+
+
+def _parameters(body: dict[str, Any]) -> dict[str, Any]:
+    params = body.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be a map")
+    return params
+
+
+def encode_request(request: InferRequest) -> bytes:
+    return msgpack.packb(
+        {
+            "v": WIRE_VERSION,
+            "id": request.id,
+            "model": request.model,
+            "version": request.version,
+            "inputs": [_pack_tensor(t) for t in request.inputs],
+            "outputs": request.outputs,
+            "parameters": request.parameters,
+        }
+    )
+
+
+def decode_request(data: bytes) -> InferRequest:
+    body = _unpack_map(data)
+    outputs = body.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+        raise InvalidArgument("'outputs' must be a list of output names")
+    return InferRequest(
+        id=_str_field(body, "id", ""),
+        model=_str_field(body, "model"),
+        version=_str_field(body, "version", ""),
+        inputs=_tensors(body, "inputs"),
+        outputs=outputs,
+        parameters=_parameters(body),
+    )
+
+
+def encode_response(response: InferResponse) -> bytes:
+    return msgpack.packb(
+        {
+            "v": WIRE_VERSION,
+            "id": response.id,
+            "model": response.model,
+            "version": response.version,
+            "outputs": [_pack_tensor(t) for t in response.outputs],
+            "parameters": response.parameters,
+        }
+    )
+
+
+def decode_response(data: bytes) -> InferResponse:
+    body = _unpack_map(data)
+    return InferResponse(
+        id=_str_field(body, "id", ""),
+        model=_str_field(body, "model", ""),
+        version=_str_field(body, "version", ""),
+        outputs=_tensors(body, "outputs"),
+        parameters=_parameters(body),
+    )
+
+
+def encode_error(request_id: str, message: str) -> bytes:
+    return msgpack.packb({"v": WIRE_VERSION, "id": request_id, "error": message})
+
+
+def decode_error(status: int, data: bytes) -> NatronError:
+    """The error a non-200 response carries; a garbled body still yields an error."""
+    try:
+        body = _unpack_map(data)
+        message = body.get("error")
+        if not isinstance(message, str):
+            message = f"error response without a message (status {status})"
+    except InvalidArgument as exc:
+        message = f"undecodable error response (status {status}): {exc.message}"
+    return NatronError.from_status(status, message)

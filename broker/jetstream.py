@@ -1,0 +1,124 @@
+"""Connections, the inference work-queue stream, per-model-version consumers and KV buckets.
+
+Every service calls these idempotent helpers at start, so any of them may come up first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from broker.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class QueuePolicy:
+    # Requests waiting per model version; over it the publish is refused and the gateway
+    # answers 503 at once instead of queueing without end.
+    max_queued_per_version: int = 4096
+    # A request nobody took within this long is dropped by the broker; deadlines are
+    # normally far shorter, this only bounds garbage.
+    max_age_s: float = 300.0
+    # Redelivery of requests whose worker died before acknowledging them.
+    ack_wait_s: float = 30.0
+    max_deliver: int = 3
+
+
+async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Client:
+    """A connection that reconnects for ever: services outlive broker restarts."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats connection %s: %s", name, exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats connection %s lost, reconnecting", name)
+
+    async def on_reconnected() -> None:
+        log.info("nats connection %s re-established", name)
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+        # Large tensors: the default 64 MiB pending limit of a subscription is per subscription;
+        # keep nats-py's flush behaviour default.
+    )
+
+
+async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:
+    config = StreamConfig(
+        name=subjects.stream,
+        subjects=[subjects.infer_all],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.MEMORY,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=policy.max_queued_per_version,
+        max_age=policy.max_age_s,
+        num_replicas=1,
+    )
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another configuration (an older natron, or changed settings).
+        await js.update_stream(config)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, subjects: Subjects, model: str, version: str, policy: QueuePolicy
+) -> str:
+    """The durable pull consumer every instance of `model` `version` shares; returns its name."""
+    name = subjects.consumer(model, version)
+    config = ConsumerConfig(
+        durable_name=name,
+        filter_subject=subjects.infer(model, version),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=policy.ack_wait_s,
+        max_deliver=policy.max_deliver,
+        # Outstanding pull requests from all instances of the fleet.
+        max_waiting=4096,
+        max_ack_pending=-1,
+    )
+    await js.add_consumer(subjects.stream, config)
+    return name
+
+
+async def delete_consumer(js: JetStreamContext, subjects: Subjects, model: str, version: str) -> None:
+    try:
+        await js.delete_consumer(subjects.stream, subjects.consumer(model, version))
+    except NotFoundError:
+        pass
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.MEMORY)
+        )

@@ -1,0 +1,84 @@
+"""Subject, stream, consumer, bucket and header names: the mesh's address book.
+
+A configurable prefix (default `natron`) keeps several deployments apart on one NATS cluster.
+Model names are validated to be single subject tokens, so no name can address another's
+subject, and they are used verbatim.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from natron.errors import InvalidArgument
+
+# Letters, digits, '_' and '-': safe as one NATS subject token, a consumer name, a KV key and a
+# directory name. Triton allows more, but '.', '*', '>' and whitespace would split or widen a
+# subject, so such names are refused at the repository scan with this pattern in the reason.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,127}$")
+
+# Headers of a request message (JetStream owns the message's own reply subject for its acks).
+REPLY_TO = "Natron-Reply-To"
+# Absolute deadline, unix epoch nanoseconds. A wall clock, because it must mean the same
+# instant on every host of the cluster; intervals inside a process use monotonic clocks.
+DEADLINE_NS = "Natron-Deadline-Ns"
+# Headers of a response message.
+STATUS = "Natron-Status"
+# Streaming (decoupled models): sequence number of a response and the final marker.
+SEQUENCE = "Natron-Seq"
+FINAL = "Natron-Final"
+
+# JetStream's own header, echoed for the pull loop's bookkeeping of expired pull requests.
+PENDING_MESSAGES = "Nats-Pending-Messages"
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"invalid {kind} name '{name}': use letters, digits, '_' and '-' (at most 128)"
+        )
+    return name
+
+
+@dataclass(slots=True, frozen=True)
+class Subjects:
+    prefix: str = "natron"
+
+    def __post_init__(self) -> None:
+        check_name("prefix", self.prefix)
+
+    # -- inference ---------------------------------------------------------------------------
+    @property
+    def stream(self) -> str:
+        """The work-queue stream that captures every inference request."""
+        return f"{self.prefix.upper()}_INFER"
+
+    @property
+    def infer_all(self) -> str:
+        return f"{self.prefix}.infer.>"
+
+    def infer(self, model: str, version: str) -> str:
+        return f"{self.prefix}.infer.{model}.{version}"
+
+    def consumer(self, model: str, version: str) -> str:
+        """The durable pull consumer shared by every instance of one model version."""
+        return f"{model}-v{version}"
+
+    # -- replies -----------------------------------------------------------------------------
+    def inbox(self, owner: str) -> str:
+        """A requester's private reply prefix; it subscribes to `inbox + '.>'`."""
+        return f"_INBOX.{self.prefix}.{owner}"
+
+    # -- control -----------------------------------------------------------------------------
+    @property
+    def models_bucket(self) -> str:
+        """KV: model name -> its config, version states and reasons (written by the router)."""
+        return f"{self.prefix}_models"
+
+    @property
+    def workers_bucket(self) -> str:
+        """KV: worker id -> its devices, loaded model versions and heartbeat."""
+        return f"{self.prefix}_workers"
+
+    def ctl(self, verb: str) -> str:
+        return f"{self.prefix}.ctl.{verb}"

@@ -1,0 +1,555 @@
+"""Triton's KServe v2 infer bodies <-> natron's InferRequest / InferResponse, with no I/O.
+
+The HTTP handler hands over the (already decompressed) body and the value of its
+`Inference-Header-Content-Length` header; everything else, the binary tensor data extension
+and the classification extension included, happens here. Behaviour follows Triton's
+`http_server.cc`, with these deliberate differences:
+
+* Every malformed request raises InvalidArgument naming the field and the offending value,
+  never another exception type. Checks are stricter than Triton's where Triton silently
+  truncates: integers must fit the datatype, BOOL takes only true/false (and only bytes 0/1
+  in binary data), FP32 values must fit FP32, and input names must be unique.
+* Shared memory parameters are rejected: natron workers do not share the gateway's memory.
+* An output that JSON cannot carry faithfully goes back as binary data even when JSON was
+  asked for: FP16 and BF16 (Triton rejects those requests instead), BYTES whose elements are
+  not valid UTF-8 (Triton would emit invalid JSON), and FP32/FP64 holding NaN or infinity
+  (JSON has no such numbers). tritonclient reads any output marked with `binary_data_size`,
+  whatever it asked for, so clients see the right values either way.
+* Classification supports every numeric datatype, FP16 and BF16 included; Triton refuses
+  those two. Elements are "value:index", Triton's format when no label file exists (natron
+  has none), with the value printed as C++'s std::to_string does ("0.750000:3").
+
+As in Triton, `parameters.binary_data_output` sets the default only for outputs the request
+does not list; a listed output is binary exactly when it says `"binary_data": true`.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Final, cast
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from natron import datatypes
+from natron.datatypes import BINARY_ONLY, BYTES, DATATYPES
+from natron.errors import InternalError, InvalidArgument
+from natron.inference import InferRequest, InferResponse, Tensor
+
+HEADER_LENGTH_HEADER: Final = "Inference-Header-Content-Length"
+
+_FLOATS: Final = frozenset({"FP32", "FP64"})
+# The smallest magnitude that rounds to infinity in float32: FP32's max plus half an ulp.
+# orjson prints FP32's max as 3.4028235e+38, just above the max itself, so the limit must
+# be where the cast overflows, not the max.
+_FP32_OVERFLOW: Final = 2.0**128 - 2.0**103
+# Triton keeps dims as int64; numpy cannot index past that either.
+_MAX_DIM: Final = 2**63 - 1
+# Request parameters Triton itself interprets, with the JSON types it accepts for each.
+_BOOL_PARAMS: Final = frozenset({"sequence_start", "sequence_end"})
+_DUMPS_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(slots=True, frozen=True)
+class ParsedInfer:
+    request: InferRequest  # id from the body's "id" ("" if absent), model/version passed in
+    binary_outputs: frozenset[str]  # outputs the client asked back as binary data
+    binary_default: bool  # parameters.binary_data_output (applies to outputs not listed)
+    timeout_us: int | None  # parameters.timeout (Triton: microseconds), validated > 0
+    class_counts: dict[str, int]  # outputs with parameters.classification = k (k > 0)
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+def parse_infer_body(body: bytes, header_length: int | None, model: str, version: str) -> ParsedInfer:
+    """Decode an infer request body; raises InvalidArgument for anything malformed."""
+    total = len(body)
+    if header_length is None:
+        json_end = total
+    elif 0 < header_length <= total:
+        json_end = header_length
+    else:
+        raise InvalidArgument(
+            f"{HEADER_LENGTH_HEADER} must be in the range (0, {total}] for a body of {total} bytes, "
+            f"got {header_length}"
+        )
+    view = memoryview(body)
+    try:
+        doc = orjson.loads(view[:json_end])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"inference request header is not valid JSON: {exc}") from None
+    if type(doc) is not dict:
+        raise InvalidArgument(f"inference request must be a JSON object, got {_kind(doc)}")
+
+    request_id = doc.get("id", "")
+    if type(request_id) is not str:
+        raise InvalidArgument(f"request 'id' must be a string, got {_show(request_id)}")
+    parameters, binary_default, timeout_us = _parse_parameters(doc.get("parameters"))
+    inputs = _parse_inputs(doc.get("inputs"), view[json_end:])
+    outputs, binary_outputs, class_counts = _parse_outputs(doc.get("outputs"))
+    return ParsedInfer(
+        InferRequest(request_id, model, version, inputs, outputs, parameters),
+        binary_outputs,
+        binary_default,
+        timeout_us,
+        class_counts,
+    )
+
+
+def _parse_parameters(raw: Any) -> tuple[dict[str, Any], bool, int | None]:
+    if raw is None:
+        return {}, False, None
+    if type(raw) is not dict:
+        raise InvalidArgument(f"request 'parameters' must be an object, got {_kind(raw)}")
+    passed: dict[str, Any] = {}
+    binary_default = False
+    timeout_us: int | None = None
+    for key, value in raw.items():
+        if key == "binary_data_output":
+            if type(value) is not bool:
+                raise InvalidArgument(f"parameter 'binary_data_output' must be a boolean, got {_show(value)}")
+            binary_default = value
+        elif key == "timeout":
+            if type(value) is not int or value <= 0:
+                raise InvalidArgument(
+                    f"parameter 'timeout' must be a positive integer of microseconds, got {_show(value)}"
+                )
+            timeout_us = value
+        elif key.startswith("triton_"):
+            raise InvalidArgument(f"parameter '{key}': keys starting with 'triton_' are reserved")
+        elif key in _BOOL_PARAMS:
+            if type(value) is not bool:
+                raise InvalidArgument(f"parameter '{key}' must be a boolean, got {_show(value)}")
+            passed[key] = value
+        elif key == "priority":
+            if type(value) is not int or value < 0:
+                raise InvalidArgument(f"parameter 'priority' must be a non-negative integer, got {_show(value)}")
+            passed[key] = value
+        elif key == "sequence_id":
+            if not ((type(value) is int and value >= 0) or type(value) is str):
+                raise InvalidArgument(
+                    f"parameter 'sequence_id' must be a non-negative integer or a string, got {_show(value)}"
+                )
+            passed[key] = value
+        elif type(value) in (str, int, bool):
+            passed[key] = value
+        else:
+            # Triton's rule: custom parameters are strings, integers or booleans.
+            raise InvalidArgument(
+                f"parameter '{key}' must be a string, integer or boolean, got {_kind(value)} {_show(value)}"
+            )
+    return passed, binary_default, timeout_us
+
+
+def _parse_inputs(raw: Any, binary: memoryview) -> list[Tensor]:
+    if type(raw) is not list or not raw:
+        raise InvalidArgument(f"request 'inputs' must be a non-empty list of tensors, got {_show(raw)}")
+    tensors: list[Tensor] = []
+    names: set[str] = set()
+    offset = 0
+    for position, entry in enumerate(raw):
+        tensor, offset = _parse_input(entry, position, binary, offset)
+        if tensor.name in names:
+            raise InvalidArgument(f"input '{tensor.name}' appears more than once in 'inputs'")
+        names.add(tensor.name)
+        tensors.append(tensor)
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"the request carries {len(binary)} bytes of binary data but the inputs' "
+            f"binary_data_size values add up to {offset}"
+        )
+    return tensors
+
+
+def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+    if type(raw) is not dict:
+        raise InvalidArgument(f"inputs[{position}] must be an object, got {_kind(raw)}")
+    name = raw.get("name")
+    if type(name) is not str or not name:
+        raise InvalidArgument(f"inputs[{position}] 'name' must be a non-empty string, got {_show(name)}")
+    datatype = raw.get("datatype")
+    if type(datatype) is not str or datatype not in DATATYPES:
+        raise InvalidArgument(
+            f"input '{name}' has unknown datatype {_show(datatype)}; expected one of {', '.join(sorted(DATATYPES))}"
+        )
+    shape = _parse_shape(raw.get("shape"), name)
+    params = raw.get("parameters")
+    if params is None:
+        params = {}
+    elif type(params) is not dict:
+        raise InvalidArgument(f"input '{name}' 'parameters' must be an object, got {_kind(params)}")
+    if "shared_memory_region" in params:
+        raise InvalidArgument(
+            f"input '{name}' uses 'shared_memory_region', which natron does not support; "
+            "send the tensor as 'data' or as binary data"
+        )
+    has_data = "data" in raw
+    has_size = "binary_data_size" in params
+    if has_data == has_size:
+        which = "both 'data' and 'binary_data_size'" if has_data else "neither"
+        raise InvalidArgument(
+            f"input '{name}' must set exactly one of 'data' and parameters 'binary_data_size', but sets {which}"
+        )
+    count = datatypes.element_count(shape)
+    if has_data:
+        return Tensor(name, datatype, shape, _from_json(name, datatype, shape, count, raw["data"])), offset
+
+    size = params["binary_data_size"]
+    if type(size) is not int or size < 0:
+        raise InvalidArgument(f"input '{name}' 'binary_data_size' must be a non-negative integer, got {_show(size)}")
+    end = offset + size
+    if end > len(binary):
+        raise InvalidArgument(
+            f"input '{name}' has binary_data_size {size} but only {len(binary) - offset} of the request's "
+            f"{len(binary)} binary bytes are left (is {HEADER_LENGTH_HEADER} right?)"
+        )
+    array = _from_binary(name, datatype, shape, count, binary[offset:end])
+    return Tensor(name, datatype, shape, array), end
+
+
+def _parse_shape(raw: Any, name: str) -> tuple[int, ...]:
+    # `type(d) is int` also rules out bool, which JSON clients would otherwise sneak through.
+    if type(raw) is not list or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in raw):
+        raise InvalidArgument(f"input '{name}' 'shape' must be a list of non-negative integers, got {_show(raw)}")
+    return tuple(raw)
+
+
+def _from_binary(name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview) -> npt.NDArray[Any]:
+    if datatype == BYTES:
+        try:
+            flat = datatypes.deserialize_bytes(chunk, count)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"input '{name}' binary data: {exc.message} (shape {list(shape)})") from None
+        return _reshape(flat, shape, name)
+    dtype = datatypes.to_numpy_dtype(datatype)
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidArgument(
+            f"input '{name}' has binary_data_size {len(chunk)}, but datatype {datatype} with shape "
+            f"{list(shape)} needs {expected} bytes"
+        )
+    # Zero-copy: the array is a read-only view of the request body.
+    array = np.frombuffer(chunk, dtype=dtype)
+    if datatype == "BOOL" and count and np.frombuffer(chunk, dtype=np.uint8).max() > 1:
+        raise InvalidArgument(f"input '{name}' BOOL binary data holds a byte other than 0 or 1")
+    return _reshape(array, shape, name)
+
+
+def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, data: Any) -> npt.NDArray[Any]:
+    if datatype in BINARY_ONLY:
+        raise InvalidArgument(
+            f"input '{name}': {datatype} is supported in binary data only; send it with parameters "
+            "'binary_data_size' after the JSON header"
+        )
+    if type(data) is not list:
+        raise InvalidArgument(f"input '{name}' 'data' must be a JSON array, got {_kind(data)}")
+    items, kinds = _flatten(data)
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input '{name}' 'data' has {len(items)} elements, but shape {list(shape)} needs {count}"
+        )
+    # One C-level pass over the element types decides the whole list; the per-element
+    # search only runs to name the culprit in the error.
+    if datatype == "BOOL":
+        _require_kinds(kinds, (bool,), items, name, "BOOL data takes only true and false")
+        array: npt.NDArray[Any] = np.array(items, dtype=np.bool_)
+    elif datatype == BYTES:
+        _require_kinds(kinds, (str,), items, name, "BYTES data takes only strings")
+        array = np.empty(len(items), dtype=np.object_)
+        array[:] = [item.encode("utf-8") for item in items]
+    elif datatype in _FLOATS:
+        _require_kinds(kinds, (int, float), items, name, f"{datatype} data takes only numbers")
+        array = _floats(items, datatype, name)
+    else:
+        _require_kinds(kinds, (int,), items, name, f"{datatype} data takes only integers")
+        array = _integers(items, datatype, name)
+    return _reshape(array, shape, name)
+
+
+def _flatten(data: list[Any]) -> tuple[list[Any], set[type]]:
+    """Nested JSON arrays -> flat list, plus the set of element types.
+
+    Like Triton, the nesting only has to hold the right number of elements in row-major
+    order; it is not checked against the shape. Regular nesting unrolls a level at a time
+    in C; irregular nesting falls back to an explicit stack (no recursion: orjson accepts
+    deeper nesting than Python's recursion limit).
+    """
+    kinds = set(map(type, data))
+    while list in kinds:
+        if len(kinds) == 1:
+            data = list(chain.from_iterable(data))
+        else:
+            data = _flatten_irregular(data)
+        kinds = set(map(type, data))
+    return data, kinds
+
+
+def _flatten_irregular(data: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if type(item) is list:
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _require_kinds(kinds: set[type], allowed: tuple[type, ...], items: list[Any], name: str, rule: str) -> None:
+    if kinds.issubset(allowed):
+        return
+    for index, item in enumerate(items):
+        if type(item) not in allowed:
+            raise InvalidArgument(f"input '{name}': {rule}, got {_show(item)} at element {index}")
+
+
+def _integers(items: list[Any], datatype: str, name: str) -> npt.NDArray[Any]:
+    dtype = datatypes.to_numpy_dtype(datatype)
+    try:
+        # numpy >= 2 raises OverflowError for a Python int outside the target dtype's range.
+        return np.array(items, dtype=dtype)
+    except OverflowError:
+        info = np.iinfo(cast("np.dtype[np.integer[Any]]", dtype))
+        for index, item in enumerate(items):
+            if not info.min <= item <= info.max:
+                raise InvalidArgument(
+                    f"input '{name}': {datatype} value {item} at element {index} is outside "
+                    f"[{info.min}, {info.max}]"
+                ) from None
+        raise InvalidArgument(f"input '{name}': {datatype} data is out of range") from None
+
+
+def _floats(items: list[Any], datatype: str, name: str) -> npt.NDArray[Any]:
+    try:
+        values = np.array(items, dtype=np.float64)
+    except OverflowError:
+        raise InvalidArgument(f"input '{name}': {datatype} data holds an integer too large for a float") from None
+    if datatype == "FP64":
+        return values
+    # Checked in float64 so that an out-of-range value is reported instead of becoming inf.
+    if values.size and (values.max() >= _FP32_OVERFLOW or values.min() <= -_FP32_OVERFLOW):
+        index = int(np.argmax(np.abs(values)))
+        raise InvalidArgument(f"input '{name}': FP32 value {items[index]} at element {index} is outside FP32's range")
+    return values.astype(np.float32)
+
+
+def _reshape(array: npt.NDArray[Any], shape: tuple[int, ...], name: str) -> npt.NDArray[Any]:
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # a zero-sized shape whose other dims exceed numpy's limits
+        raise InvalidArgument(f"input '{name}' shape {list(shape)} is not usable: {exc}") from None
+
+
+def _parse_outputs(raw: Any) -> tuple[list[str], frozenset[str], dict[str, int]]:
+    if raw is None:
+        return [], frozenset(), {}
+    if type(raw) is not list:
+        raise InvalidArgument(f"request 'outputs' must be a list, got {_kind(raw)}")
+    names: list[str] = []
+    binary: set[str] = set()
+    class_counts: dict[str, int] = {}
+    for position, entry in enumerate(raw):
+        if type(entry) is not dict:
+            raise InvalidArgument(f"outputs[{position}] must be an object, got {_kind(entry)}")
+        name = entry.get("name")
+        if type(name) is not str or not name:
+            raise InvalidArgument(f"outputs[{position}] 'name' must be a non-empty string, got {_show(name)}")
+        if name in names:
+            raise InvalidArgument(f"output '{name}' appears more than once in 'outputs'")
+        names.append(name)
+        params = entry.get("parameters")
+        if params is None:
+            continue
+        if type(params) is not dict:
+            raise InvalidArgument(f"output '{name}' 'parameters' must be an object, got {_kind(params)}")
+        if "shared_memory_region" in params:
+            raise InvalidArgument(f"output '{name}' uses 'shared_memory_region', which natron does not support")
+        if "binary_data" in params:
+            flag = params["binary_data"]
+            if type(flag) is not bool:
+                raise InvalidArgument(f"output '{name}' 'binary_data' must be a boolean, got {_show(flag)}")
+            if flag:
+                binary.add(name)
+        if "classification" in params:
+            k = params["classification"]
+            if type(k) is not int or k < 0:
+                raise InvalidArgument(
+                    f"output '{name}' 'classification' must be a non-negative integer, got {_show(k)}"
+                )
+            if k:  # 0 means no classification, as in Triton and tritonclient
+                class_counts[name] = k
+    return names, frozenset(binary), class_counts
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+def encode_infer_response(
+    response: InferResponse, parsed: ParsedInfer, request_id: str, *, batched: bool | None = None
+) -> tuple[bytes, int | None]:
+    """Encode a response as Triton does; returns (body, JSON header length or None).
+
+    The header length is None when no output went binary; otherwise it is the value for the
+    `Inference-Header-Content-Length` response header. `batched` says whether the model's
+    first dimension is the batch (max_batch_size > 0), which only classification needs;
+    None guesses so from an output rank of 2 or more.
+    """
+    listed = parsed.request.outputs
+    binary_outputs = parsed.binary_outputs
+    class_counts = parsed.class_counts
+    binary_default = parsed.binary_default
+    entries: list[dict[str, Any]] = []
+    chunks: list[Any] = []
+    for tensor in response.outputs:
+        name = tensor.name
+        _check_size(tensor)
+        if class_counts and name in class_counts:
+            tensor = _classify(tensor, class_counts[name], batched)
+        if name in binary_outputs:
+            as_binary = True
+        elif name in listed:
+            as_binary = False
+        else:
+            as_binary = binary_default
+        entry, chunk = _encode_output(tensor, as_binary)
+        entries.append(entry)
+        if chunk is not None and len(chunk):
+            chunks.append(chunk)
+
+    doc: dict[str, Any] = {}
+    if request_id:
+        doc["id"] = request_id
+    doc["model_name"] = response.model
+    doc["model_version"] = response.version
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    doc["outputs"] = entries
+    try:
+        header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise InternalError(f"cannot encode the response of model '{response.model}' as JSON: {exc}") from None
+    if not chunks:
+        return header, None
+    chunks.insert(0, header)
+    return b"".join(chunks), len(header)
+
+
+def _encode_output(tensor: Tensor, as_binary: bool) -> tuple[dict[str, Any], Any]:
+    """One output's JSON entry, and its binary chunk (a buffer) when it goes binary."""
+    datatype = tensor.datatype
+    data = tensor.data
+    json_data: Any = None
+    if not as_binary:
+        if datatype == BYTES:
+            json_data = _utf8_strings(data)
+            as_binary = json_data is None
+        elif datatype in BINARY_ONLY:
+            as_binary = True
+        else:
+            # Contiguous, native-order, 1-D: the form orjson serializes straight from memory.
+            json_data = np.ascontiguousarray(data, dtype=datatypes.to_numpy_dtype(datatype)).reshape(-1)
+            as_binary = datatype in _FLOATS and not np.isfinite(json_data).all()
+    if not as_binary:
+        entry = {"name": tensor.name, "datatype": datatype, "shape": tensor.shape, "data": json_data}
+        return entry, None
+    chunk: Any
+    if datatype == BYTES:
+        chunk = datatypes.serialize_bytes(data)
+    else:
+        # A uint8 view exports a plain buffer (BF16 cannot), so b"".join copies it only once.
+        contiguous = np.ascontiguousarray(data, dtype=datatypes.to_numpy_dtype(datatype))
+        chunk = contiguous.reshape(-1).view(np.uint8)
+    entry = {
+        "name": tensor.name,
+        "datatype": datatype,
+        "shape": tensor.shape,
+        "parameters": {"binary_data_size": len(chunk)},
+    }
+    return entry, chunk
+
+
+def _check_size(tensor: Tensor) -> None:
+    # A backend bug, not a client mistake: Triton answers it with an internal error too.
+    count = datatypes.element_count(tensor.shape)
+    if tensor.data.size != count:
+        raise InternalError(
+            f"output '{tensor.name}' holds {tensor.data.size} elements but its shape {list(tensor.shape)} needs {count}"
+        )
+
+
+def _utf8_strings(data: npt.NDArray[Any]) -> list[str] | None:
+    try:
+        return [item if isinstance(item, str) else bytes(item).decode("utf-8") for item in data.reshape(-1)]
+    except UnicodeDecodeError:
+        return None
+
+
+def _classify(tensor: Tensor, k: int, batched: bool | None) -> Tensor:
+    """Triton's classification extension: the top-k "value:index" strings per batch entry."""
+    datatype = tensor.datatype
+    if datatype in ("BOOL", BYTES):
+        raise InvalidArgument(
+            f"classification is not available for output '{tensor.name}' of unsupported type '{datatype}'"
+        )
+    shape = tensor.shape
+    if batched is None:
+        batched = len(shape) >= 2
+    values = np.asarray(tensor.data, dtype=datatypes.to_numpy_dtype(datatype))
+    if batched and shape:
+        rows, per_row = shape[0], datatypes.element_count(shape[1:])
+    else:
+        rows, per_row = 1, datatypes.element_count(shape)
+    top = min(k, per_row)
+    as_float = values.dtype.kind not in "iu"
+    strings: list[bytes] = []
+    for row in values.reshape(rows, per_row):
+        # Descending by value, ties broken by the lower index: a stable ascending sort of
+        # the reversed row, read backwards (negating would break unsigned types).
+        order = np.argsort(row[::-1], kind="stable")[::-1][:top]
+        for reversed_index in order.tolist():
+            index = per_row - 1 - reversed_index
+            value = row[index]
+            text = f"{float(value):f}" if as_float else str(int(value))
+            strings.append(f"{text}:{index}".encode())
+    out_shape = (rows, top) if batched and shape else (top,)
+    array = np.empty(len(strings), dtype=np.object_)
+    array[:] = strings
+    return Tensor(tensor.name, BYTES, out_shape, array.reshape(out_shape))
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+_KINDS: Final[dict[type, str]] = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    type(None): "null",
+}
+
+# Bounded in size and depth: clients can send huge or deeply nested values, and a plain
+# repr() would be slow or hit the recursion limit.
+_REPR: Final = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxlist = _REPR.maxdict = 8
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    """A JSON value for an error message, cut short."""
+    return _REPR.repr(value)

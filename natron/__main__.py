@@ -1,0 +1,3 @@
+from natron.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""The `natron` command: `serve` runs the whole mesh on one box; `gateway`, `router` and
+`worker` run one service each against a NATS URL, so they can run on different hosts.
+
+This module wires things up and owns the signals; the services themselves never read the
+environment or install signal handlers. Flag names follow Triton's where Triton has the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from broker.subjects import Subjects
+
+log = logging.getLogger("natron")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix", default="natron", help="subject prefix of this deployment")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_repository(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repository", nargs="?", type=Path, help="Triton model repository")
+    parser.add_argument("--model-repository", dest="model_repository", type=Path, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="natron", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run NATS, router, gateway and worker on this box")
+    _add_repository(serve)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--http-address", default="0.0.0.0")
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--nats-url", default=None, help="use this NATS server instead of an embedded one")
+    serve.add_argument("--nats-port", type=int, default=4222, help="port of the embedded NATS server")
+    serve.add_argument("--max-payload-mb", type=int, default=16, help="NATS max_payload, 1..64 MiB")
+    serve.add_argument("--workers", type=int, default=1, help="CPU worker processes")
+    serve.add_argument("--ready-timeout-s", type=float, default=120.0)
+    _add_common(serve)
+
+    gateway = commands.add_parser("gateway", help="the HTTP gateway alone")
+    gateway.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    gateway.add_argument("--http-port", type=int, default=8000)
+    gateway.add_argument("--http-address", default="0.0.0.0")
+    gateway.add_argument("--metrics-port", type=int, default=0, help="0: no metrics endpoint")
+    gateway.add_argument("--default-timeout-s", type=float, default=60.0)
+    gateway.add_argument("--max-body-mb", type=int, default=64)
+    _add_common(gateway)
+
+    router = commands.add_parser("router", help="the control plane alone")
+    _add_repository(router)
+    router.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    _add_common(router)
+
+    worker = commands.add_parser("worker", help="one worker process alone")
+    worker.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--device", default="cpu", help="'cpu' or 'gpu:N'")
+    _add_common(worker)
+    return parser
+
+
+def _repository(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    repository: Path | None = args.model_repository or args.repository
+    if repository is None:
+        parser.error("a model repository is required (positional or --model-repository)")
+    if not repository.is_dir():
+        parser.error(f"model repository '{repository}' is not a directory")
+    return repository.resolve()
+
+
+def _run(main: Callable[[asyncio.Event], Awaitable[None]], parent_pid: int | None) -> None:
+    """Run `main(stop)` on uvloop; SIGINT/SIGTERM set `stop`, a second one forces exit."""
+    import uvloop
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            stop.set()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        watchdog = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+        try:
+            await main(stop)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
+        r.run(runner())
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """A child of `natron serve` stops when its supervisor is gone (even after SIGKILL)."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.warning("supervisor %d is gone; stopping", parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {args.command}[%(process)d] %(name)s: %(message)s",
+    )
+    subjects = Subjects(args.prefix)
+
+    if args.command == "gateway":
+        from gateway.app import GatewayOptions
+        from natron.services import run_gateway
+
+        options = GatewayOptions(
+            nats_url=args.nats_url,
+            subjects=subjects,
+            default_timeout_s=args.default_timeout_s,
+            max_body_bytes=args.max_body_mb * 1024 * 1024,
+        )
+        _run(lambda stop: run_gateway(options, args.http_address, args.http_port, args.metrics_port, stop), args.parent_pid)
+    elif args.command == "router":
+        from natron.services import run_router
+
+        repository = _repository(args, parser)
+        _run(lambda stop: run_router(args.nats_url, subjects, repository, stop), args.parent_pid)
+    elif args.command == "worker":
+        from natron.services import run_worker
+
+        _run(
+            lambda stop: run_worker(args.nats_url, subjects, args.worker_id, args.device, stop),
+            args.parent_pid,
+        )
+    elif args.command == "serve":
+        from natron.serve import serve
+
+        repository = _repository(args, parser)
+        _run(lambda stop: serve(args, repository, subjects, stop), None)
+    else:  # argparse's `required=True` makes this unreachable
+        parser.error(f"unknown command {args.command}")
+    sys.exit(0)
+
+

@@ -1,0 +1,239 @@
+"""Triton model configuration: config.pbtxt parsed by protobuf's text format against Triton's
+own ModelConfig schema (shipped by `tritonclient`), completed from the model file where Triton
+would, the version policy, and Triton's JSON form of a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from natron import datatypes
+from natron.errors import InvalidArgument
+
+ModelConfig = pb.ModelConfig
+
+CONFIG_FILE = "config.pbtxt"
+
+# Default model file name of each platform / backend, as Triton names them.
+DEFAULT_FILENAMES: dict[str, str] = {
+    "onnxruntime_onnx": "model.onnx",
+    "onnxruntime": "model.onnx",
+    "pytorch_libtorch": "model.pt",
+    "pytorch": "model.pt",
+    "tensorrt_plan": "model.plan",
+    "tensorrt": "model.plan",
+    "python": "model.py",
+}
+
+# Triton's ONNX Runtime backend gives an auto-completed batching model this max_batch_size
+# (its `default-max-batch-size` backend setting).
+DEFAULT_MAX_BATCH_SIZE = 4
+
+
+class ConfigError(InvalidArgument):
+    """A config.pbtxt that cannot be parsed or contradicts itself."""
+
+
+def parse_config_text(text: str, source: str) -> pb.ModelConfig:
+    try:
+        return text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def read_config(model_dir: Path) -> pb.ModelConfig:
+    """The model's config.pbtxt, or an empty config named after the directory."""
+    path = model_dir / CONFIG_FILE
+    if path.exists():
+        config = parse_config_text(path.read_text(encoding="utf-8"), str(path))
+    else:
+        config = pb.ModelConfig()
+    if not config.name:
+        config.name = model_dir.name
+    elif config.name != model_dir.name:
+        raise ConfigError(
+            f"{path}: name '{config.name}' does not match its directory '{model_dir.name}'"
+        )
+    return config
+
+
+def infer_platform(config: pb.ModelConfig, version_dirs: list[Path]) -> None:
+    """Fill `platform`/`backend` from the model files when the config names neither."""
+    if config.platform or config.backend:
+        if config.backend == "onnxruntime" and not config.platform:
+            config.platform = "onnxruntime_onnx"
+        if config.platform == "onnxruntime_onnx" and not config.backend:
+            config.backend = "onnxruntime"
+        return
+    for version_dir in version_dirs:
+        if (version_dir / "model.onnx").exists():
+            config.platform, config.backend = "onnxruntime_onnx", "onnxruntime"
+            return
+        if (version_dir / "model.plan").exists():
+            config.platform, config.backend = "tensorrt_plan", "tensorrt"
+            return
+        if (version_dir / "model.pt").exists():
+            config.platform, config.backend = "pytorch_libtorch", "pytorch"
+            return
+        if (version_dir / "model.py").exists():
+            config.backend = "python"
+            return
+    raise ConfigError(f"model '{config.name}': no platform or backend given and no known model file found")
+
+
+def model_filename(config: pb.ModelConfig) -> str:
+    if config.default_model_filename:
+        return str(config.default_model_filename)
+    key = config.platform or config.backend
+    try:
+        return DEFAULT_FILENAMES[key]
+    except KeyError:
+        raise ConfigError(f"model '{config.name}': unsupported platform/backend '{key}'") from None
+
+
+def autocomplete_onnx(config: pb.ModelConfig, model_path: Path) -> None:
+    """Complete inputs, outputs and batching from the ONNX graph, as Triton's ORT backend does.
+
+    A config that lists inputs and outputs is kept as written. When every input and output
+    of the graph has a dynamic first dimension and the config says nothing about batching,
+    the model batches with DEFAULT_MAX_BATCH_SIZE and a default dynamic batcher.
+    """
+    if config.input and config.output:
+        return
+    import onnx  # the router is the only caller; workers never need it
+
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as exc:
+        raise ConfigError(f"model '{config.name}': cannot read {model_path.name}: {exc}") from None
+    initializers = {init.name for init in graph.initializer}
+    graph_inputs = [i for i in graph.input if i.name not in initializers]
+
+    def io_dims(value: Any) -> tuple[str, list[int]]:
+        tensor_type = value.type.tensor_type
+        datatype = datatypes.datatype_to_config(_ONNX_TO_TRITON.get(tensor_type.elem_type, ""))
+        dims = [
+            d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim
+        ]
+        return datatype, dims
+
+    ios = [io_dims(v) for v in (*graph_inputs, *graph.output)]
+    batching = config.max_batch_size > 0
+    if not config.input and not config.output and config.max_batch_size == 0:
+        batching = bool(ios) and all(dims and dims[0] == -1 for _, dims in ios)
+        if batching:
+            config.max_batch_size = DEFAULT_MAX_BATCH_SIZE
+            if not config.HasField("dynamic_batching"):
+                config.dynamic_batching.SetInParent()
+    if not config.input:
+        for value in graph_inputs:
+            datatype, dims = io_dims(value)
+            entry = config.input.add(name=value.name, data_type=pb.DataType.Value(datatype))
+            entry.dims.extend(dims[1:] if batching else dims)
+    if not config.output:
+        for value in graph.output:
+            datatype, dims = io_dims(value)
+            entry = config.output.add(name=value.name, data_type=pb.DataType.Value(datatype))
+            entry.dims.extend(dims[1:] if batching else dims)
+
+
+# onnx.TensorProto element types -> Triton datatypes.
+_ONNX_TO_TRITON: dict[int, str] = {
+    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
+    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
+}
+
+
+def fill_defaults(config: pb.ModelConfig) -> None:
+    """Defaults Triton applies: one instance group, `latest 1` version policy."""
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if not config.instance_group:
+        config.instance_group.add(count=1)
+    for group in config.instance_group:
+        if group.count < 1:
+            group.count = 1
+    if config.max_batch_size < 0:
+        raise ConfigError(f"model '{config.name}': max_batch_size must be >= 0, got {config.max_batch_size}")
+    if config.HasField("dynamic_batching"):
+        for size in config.dynamic_batching.preferred_batch_size:
+            if size < 1 or size > max(config.max_batch_size, 1):
+                raise ConfigError(
+                    f"model '{config.name}': preferred_batch_size {size} must be in "
+                    f"1..max_batch_size ({config.max_batch_size})"
+                )
+
+
+def select_versions(config: pb.ModelConfig, available: list[int]) -> list[int]:
+    """The versions the version policy serves, highest first."""
+    ordered = sorted(available, reverse=True)
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return ordered
+    if kind == "specific":
+        wanted = set(policy.specific.versions)
+        missing = wanted - set(available)
+        if missing:
+            raise ConfigError(
+                f"model '{config.name}': version_policy names versions {sorted(missing)} "
+                "that have no folder"
+            )
+        return [v for v in ordered if v in wanted]
+    count = policy.latest.num_versions if kind == "latest" else 1
+    if count < 1:
+        raise ConfigError(f"model '{config.name}': latest num_versions must be >= 1, got {count}")
+    return ordered[:count]
+
+
+def config_to_json(config: pb.ModelConfig) -> dict[str, Any]:
+    """Triton's JSON form of a config: every field with its default, int64 as numbers."""
+    data = json_format.MessageToDict(
+        config,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+    return _int64_as_numbers(data, pb.ModelConfig.DESCRIPTOR)  # type: ignore[no-any-return]
+
+
+def config_from_json(data: dict[str, Any]) -> pb.ModelConfig:
+    try:
+        return json_format.ParseDict(data, pb.ModelConfig(), ignore_unknown_fields=False)
+    except json_format.ParseError as exc:
+        raise ConfigError(f"invalid model config JSON: {exc}") from None
+
+
+def _int64_as_numbers(data: Any, descriptor: Any) -> Any:
+    """protobuf's JSON mapping writes int64 fields as strings; Triton writes numbers.
+
+    Walks the message descriptor so that only int64 fields convert, never a string field
+    that happens to hold digits.
+    """
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    int64_types = (F.CPPTYPE_INT64, F.CPPTYPE_UINT64)
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.cpp_type in int64_types:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.cpp_type == F.CPPTYPE_MESSAGE:
+            sub = field.message_type
+            if sub.GetOptions().map_entry:
+                value_field = sub.fields_by_name["value"]
+                if value_field.cpp_type == F.CPPTYPE_MESSAGE:
+                    for item in value.values():
+                        _int64_as_numbers(item, value_field.message_type)
+                elif value_field.cpp_type in int64_types:
+                    data[field.name] = {k: int(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                for item in value:
+                    _int64_as_numbers(item, sub)
+            elif isinstance(value, dict):
+                _int64_as_numbers(value, sub)
+    return data

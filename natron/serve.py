@@ -1,0 +1,143 @@
+"""`natron serve`: the whole mesh on one box. An embedded nats-server with JetStream (unless
+--nats-url names one), then router, workers and gateway as supervised processes; prints the
+model table once the repository has settled, as Triton does, and stops everything in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from broker import jetstream
+from broker.server import EmbeddedNatsServer, ServerOptions
+from broker.subjects import Subjects, check_name
+from natron.errors import InvalidArgument
+from natron.states import LOADING, ModelRecord
+from natron.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+def expected_models(repository: Path) -> set[str]:
+    names = set()
+    for child in repository.iterdir():
+        if child.is_dir() and not child.name.startswith("."):
+            with contextlib.suppress(InvalidArgument):
+                names.add(check_name("model", child.name))
+    return names
+
+
+async def wait_settled(
+    nats_url: str, subjects: Subjects, repository: Path, http_port: int, timeout_s: float, stop: asyncio.Event
+) -> list[ModelRecord] | None:
+    """The repository's records once no version is LOADING and the gateway answers ready."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    expected = expected_models(repository)
+    nc = await jetstream.connect(nats_url, name="natron-serve")
+    try:
+        kv = await jetstream.ensure_bucket(nc.jetstream(), subjects.models_bucket)
+        async with aiohttp.ClientSession() as http:
+            while loop.time() < deadline and not stop.is_set():
+                records: list[ModelRecord] = []
+                with contextlib.suppress(Exception):  # NoKeysError while the router starts
+                    for key in await kv.keys():
+                        entry = await kv.get(key)
+                        if entry.value:
+                            records.append(ModelRecord.from_json(entry.value))
+                names = {r.name for r in records}
+                settled = expected <= names and not any(
+                    s.state == LOADING for r in records for s in r.versions.values()
+                )
+                if settled and await _gateway_ready(http, http_port):
+                    return sorted(records, key=lambda r: r.name)
+                await asyncio.sleep(0.2)
+        return None
+    finally:
+        await nc.close()
+
+
+async def _gateway_ready(http: aiohttp.ClientSession, port: int) -> bool:
+    try:
+        async with http.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return r.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+def print_table(records: list[ModelRecord], lines: list[str]) -> None:
+    console = Console()
+    table = Table(title="natron models")
+    table.add_column("Model")
+    table.add_column("Version")
+    table.add_column("Status")
+    for record in records:
+        if not record.versions:
+            table.add_row(record.name, "-", f"UNAVAILABLE: {record.reason}")
+        for version in sorted(record.versions, key=int):
+            state = record.versions[version]
+            status = state.state + (f": {state.reason}" if state.reason else "")
+            table.add_row(record.name, version, status)
+    console.print(table)
+    for line in lines:
+        console.print(line)
+
+
+async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, stop: asyncio.Event) -> None:
+    server: EmbeddedNatsServer | None = None
+    nats_url: str = args.nats_url
+    if nats_url is None:
+        server = EmbeddedNatsServer(
+            ServerOptions(port=args.nats_port, host="0.0.0.0" if args.http_address == "0.0.0.0" else "127.0.0.1",
+                          max_payload_bytes=args.max_payload_mb * MiB)
+        )
+        await server.start()
+        nats_url = f"nats://127.0.0.1:{server.port}"
+    common = ["--prefix", subjects.prefix, "--log-level", args.log_level, "--parent-pid", str(os.getpid())]
+    supervisor = Supervisor()
+    supervisor.add("router", ["router", str(repository), "--nats-url", nats_url, *common])
+    host = socket.gethostname()
+    for index in range(args.workers):
+        supervisor.add(
+            f"worker-{index}",
+            ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-cpu-{index}", *common],
+        )
+    supervisor.add(
+        "gateway",
+        [
+            "gateway", "--nats-url", nats_url, "--http-port", str(args.http_port),
+            "--http-address", args.http_address, "--metrics-port", str(args.metrics_port),
+            "--max-body-mb", str(args.max_payload_mb), *common,
+        ],
+    )
+    try:
+        await supervisor.start()
+        records = await wait_settled(nats_url, subjects, repository, args.http_port, args.ready_timeout_s, stop)
+        if records is None and not stop.is_set():
+            log.warning("models did not settle within %.0f s; serving what is ready", args.ready_timeout_s)
+        if records is not None:
+            print_table(
+                records,
+                [
+                    f"HTTP endpoint:    http://{args.http_address}:{args.http_port}",
+                    f"Metrics endpoint: http://{args.http_address}:{args.metrics_port}/metrics",
+                    f"NATS:             {nats_url}",
+                ],
+            )
+        await stop.wait()
+    finally:
+        log.info("stopping: gateway, workers, router, then NATS")
+        await supervisor.stop(["gateway", "worker", "router"])
+        if server is not None:
+            await server.stop()

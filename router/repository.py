@@ -1,0 +1,71 @@
+"""Scan a Triton model repository into ModelRecords: configs parsed and completed, the
+version policy applied, and every problem turned into an UNAVAILABLE state with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from broker.subjects import check_name
+from natron import config as cfg
+from natron.errors import InvalidArgument
+from natron.spec import ModelSpec
+from natron.states import LOADING, UNAVAILABLE, ModelRecord, VersionState
+
+log = logging.getLogger(__name__)
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """Numbered version folders; anything else in the model folder is not a version."""
+    found: dict[int, Path] = {}
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and int(child.name) > 0:
+            found[int(child.name)] = child
+    return found
+
+
+def scan_model(model_dir: Path) -> ModelRecord:
+    name = model_dir.name
+    record = ModelRecord(name=name, path=str(model_dir.resolve()), config=None)
+    available = version_dirs(model_dir)
+    try:
+        config = cfg.read_config(model_dir)
+        infer_dirs = [available[v] for v in sorted(available, reverse=True)]
+        cfg.infer_platform(config, infer_dirs)
+        versions = cfg.select_versions(config, list(available))
+        if not versions:
+            raise cfg.ConfigError(f"model '{name}' has no version folder (1/, 2/, ...)")
+        if config.platform == "onnxruntime_onnx":
+            model_file = available[versions[0]] / cfg.model_filename(config)
+            if model_file.exists():
+                cfg.autocomplete_onnx(config, model_file)
+        cfg.fill_defaults(config)
+        ModelSpec.from_config(config)  # rejects unsupported datatypes now, not at first request
+        record.config = cfg.config_to_json(config)
+        record.versions = {str(v): VersionState(LOADING) for v in versions}
+    except (InvalidArgument, OSError) as exc:
+        reason = exc.message if isinstance(exc, InvalidArgument) else str(exc)
+        log.warning("model '%s' is unavailable: %s", name, reason)
+        record.reason = reason
+        record.versions = {
+            str(v): VersionState(UNAVAILABLE, reason) for v in sorted(available, reverse=True)[:1]
+        }
+    record.generation = record.compute_generation()
+    return record
+
+
+def scan_repository(repository: Path) -> list[ModelRecord]:
+    if not repository.is_dir():
+        raise InvalidArgument(f"model repository '{repository}' is not a directory")
+    records: list[ModelRecord] = []
+    for model_dir in sorted(repository.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        try:
+            check_name("model", model_dir.name)
+        except InvalidArgument as exc:
+            log.warning("skipping %s: %s", model_dir, exc.message)
+            continue
+        records.append(scan_model(model_dir))
+    return records

@@ -1,0 +1,1 @@
+"""Worker process: device discovery, backends, the dynamic batcher and the pull loops."""

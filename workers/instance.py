@@ -1,0 +1,242 @@
+"""One model instance: pull a batch by capacity, check it, run it off the event loop, split
+the outputs back to their requests, answer, then acknowledge.
+
+Dynamic batching follows Triton: up to `max_batch_size` rows per execution, waiting at most
+`max_queue_delay_microseconds` after the first request for more, stopping early at the largest
+preferred batch size; requests whose non-batch shapes or datatypes differ never share a batch.
+Each request is answered exactly once: with its outputs, or with an error that names the cause.
+The broker message is acknowledged only after the answer is published, so a worker that dies
+mid-batch leaves its messages to be delivered again to another instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from broker import codec
+from broker.puller import CapacityPuller
+from broker.subjects import DEADLINE_NS, REPLY_TO, STATUS
+from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError
+from natron.inference import InferRequest, InferResponse, Tensor
+from natron import datatypes
+from natron.spec import ModelSpec
+from workers.backends import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Item:
+    msg: Msg
+    reply_to: str
+    request: InferRequest
+    batch_size: int
+
+
+class ModelInstance:
+    def __init__(
+        self,
+        nc: Client,
+        puller: CapacityPuller,
+        spec: ModelSpec,
+        version: str,
+        backend: Backend,
+        name: str,
+    ) -> None:
+        self._nc = nc
+        self._puller = puller
+        self._spec = spec
+        self._version = version
+        self._backend = backend
+        self.name = name
+        # One thread per instance: the backend runs one batch at a time, and the event loop
+        # keeps serving NATS pings, heartbeats and other instances meanwhile.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._stopping = False
+        if spec.batching:
+            target = max(spec.preferred_batch_sizes) if spec.preferred_batch_sizes else spec.max_batch_size
+            self._max_items = spec.max_batch_size
+            self._linger_target = target
+        else:
+            self._max_items = 1
+            self._linger_target = 1
+        self._linger_s = spec.max_queue_delay_us / 1e6
+        self.executions = 0
+        self.inferences = 0
+
+    async def run(self) -> None:
+        """Serve until `stop()`; a failing batch never ends the loop."""
+        while not self._stopping:
+            msgs = await self._puller.take(self._max_items, self._linger_s, self._linger_target)
+            if not msgs:
+                continue
+            try:
+                await self._process(msgs)
+            except Exception:  # a bug here must not kill the instance; answers already sent stay
+                log.exception("instance %s failed processing a batch", self.name)
+
+    def stop(self) -> None:
+        """Stop taking new work; the batch in hand completes."""
+        self._stopping = True
+
+    async def close_intake(self) -> None:
+        """Stop pulling: undelivered credit lapses, prefetched messages go back (NAK)."""
+        await self._puller.close()
+
+    def release(self) -> None:
+        """Free the model once no batch runs (blocking: call off the event loop)."""
+        self._executor.shutdown(wait=True, cancel_futures=False)
+        self._backend.close()
+
+    # -- one round ---------------------------------------------------------------------------
+
+    async def _process(self, msgs: list[Msg]) -> None:
+        items: list[_Item] = []
+        now_ns = time.time_ns()
+        for msg in msgs:
+            item = await self._admit(msg, now_ns)
+            if item is not None:
+                items.append(item)
+        for group in self._batches(items):
+            await self._execute(group)
+
+    async def _admit(self, msg: Msg, now_ns: int) -> _Item | None:
+        headers = msg.headers or {}
+        reply_to = headers.get(REPLY_TO)
+        if not reply_to:
+            log.warning("dropping a request without a %s header on %s", REPLY_TO, msg.subject)
+            await self._puller.ack(msg)
+            return None
+        request_id = ""
+        try:
+            request = codec.decode_request(msg.data)
+            request_id = request.id
+            deadline = headers.get(DEADLINE_NS)
+            if deadline is not None and now_ns > int(deadline):
+                raise DeadlineExceeded(
+                    f"request to model '{self._spec.name}' expired in the queue before it ran"
+                )
+            if request.model != self._spec.name:
+                raise InvalidArgument(
+                    f"request for model '{request.model}' published to model '{self._spec.name}'"
+                )
+            batch_size = self._spec.validate(request)
+        except NatronError as exc:
+            await self._answer_error(msg, reply_to, request_id, exc)
+            return None
+        except ValueError as exc:  # a malformed deadline header
+            await self._answer_error(msg, reply_to, request_id, InvalidArgument(str(exc)))
+            return None
+        return _Item(msg, reply_to, request, batch_size)
+
+    def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        """Groups that may run together: same non-batch shapes and datatypes, rows within
+        max_batch_size. Order within a group is arrival order."""
+        if not self._spec.batching:
+            return [[item] for item in items]
+        groups: dict[tuple[Any, ...], list[list[_Item]]] = {}
+        for item in items:
+            key = tuple(
+                sorted((t.name, t.datatype, t.shape[1:]) for t in item.request.inputs)
+            )
+            batches = groups.setdefault(key, [[]])
+            current = batches[-1]
+            rows = sum(i.batch_size for i in current)
+            if current and rows + item.batch_size > self._spec.max_batch_size:
+                current = []
+                batches.append(current)
+            current.append(item)
+        return [batch for batches in groups.values() for batch in batches]
+
+    async def _execute(self, group: list[_Item]) -> None:
+        first = group[0].request
+        names = [t.name for t in first.inputs]
+        if len(group) == 1:
+            feeds = {t.name: t.data for t in first.inputs}
+        else:
+            by_name = [{t.name: t.data for t in item.request.inputs} for item in group]
+            feeds = {n: np.concatenate([inputs[n] for inputs in by_name]) for n in names}
+        wanted = self._wanted_outputs(group)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self._backend.execute, feeds, wanted)
+            outputs = self._split(group, results)
+        except NatronError as exc:
+            for item in group:
+                await self._answer_error(item.msg, item.reply_to, item.request.id, exc)
+            return
+        except Exception as exc:
+            error = InternalError(f"model '{self._spec.name}' failed: {type(exc).__name__}: {exc}")
+            log.warning("%s", error.message)
+            for item in group:
+                await self._answer_error(item.msg, item.reply_to, item.request.id, error)
+            return
+        self.executions += 1
+        self.inferences += sum(item.batch_size for item in group)
+        for item, tensors in zip(group, outputs, strict=True):
+            response = InferResponse(item.request.id, self._spec.name, self._version, tensors)
+            await self._answer(item, response)
+
+    def _wanted_outputs(self, group: list[_Item]) -> list[str]:
+        wanted: list[str] = []
+        for item in group:
+            if not item.request.outputs:
+                return []  # someone wants all
+            for name in item.request.outputs:
+                if name not in wanted:
+                    wanted.append(name)
+        return wanted
+
+    def _split(
+        self, group: list[_Item], results: dict[str, npt.NDArray[Any]]
+    ) -> list[list[Tensor]]:
+        per_request: list[list[Tensor]] = [[] for _ in group]
+        total = sum(item.batch_size for item in group)
+        for name, array in results.items():
+            spec = self._spec.outputs.get(name)
+            datatype = spec.datatype if spec else datatypes.from_numpy_dtype(array.dtype)
+            if datatype != datatypes.BYTES:
+                array = array.astype(datatypes.to_numpy_dtype(datatype), copy=False)
+            if not self._spec.batching:
+                per_request[0].append(Tensor(name, datatype, tuple(array.shape), array))
+                continue
+            if array.ndim == 0 or array.shape[0] != total:
+                raise InternalError(
+                    f"model '{self._spec.name}' returned output '{name}' with shape "
+                    f"{list(array.shape)}, expected a batch dimension of {total}"
+                )
+            offset = 0
+            for index, item in enumerate(group):
+                part = array[offset : offset + item.batch_size]
+                offset += item.batch_size
+                if not item.request.outputs or name in item.request.outputs:
+                    per_request[index].append(Tensor(name, datatype, tuple(part.shape), part))
+        return per_request
+
+    async def _answer(self, item: _Item, response: InferResponse) -> None:
+        payload = codec.encode_response(response)
+        if len(payload) > self._nc.max_payload:
+            error = InternalError(
+                f"response of {len(payload)} bytes exceeds the broker's max_payload of "
+                f"{self._nc.max_payload} bytes"
+            )
+            await self._answer_error(item.msg, item.reply_to, item.request.id, error)
+            return
+        await self._nc.publish(item.reply_to, payload)
+        await self._puller.ack(item.msg)
+
+    async def _answer_error(self, msg: Msg, reply_to: str, request_id: str, error: NatronError) -> None:
+        await self._nc.publish(
+            reply_to, codec.encode_error(request_id, error.message), headers={STATUS: str(error.status)}
+        )
+        await self._puller.ack(msg)

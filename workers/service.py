@@ -1,0 +1,228 @@
+"""The worker service: follows the models bucket, loads every model version it is given,
+runs its instances, and reports what it serves in the workers bucket on every heartbeat.
+
+A new generation of a model (changed config, files or versions) is loaded next to the old one
+and only then replaces it, so a reload never leaves a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+
+from broker import jetstream
+from broker.puller import CapacityPuller
+from broker.subjects import Subjects
+from natron import config as cfg
+from natron.errors import NatronError
+from natron.spec import ModelSpec
+from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from workers.backends import load_backend
+from workers.devices import Device
+from workers.instance import ModelInstance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class WorkerOptions:
+    worker_id: str
+    device: Device
+    heartbeat_interval_s: float = 2.0
+    drain_timeout_s: float = 30.0
+    queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
+
+
+@dataclass(slots=True)
+class _LoadedVersion:
+    instances: list[ModelInstance] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, NatronError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Worker:
+    def __init__(self, nc: Client, subjects: Subjects, options: WorkerOptions) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._options = options
+        self._report = WorkerReport(
+            id=options.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            devices=[options.device.describe()],
+        )
+        # (model, generation, version) -> running instances
+        self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
+        self._generation: dict[str, str] = {}
+        self._workers_kv: KeyValue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._report_changed = asyncio.Event()
+        self._model_lock = asyncio.Lock()
+
+    @property
+    def instances(self) -> list[ModelInstance]:
+        return [i for loaded in self._loaded.values() for i in loaded.instances]
+
+    async def start(self) -> None:
+        js = self._nc.jetstream()
+        await jetstream.ensure_stream(js, self._subjects, self._options.queue)
+        models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
+        self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
+        await self._publish_report()
+        self._tasks = [
+            asyncio.create_task(self._follow_models(models_kv), name="worker-follow-models"),
+            asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+        ]
+
+    async def stop(self) -> None:
+        """Drain: stop pulling, finish batches in hand within the bound, then leave."""
+        self._report.stopping = True
+        with contextlib.suppress(Exception):
+            await self._publish_report()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for key in list(self._loaded):
+            await self._unload(key, self._options.drain_timeout_s)
+        if self._workers_kv is not None:
+            with contextlib.suppress(Exception):
+                await self._workers_kv.delete(self._options.worker_id)
+
+    # -- following the repository ------------------------------------------------------------
+
+    async def _follow_models(self, models_kv: KeyValue) -> None:
+        watcher = await models_kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    await self._apply(entry.key, None)
+                    continue
+                try:
+                    record = ModelRecord.from_json(entry.value)
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed model record %s: %s", entry.key, exc)
+                    continue
+                await self._apply(entry.key, record)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _apply(self, name: str, record: ModelRecord | None) -> None:
+        async with self._model_lock:
+            generation = record.generation if record and not record.reason else None
+            if generation == self._generation.get(name):
+                return  # only states changed: nothing to load
+            if record is not None and generation is not None:
+                await self._load_generation(record)
+                self._generation[name] = generation
+            else:
+                self._generation.pop(name, None)
+            # The new generation is up (or the model is gone): retire the old ones.
+            for key in [k for k in self._loaded if k[0] == name and k[1] != generation]:
+                await self._unload(key, self._options.drain_timeout_s)
+            gens = self._report.models.get(name, {})
+            for old in [g for g in gens if g != generation]:
+                del gens[old]
+            if not gens:
+                self._report.models.pop(name, None)
+            self._report_changed.set()
+
+    async def _load_generation(self, record: ModelRecord) -> None:
+        assert record.config is not None
+        states = self._report.models.setdefault(record.name, {}).setdefault(record.generation, {})
+        for version in record.versions:
+            states[version] = VersionState(LOADING)
+        await self._publish_report()
+        config = cfg.config_from_json(record.config)
+        for version in record.versions:
+            try:
+                await self._load_version(record, config, version)
+                states[version] = VersionState(READY)
+            except Exception as exc:
+                reason = describe_error(exc)
+                log.warning("model '%s' version %s failed to load: %s", record.name, version, reason)
+                states[version] = VersionState(UNAVAILABLE, reason)
+            await self._publish_report()
+
+    async def _load_version(self, record: ModelRecord, config: cfg.ModelConfig, version: str) -> None:
+        spec = ModelSpec.from_config(config)
+        version_dir = Path(record.path) / version
+        count = sum(group.count for group in config.instance_group)
+        backends = []
+        try:
+            for _ in range(count):
+                backends.append(
+                    await asyncio.to_thread(load_backend, config, version_dir, self._options.device)
+                )
+        except BaseException:
+            for backend in backends:
+                backend.close()
+            raise
+        js = self._nc.jetstream()
+        consumer = await jetstream.ensure_consumer(
+            js, self._subjects, record.name, version, self._options.queue
+        )
+        loaded = _LoadedVersion()
+        capacity = max(spec.max_batch_size, 1)
+        for index, backend in enumerate(backends):
+            puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
+            await puller.start()
+            name = f"{record.name}-v{version}-{index}"
+            instance = ModelInstance(self._nc, puller, spec, version, backend, name)
+            loaded.instances.append(instance)
+            loaded.tasks.append(asyncio.create_task(instance.run(), name=name))
+        self._loaded[(record.name, record.generation, version)] = loaded
+        log.info("model '%s' version %s ready with %d instance(s)", record.name, version, count)
+
+    async def _unload(self, key: tuple[str, str, str], timeout_s: float) -> None:
+        loaded = self._loaded.pop(key, None)
+        if loaded is None:
+            return
+        for instance in loaded.instances:
+            instance.stop()
+        # Instances finish the batch in hand; those idle in `take` are woken by close().
+        for instance in loaded.instances:
+            await instance.close_intake()
+        done, pending = await asyncio.wait(loaded.tasks, timeout=timeout_s) if loaded.tasks else (set(), set())
+        for task in pending:
+            task.cancel("drain timeout: batch abandoned, its messages will be redelivered")
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for instance in loaded.instances:
+            await asyncio.to_thread(instance.release)
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    async def _publish_report(self) -> None:
+        if self._workers_kv is not None:
+            await self._workers_kv.put(self._options.worker_id, self._report.to_json())
+
+    async def _heartbeat(self) -> None:
+        interval_s = self._options.heartbeat_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_changed.wait(), interval_s)
+            self._report_changed.clear()
+            try:
+                await self._publish_report()
+            except Exception as exc:  # broker briefly away: the next beat retries
+                log.warning("heartbeat not published: %s", exc)
