@@ -672,7 +672,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             assert repo is not None
             served_repo = bench_repo(repo, args.models, tmp_dir / "repo")
-            http_port, metrics_port = free_port(), free_port()
+            http_port = free_port()
+            metrics_port = free_port()
+            while metrics_port == http_port:  # the OS may hand the just-released port back
+                metrics_port = free_port()
             base_url = f"http://127.0.0.1:{http_port}"
             command = [
                 *natron_command(), "serve", str(served_repo),

@@ -48,13 +48,16 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection %s: %s", name, exc)
 
+    client: list[Client] = []
+
     async def on_disconnected() -> None:
-        log.warning("nats connection %s lost, reconnecting", name)
+        if client and not (client[0].is_closed or client[0].is_draining):
+            log.warning("nats connection %s lost, reconnecting", name)
 
     async def on_reconnected() -> None:
         log.info("nats connection %s re-established", name)
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         connect_timeout=connect_timeout_s,
@@ -64,9 +67,9 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
-        # Large tensors: the default 64 MiB pending limit of a subscription is per subscription;
-        # keep nats-py's flush behaviour default.
     )
+    client.append(nc)
+    return nc
 
 
 async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:

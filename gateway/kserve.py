@@ -51,6 +51,8 @@ _MAX_DIM: Final = 2**63 - 1
 # Request parameters Triton itself interprets, with the JSON types it accepts for each.
 _BOOL_PARAMS: Final = frozenset({"sequence_start", "sequence_end"})
 _DUMPS_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
+# numpy >= 2 refuses Python ints outside the target dtype; 1.x wraps them around silently.
+_NUMPY_CHECKS_INT_RANGE: Final = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 
 
 @dataclass(slots=True, frozen=True)
@@ -127,7 +129,9 @@ def _parse_parameters(raw: Any) -> tuple[dict[str, Any], bool, int | None]:
             passed[key] = value
         elif key == "priority":
             if type(value) is not int or value < 0:
-                raise InvalidArgument(f"parameter 'priority' must be a non-negative integer, got {_show(value)}")
+                raise InvalidArgument(
+                    f"parameter 'priority' must be a non-negative integer, got {_show(value)}"
+                )
             passed[key] = value
         elif key == "sequence_id":
             if not ((type(value) is int and value >= 0) or type(value) is str):
@@ -174,7 +178,8 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
     datatype = raw.get("datatype")
     if type(datatype) is not str or datatype not in DATATYPES:
         raise InvalidArgument(
-            f"input '{name}' has unknown datatype {_show(datatype)}; expected one of {', '.join(sorted(DATATYPES))}"
+            f"input '{name}' has unknown datatype {_show(datatype)}; "
+            f"expected one of {', '.join(sorted(DATATYPES))}"
         )
     shape = _parse_shape(raw.get("shape"), name)
     params = raw.get("parameters")
@@ -192,7 +197,8 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
     if has_data == has_size:
         which = "both 'data' and 'binary_data_size'" if has_data else "neither"
         raise InvalidArgument(
-            f"input '{name}' must set exactly one of 'data' and parameters 'binary_data_size', but sets {which}"
+            f"input '{name}' must set exactly one of 'data' and parameters 'binary_data_size', "
+            f"but sets {which}"
         )
     count = datatypes.element_count(shape)
     if has_data:
@@ -200,7 +206,9 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
 
     size = params["binary_data_size"]
     if type(size) is not int or size < 0:
-        raise InvalidArgument(f"input '{name}' 'binary_data_size' must be a non-negative integer, got {_show(size)}")
+        raise InvalidArgument(
+            f"input '{name}' 'binary_data_size' must be a non-negative integer, got {_show(size)}"
+        )
     end = offset + size
     if end > len(binary):
         raise InvalidArgument(
@@ -214,16 +222,22 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
 def _parse_shape(raw: Any, name: str) -> tuple[int, ...]:
     # `type(d) is int` also rules out bool, which JSON clients would otherwise sneak through.
     if type(raw) is not list or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in raw):
-        raise InvalidArgument(f"input '{name}' 'shape' must be a list of non-negative integers, got {_show(raw)}")
+        raise InvalidArgument(
+            f"input '{name}' 'shape' must be a list of non-negative integers, got {_show(raw)}"
+        )
     return tuple(raw)
 
 
-def _from_binary(name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview) -> npt.NDArray[Any]:
+def _from_binary(
+    name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview
+) -> npt.NDArray[Any]:
     if datatype == BYTES:
         try:
             flat = datatypes.deserialize_bytes(chunk, count)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"input '{name}' binary data: {exc.message} (shape {list(shape)})") from None
+            raise InvalidArgument(
+                f"input '{name}' binary data: {exc.message} (shape {list(shape)})"
+            ) from None
         return _reshape(flat, shape, name)
     dtype = datatypes.to_numpy_dtype(datatype)
     expected = count * dtype.itemsize
@@ -302,7 +316,9 @@ def _flatten_irregular(data: list[Any]) -> list[Any]:
     return flat
 
 
-def _require_kinds(kinds: set[type], allowed: tuple[type, ...], items: list[Any], name: str, rule: str) -> None:
+def _require_kinds(
+    kinds: set[type], allowed: tuple[type, ...], items: list[Any], name: str, rule: str
+) -> None:
     if kinds.issubset(allowed):
         return
     for index, item in enumerate(items):
@@ -312,11 +328,12 @@ def _require_kinds(kinds: set[type], allowed: tuple[type, ...], items: list[Any]
 
 def _integers(items: list[Any], datatype: str, name: str) -> npt.NDArray[Any]:
     dtype = datatypes.to_numpy_dtype(datatype)
+    info = np.iinfo(cast("np.dtype[np.integer[Any]]", dtype))
     try:
-        # numpy >= 2 raises OverflowError for a Python int outside the target dtype's range.
+        if not _NUMPY_CHECKS_INT_RANGE and items and (min(items) < info.min or max(items) > info.max):
+            raise OverflowError
         return np.array(items, dtype=dtype)
     except OverflowError:
-        info = np.iinfo(cast("np.dtype[np.integer[Any]]", dtype))
         for index, item in enumerate(items):
             if not info.min <= item <= info.max:
                 raise InvalidArgument(
@@ -330,13 +347,17 @@ def _floats(items: list[Any], datatype: str, name: str) -> npt.NDArray[Any]:
     try:
         values = np.array(items, dtype=np.float64)
     except OverflowError:
-        raise InvalidArgument(f"input '{name}': {datatype} data holds an integer too large for a float") from None
+        raise InvalidArgument(
+            f"input '{name}': {datatype} data holds an integer too large for a float"
+        ) from None
     if datatype == "FP64":
         return values
     # Checked in float64 so that an out-of-range value is reported instead of becoming inf.
     if values.size and (values.max() >= _FP32_OVERFLOW or values.min() <= -_FP32_OVERFLOW):
         index = int(np.argmax(np.abs(values)))
-        raise InvalidArgument(f"input '{name}': FP32 value {items[index]} at element {index} is outside FP32's range")
+        raise InvalidArgument(
+            f"input '{name}': FP32 value {items[index]} at element {index} is outside FP32's range"
+        )
     return values.astype(np.float32)
 
 
@@ -370,7 +391,9 @@ def _parse_outputs(raw: Any) -> tuple[list[str], frozenset[str], dict[str, int]]
         if type(params) is not dict:
             raise InvalidArgument(f"output '{name}' 'parameters' must be an object, got {_kind(params)}")
         if "shared_memory_region" in params:
-            raise InvalidArgument(f"output '{name}' uses 'shared_memory_region', which natron does not support")
+            raise InvalidArgument(
+                f"output '{name}' uses 'shared_memory_region', which natron does not support"
+            )
         if "binary_data" in params:
             flag = params["binary_data"]
             if type(flag) is not bool:
@@ -434,7 +457,9 @@ def encode_infer_response(
     try:
         header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
     except orjson.JSONEncodeError as exc:
-        raise InternalError(f"cannot encode the response of model '{response.model}' as JSON: {exc}") from None
+        raise InternalError(
+            f"cannot encode the response of model '{response.model}' as JSON: {exc}"
+        ) from None
     if not chunks:
         return header, None
     chunks.insert(0, header)
@@ -480,7 +505,8 @@ def _check_size(tensor: Tensor) -> None:
     count = datatypes.element_count(tensor.shape)
     if tensor.data.size != count:
         raise InternalError(
-            f"output '{tensor.name}' holds {tensor.data.size} elements but its shape {list(tensor.shape)} needs {count}"
+            f"output '{tensor.name}' holds {tensor.data.size} elements "
+            f"but its shape {list(tensor.shape)} needs {count}"
         )
 
 

@@ -84,6 +84,8 @@ class WorkerReport:
     # model -> generation -> version -> state
     models: dict[str, dict[str, dict[str, VersionState]]] = field(default_factory=dict)
     stopping: bool = False
+    # "model/version" -> {"executions": batches run, "inferences": rows run}, cumulative.
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -97,6 +99,7 @@ class WorkerReport:
                     for m, gens in self.models.items()
                 },
                 "stopping": self.stopping,
+                "stats": self.stats,
             }
         )
 
@@ -113,4 +116,5 @@ class WorkerReport:
                 for m, gens in raw["models"].items()
             },
             stopping=raw.get("stopping", False),
+            stats=raw.get("stats", {}),
         )

@@ -213,6 +213,13 @@ class Worker:
     # -- reporting ---------------------------------------------------------------------------
 
     async def _publish_report(self) -> None:
+        stats: dict[str, dict[str, int]] = {}
+        for (model, _, version), loaded in self._loaded.items():
+            entry = stats.setdefault(f"{model}/{version}", {"executions": 0, "inferences": 0})
+            for instance in loaded.instances:
+                entry["executions"] += instance.executions
+                entry["inferences"] += instance.inferences
+        self._report.stats = stats
         if self._workers_kv is not None:
             await self._workers_kv.put(self._options.worker_id, self._report.to_json())
 

@@ -1,0 +1,72 @@
+"""Under concurrency, every answer belongs to its own request, and dynamic batching forms
+batches larger than one."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import nats
+import orjson
+
+from broker.subjects import Subjects
+from natron.states import WorkerReport
+from tests.conftest import Served
+
+REQUESTS = 600
+CONCURRENCY = 200
+
+
+async def _batch_stats(nats_url: str, key: str) -> tuple[int, int]:
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(Subjects().workers_bucket)
+        executions = inferences = 0
+        for worker in await kv.keys():
+            report = WorkerReport.from_json((await kv.get(worker)).value)
+            stats = report.stats.get(key, {})
+            executions += stats.get("executions", 0)
+            inferences += stats.get("inferences", 0)
+        return executions, inferences
+    finally:
+        await nc.close()
+
+
+async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(served: Served) -> None:
+    before = await _batch_stats(served.nats_url, "tiny/1")
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+    mismatches: list[int] = []
+    statuses: dict[int, int] = {}
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        # Distinct inputs: request i sends i, i+1, ..., so any mix-up shows.
+        values = (np.arange(16, dtype=np.float32) + i * 16).tolist()
+        body = {"id": f"r{i}", "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": values}]}
+        async with semaphore, session.post(
+            f"{served.url}/v2/models/tiny/infer", data=orjson.dumps(body)
+        ) as response:
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            answer = await response.json()
+        if response.status != 200:
+            return
+        expected = [v * 2 + 1 for v in values]
+        if answer["id"] != f"r{i}" or answer["outputs"][0]["data"] != expected:
+            mismatches.append(i)
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.wait_for(asyncio.gather(*(one(session, i) for i in range(REQUESTS))), 120)
+    assert statuses == {200: REQUESTS}
+    assert mismatches == []
+
+    # Worker statistics travel with the heartbeat: wait for the beat that covers this run.
+    for _ in range(50):
+        executions, inferences = await _batch_stats(served.nats_url, "tiny/1")
+        if inferences - before[1] >= REQUESTS:
+            break
+        await asyncio.sleep(0.2)
+    ran = inferences - before[1]
+    batches = executions - before[0]
+    assert ran == REQUESTS
+    assert batches < REQUESTS, f"{batches} executions for {ran} requests: no batch larger than 1"
