@@ -28,6 +28,11 @@ from natron.inference import InferRequest, InferResponse, Tensor
 WIRE_VERSION = 1
 
 
+def _packb(value: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
 def _pack_tensor(tensor: Tensor) -> dict[str, Any]:
     return {
         "name": tensor.name,
@@ -93,7 +98,7 @@ def _parameters(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode_request(request: InferRequest) -> bytes:
-    return msgpack.packb(
+    return _packb(
         {
             "v": WIRE_VERSION,
             "id": request.id,
@@ -122,7 +127,7 @@ def decode_request(data: bytes) -> InferRequest:
 
 
 def encode_response(response: InferResponse) -> bytes:
-    return msgpack.packb(
+    return _packb(
         {
             "v": WIRE_VERSION,
             "id": response.id,
@@ -146,7 +151,7 @@ def decode_response(data: bytes) -> InferResponse:
 
 
 def encode_error(request_id: str, message: str) -> bytes:
-    return msgpack.packb({"v": WIRE_VERSION, "id": request_id, "error": message})
+    return _packb({"v": WIRE_VERSION, "id": request_id, "error": message})
 
 
 def decode_error(status: int, data: bytes) -> NatronError:

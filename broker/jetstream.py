@@ -122,6 +122,4 @@ async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
-        return await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.MEMORY)
-        )
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.MEMORY))

@@ -49,6 +49,8 @@ class CapacityPuller:
         self._expires_s = expires_s
         self._credits = 0
         self._queue: collections.deque[Msg] = collections.deque()
+        # Arrival time (loop clock) of each queued message, in step with _queue.
+        self._arrivals: collections.deque[float] = collections.deque()
         self._arrived = asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""
@@ -74,10 +76,11 @@ class CapacityPuller:
         while self._queue:
             msg = self._queue.popleft()
             await self.nak(msg)
+        self._arrivals.clear()
         self._arrived.set()
 
     async def _on_message(self, msg: Msg) -> None:
-        self._last_event_s = asyncio.get_running_loop().time()
+        now_s = self._last_event_s = asyncio.get_running_loop().time()
         headers = msg.headers
         if headers and "Status" in headers and not msg.data:
             self._on_status(headers)
@@ -87,6 +90,7 @@ class CapacityPuller:
             await self.nak(msg)
             return
         self._queue.append(msg)
+        self._arrivals.append(now_s)
         self._arrived.set()
 
     def _on_status(self, headers: dict[str, str]) -> None:
@@ -106,9 +110,13 @@ class CapacityPuller:
     async def _refill(self) -> None:
         if self._closed:
             return
-        want = self._capacity - self._credits - len(self._queue)
-        if want <= 0:
+        have = self._credits + len(self._queue)
+        # Ask again only once half the capacity is used up, for the whole difference: one pull
+        # request per half batch instead of one per message keeps the broker's list of waiting
+        # pull requests short, while credit never runs dry under steady load.
+        if have > self._capacity // 2:
             return
+        want = self._capacity - have
         request = orjson.dumps({"batch": want, "expires": int(self._expires_s * 1e9)})
         self._credits += want
         # The answer is the messages themselves, or a 408 status at expiry.
@@ -122,8 +130,9 @@ class CapacityPuller:
         """Wait for at least one message, then up to `linger_s` for `enough` (default
         `max_items`) messages; return at most `max_items`.
 
-        The linger timer starts when the first message is in hand (not when the wait began),
-        as Triton's max_queue_delay does.
+        The linger timer starts when the oldest message arrived here, as Triton's
+        max_queue_delay counts from the oldest request's enqueue time: messages that already
+        waited while the previous batch ran are dispatched without further delay.
         """
         loop = asyncio.get_running_loop()
         await self._refill()
@@ -139,7 +148,7 @@ class CapacityPuller:
             await self._refill()
         target = min(enough or max_items, max_items)
         if linger_s > 0 and len(self._queue) < target:
-            deadline = loop.time() + linger_s
+            deadline = self._arrivals[0] + linger_s
             while len(self._queue) < target and not self._closed:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -151,6 +160,8 @@ class CapacityPuller:
                     break
         count = min(max_items, len(self._queue))
         batch = [self._queue.popleft() for _ in range(count)]
+        for _ in range(count):
+            self._arrivals.popleft()
         await self._refill()
         return batch
 

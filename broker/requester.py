@@ -60,7 +60,9 @@ class Requester:
         # pending_msgs_limit: answers are consumed as fast as they come; a burst of a few
         # thousand concurrent answers must not be dropped as a slow consumer.
         self._sub = await self._nc.subscribe(
-            self._inbox + ".>", cb=self._on_message, pending_msgs_limit=1_000_000,
+            self._inbox + ".>",
+            cb=self._on_message,
+            pending_msgs_limit=1_000_000,
             pending_bytes_limit=1024 * 1024 * 1024,
         )
 
@@ -82,9 +84,7 @@ class Requester:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def infer(
-        self, request: InferRequest, version: str, timeout_s: float
-    ) -> InferResponse:
+    async def infer(self, request: InferRequest, version: str, timeout_s: float) -> InferResponse:
         """Send `request` to `version` of its model; answer or raise a NatronError.
 
         `version` is already resolved (the gateway resolves "latest"). The deadline travels
@@ -109,16 +109,25 @@ class Requester:
                 reply=reply + ".a",
                 headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns)},
             )
+            # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
+            timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
             try:
-                return await asyncio.wait_for(pending.future, timeout_s)
-            except TimeoutError:
-                where = "running" if pending.queued else "waiting to be queued"
-                raise DeadlineExceeded(
-                    f"request to model '{request.model}' version {version} timed out after "
-                    f"{timeout_s:.3f} s ({where})"
-                ) from None
+                return await pending.future
+            finally:
+                timer.cancel()
         finally:
             del self._pending[token]
+
+    @staticmethod
+    def _expire(pending: _Pending, model: str, version: str, timeout_s: float) -> None:
+        if not pending.future.done():
+            where = "queued or running" if pending.queued else "not yet queued"
+            pending.future.set_exception(
+                DeadlineExceeded(
+                    f"request to model '{model}' version {version} timed out after "
+                    f"{timeout_s:.3f} s ({where})"
+                )
+            )
 
     async def _on_message(self, msg: Msg) -> None:
         suffix = msg.subject[self._prefix_len :]

@@ -34,9 +34,7 @@ PENDING_MESSAGES = "Nats-Pending-Messages"
 
 def check_name(kind: str, name: str) -> str:
     if not _NAME.match(name):
-        raise InvalidArgument(
-            f"invalid {kind} name '{name}': use letters, digits, '_' and '-' (at most 128)"
-        )
+        raise InvalidArgument(f"invalid {kind} name '{name}': use letters, digits, '_' and '-' (at most 128)")
     return name
 
 

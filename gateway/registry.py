@@ -97,4 +97,4 @@ class ModelRegistry:
                     self.synced.set()
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]

@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
             default_timeout_s=args.default_timeout_s,
             max_body_bytes=args.max_body_mb * 1024 * 1024,
         )
-        _run(lambda stop: run_gateway(options, args.http_address, args.http_port, args.metrics_port, stop), args.parent_pid)
+        _run(
+            lambda stop: run_gateway(options, args.http_address, args.http_port, args.metrics_port, stop),
+            args.parent_pid,
+        )
     elif args.command == "router":
         from natron.services import run_router
 
@@ -156,5 +159,3 @@ def main(argv: list[str] | None = None) -> None:
     else:  # argparse's `required=True` makes this unreachable
         parser.error(f"unknown command {args.command}")
     sys.exit(0)
-
-

@@ -55,9 +55,7 @@ def read_config(model_dir: Path) -> pb.ModelConfig:
     if not config.name:
         config.name = model_dir.name
     elif config.name != model_dir.name:
-        raise ConfigError(
-            f"{path}: name '{config.name}' does not match its directory '{model_dir.name}'"
-        )
+        raise ConfigError(f"{path}: name '{config.name}' does not match its directory '{model_dir.name}'")
     return config
 
 
@@ -116,9 +114,7 @@ def autocomplete_onnx(config: pb.ModelConfig, model_path: Path) -> None:
     def io_dims(value: Any) -> tuple[str, list[int]]:
         tensor_type = value.type.tensor_type
         datatype = datatypes.datatype_to_config(_ONNX_TO_TRITON.get(tensor_type.elem_type, ""))
-        dims = [
-            d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim
-        ]
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
         return datatype, dims
 
     ios = [io_dims(v) for v in (*graph_inputs, *graph.output)]
@@ -143,8 +139,20 @@ def autocomplete_onnx(config: pb.ModelConfig, model_path: Path) -> None:
 
 # onnx.TensorProto element types -> Triton datatypes.
 _ONNX_TO_TRITON: dict[int, str] = {
-    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64", 16: "BF16",
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+    16: "BF16",
 }
 
 
@@ -180,8 +188,7 @@ def select_versions(config: pb.ModelConfig, available: list[int]) -> list[int]:
         missing = wanted - set(available)
         if missing:
             raise ConfigError(
-                f"model '{config.name}': version_policy names versions {sorted(missing)} "
-                "that have no folder"
+                f"model '{config.name}': version_policy names versions {sorted(missing)} that have no folder"
             )
         return [v for v in ordered if v in wanted]
     count = policy.latest.num_versions if kind == "latest" else 1

@@ -70,7 +70,9 @@ async def wait_settled(
 
 async def _gateway_ready(http: aiohttp.ClientSession, port: int) -> bool:
     try:
-        async with http.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=1)) as r:
+        async with http.get(
+            f"http://127.0.0.1:{port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=1)
+        ) as r:
             return r.status == 200
     except (aiohttp.ClientError, TimeoutError):
         return False
@@ -99,8 +101,11 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
     nats_url: str = args.nats_url
     if nats_url is None:
         server = EmbeddedNatsServer(
-            ServerOptions(port=args.nats_port, host="0.0.0.0" if args.http_address == "0.0.0.0" else "127.0.0.1",
-                          max_payload_bytes=args.max_payload_mb * MiB)
+            ServerOptions(
+                port=args.nats_port,
+                host="0.0.0.0" if args.http_address == "0.0.0.0" else "127.0.0.1",
+                max_payload_bytes=args.max_payload_mb * MiB,
+            )
         )
         await server.start()
         nats_url = f"nats://127.0.0.1:{server.port}"
@@ -116,14 +121,25 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
     supervisor.add(
         "gateway",
         [
-            "gateway", "--nats-url", nats_url, "--http-port", str(args.http_port),
-            "--http-address", args.http_address, "--metrics-port", str(args.metrics_port),
-            "--max-body-mb", str(args.max_payload_mb), *common,
+            "gateway",
+            "--nats-url",
+            nats_url,
+            "--http-port",
+            str(args.http_port),
+            "--http-address",
+            args.http_address,
+            "--metrics-port",
+            str(args.metrics_port),
+            "--max-body-mb",
+            str(args.max_payload_mb),
+            *common,
         ],
     )
     try:
         await supervisor.start()
-        records = await wait_settled(nats_url, subjects, repository, args.http_port, args.ready_timeout_s, stop)
+        records = await wait_settled(
+            nats_url, subjects, repository, args.http_port, args.ready_timeout_s, stop
+        )
         if records is None and not stop.is_set():
             log.warning("models did not settle within %.0f s; serving what is ready", args.ready_timeout_s)
         if records is not None:

@@ -46,7 +46,7 @@ async def run_gateway(
 
 async def run_router(nats_url: str, subjects: Subjects, repository: Path, stop: asyncio.Event) -> None:
     nc = await jetstream.connect(nats_url, name="natron-router")
-    router = Router(nc, subjects, RouterOptions(repository=repository.resolve()))
+    router = Router(nc, subjects, RouterOptions(repository=repository))
     try:
         await router.start()
         await stop.wait()

@@ -95,7 +95,10 @@ class WorkerReport:
                 "pid": self.pid,
                 "devices": self.devices,
                 "models": {
-                    m: {g: {v: {"state": s.state, "reason": s.reason} for v, s in vs.items()} for g, vs in gens.items()}
+                    m: {
+                        g: {v: {"state": s.state, "reason": s.reason} for v, s in vs.items()}
+                        for g, vs in gens.items()
+                    }
                     for m, gens in self.models.items()
                 },
                 "stopping": self.stopping,
@@ -112,7 +115,10 @@ class WorkerReport:
             pid=raw["pid"],
             devices=raw["devices"],
             models={
-                m: {g: {v: VersionState(s["state"], s.get("reason", "")) for v, s in vs.items()} for g, vs in gens.items()}
+                m: {
+                    g: {v: VersionState(s["state"], s.get("reason", "")) for v, s in vs.items()}
+                    for g, vs in gens.items()
+                }
                 for m, gens in raw["models"].items()
             },
             stopping=raw.get("stopping", False),

@@ -117,7 +117,10 @@ class Router:
                 log.info(
                     "model '%s': %s",
                     record.name,
-                    ", ".join(f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}" for v, s in states.items()),
+                    ", ".join(
+                        f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+                        for v, s in states.items()
+                    ),
                 )
                 await self._models_kv.put(record.name, record.to_json())
 
@@ -142,7 +145,7 @@ class Router:
                 await self._update_states()
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _reap_workers(self) -> None:
         assert self._workers_kv is not None

@@ -29,8 +29,20 @@ TEST_MODELS = [
     *(
         f"identity_{t}"
         for t in (
-            "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-            "fp16", "fp32", "fp64", "bf16", "bytes",
+            "bool",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "fp16",
+            "fp32",
+            "fp64",
+            "bf16",
+            "bytes",
         )
     ),
 ]
@@ -64,7 +76,8 @@ def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], t
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 pending = [
-                    m for m in pending
+                    m
+                    for m in pending
                     if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
                 ]
                 if not pending:
@@ -83,10 +96,21 @@ def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     with output.open("wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "natron", "serve", str(model_repository),
-                "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                "--nats-port", str(nats_port), "--http-address", "127.0.0.1",
-                "--max-payload-mb", "8",
+                sys.executable,
+                "-m",
+                "natron",
+                "serve",
+                str(model_repository),
+                "--http-port",
+                str(http_port),
+                "--metrics-port",
+                str(metrics_port),
+                "--nats-port",
+                str(nats_port),
+                "--http-address",
+                "127.0.0.1",
+                "--max-payload-mb",
+                "8",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -97,8 +121,12 @@ def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         try:
             _wait_ready(url, ["tiny", "simple", "identity_fp32"], process, timeout_s=90)
             yield Served(
-                url, f"127.0.0.1:{http_port}", f"nats://127.0.0.1:{nats_port}",
-                f"http://127.0.0.1:{metrics_port}/metrics", output, model_repository,
+                url,
+                f"127.0.0.1:{http_port}",
+                f"nats://127.0.0.1:{nats_port}",
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                output,
+                model_repository,
             )
         except BaseException:
             print(output.read_text(errors="replace")[-5000:])

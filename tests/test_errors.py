@@ -68,11 +68,22 @@ def test_a_missing_input_is_named(served: Served) -> None:
 
 def test_binary_sizes_that_do_not_add_up_are_400(served: Served) -> None:
     header = json.dumps(
-        {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "parameters": {"binary_data_size": 64}}]}
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "shape": [1, 16],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 64},
+                }
+            ]
+        }
     ).encode()
     for binary in (b"\0" * 60, b"\0" * 68):
         response = post(
-            served, "/v2/models/tiny/infer", header + binary,
+            served,
+            "/v2/models/tiny/infer",
+            header + binary,
             headers={"Inference-Header-Content-Length": str(len(header))},
         )
         assert_error(response, 400)
@@ -81,7 +92,9 @@ def test_binary_sizes_that_do_not_add_up_are_400(served: Served) -> None:
 @pytest.mark.parametrize("value", ["abc", "-1", "999999"])
 def test_a_bad_header_length_is_400(served: Served, value: str) -> None:
     response = post(
-        served, "/v2/models/tiny/infer", {"inputs": [TINY_INPUT]},
+        served,
+        "/v2/models/tiny/infer",
+        {"inputs": [TINY_INPUT]},
         headers={"Inference-Header-Content-Length": value},
     )
     assert_error(response, 400, "Inference-Header-Content-Length")
@@ -117,11 +130,21 @@ def test_a_body_over_the_size_limit_is_413(served: Served) -> None:
     # The served fixture allows 8 MiB.
     big = np.zeros(9 * 1024 * 1024 // 4, dtype=np.float32).tobytes()
     header = json.dumps(
-        {"inputs": [{"name": "INPUT0", "shape": [len(big) // 64, 16], "datatype": "FP32",
-                     "parameters": {"binary_data_size": len(big)}}]}
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "shape": [len(big) // 64, 16],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(big)},
+                }
+            ]
+        }
     ).encode()
     response = post(
-        served, "/v2/models/tiny/infer", header + big,
+        served,
+        "/v2/models/tiny/infer",
+        header + big,
         headers={"Inference-Header-Content-Length": str(len(header))},
     )
     assert_error(response, 413)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from gateway import kserve
 from gateway.kserve import ParsedInfer, encode_infer_response, parse_infer_body
 from natron import datatypes
 from natron.errors import InternalError, InvalidArgument
@@ -404,6 +405,28 @@ def test_integers_past_64_bits_are_rejected() -> None:
         InvalidArgument, match=r"input 'x': UINT64 data takes only integers, got 1\.8446744073709552e"
     ):
         parse_infer_body(body, None, "m", "1")
+
+
+def test_integer_ranges_are_checked_even_where_numpy_would_wrap_around(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # numpy 1.x casts out-of-range Python ints silently; the module checks them itself there.
+    monkeypatch.setattr(kserve, "_NUMPY_CHECKS_INT_RANGE", False)
+    rejects(
+        one_input(datatype="INT8", data=[0, 128]),
+        match=r"INT8 value 128 at element 1 is outside \[-128, 127\]",
+    )
+    rejects(one_input(datatype="UINT64", data=[0, -1]), match="UINT64 value -1 at element 1")
+    assert parse(one_input(datatype="UINT8", data=[0, 255])).request.inputs[0].data.tolist() == [0, 255]
+
+
+def test_fp32_extremes_survive_a_json_round_trip() -> None:
+    # orjson prints FP32's max as 3.4028235e+38, a hair above it; it must still parse.
+    info = np.finfo(np.float32)
+    array = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal], dtype=np.float32)
+    body, header_length = encode_infer_response(response(Tensor("y", "FP32", (4,), array)), parsed_for(), "")
+    assert header_length is None
+    assert_same(as_request(body, header_length).request.inputs[0].data, array)
 
 
 def test_integer_extremes_of_every_integer_type_are_accepted() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import numpy as np
 import nats
+import numpy as np
 import orjson
 
 from broker.subjects import Subjects
@@ -42,10 +42,14 @@ async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(
     async def one(session: aiohttp.ClientSession, i: int) -> None:
         # Distinct inputs: request i sends i, i+1, ..., so any mix-up shows.
         values = (np.arange(16, dtype=np.float32) + i * 16).tolist()
-        body = {"id": f"r{i}", "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": values}]}
-        async with semaphore, session.post(
-            f"{served.url}/v2/models/tiny/infer", data=orjson.dumps(body)
-        ) as response:
+        body = {
+            "id": f"r{i}",
+            "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": values}],
+        }
+        async with (
+            semaphore,
+            session.post(f"{served.url}/v2/models/tiny/infer", data=orjson.dumps(body)) as response,
+        ):
             statuses[response.status] = statuses.get(response.status, 0) + 1
             answer = await response.json()
         if response.status != 200:

@@ -62,12 +62,12 @@ def test_model_config_is_tritons_json_form(client: httpclient.InferenceServerCli
     assert "dynamic_batching" in config
 
 
-def test_config_is_completed_from_the_onnx_graph_when_missing(client: httpclient.InferenceServerClient) -> None:
+def test_config_is_completed_from_the_onnx_graph_when_missing(
+    client: httpclient.InferenceServerClient,
+) -> None:
     config = client.get_model_config("autocomplete")
     assert config["max_batch_size"] == 4  # Triton's default-max-batch-size
-    assert config["input"] == [
-        {**config["input"][0], "name": "x", "data_type": "TYPE_FP32", "dims": [4]}
-    ]
+    assert config["input"] == [{**config["input"][0], "name": "x", "data_type": "TYPE_FP32", "dims": [4]}]
     assert config["output"][0]["name"] == "y"
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     inp = httpclient.InferInput("x", [2, 4], "FP32")
@@ -80,7 +80,10 @@ def test_config_is_completed_from_the_onnx_graph_when_missing(client: httpclient
 def test_simple_add_sub_in_json_and_binary(client: httpclient.InferenceServerClient, binary: bool) -> None:
     a = np.arange(16, dtype=np.int32).reshape(1, 16)
     b = np.full((1, 16), 3, dtype=np.int32)
-    inputs = [httpclient.InferInput("INPUT0", [1, 16], "INT32"), httpclient.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs = [
+        httpclient.InferInput("INPUT0", [1, 16], "INT32"),
+        httpclient.InferInput("INPUT1", [1, 16], "INT32"),
+    ]
     inputs[0].set_data_from_numpy(a, binary_data=binary)
     inputs[1].set_data_from_numpy(b, binary_data=binary)
     outputs = [
@@ -97,7 +100,10 @@ def test_simple_add_sub_in_json_and_binary(client: httpclient.InferenceServerCli
 
 def test_only_the_requested_output_comes_back(client: httpclient.InferenceServerClient) -> None:
     a = np.ones((2, 16), dtype=np.int32)
-    inputs = [httpclient.InferInput("INPUT0", [2, 16], "INT32"), httpclient.InferInput("INPUT1", [2, 16], "INT32")]
+    inputs = [
+        httpclient.InferInput("INPUT0", [2, 16], "INT32"),
+        httpclient.InferInput("INPUT1", [2, 16], "INT32"),
+    ]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(a)
     result = client.infer("simple", inputs, outputs=[httpclient.InferRequestedOutput("OUTPUT1")])
@@ -116,9 +122,17 @@ def _sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     if datatype == "BF16":
         return rng.normal(size=shape).astype(ml_dtypes.bfloat16)
     dtype = {
-        "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-        "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-        "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+        "INT8": np.int8,
+        "INT16": np.int16,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "UINT8": np.uint8,
+        "UINT16": np.uint16,
+        "UINT32": np.uint32,
+        "UINT64": np.uint64,
+        "FP16": np.float16,
+        "FP32": np.float32,
+        "FP64": np.float64,
     }[datatype]
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
@@ -128,14 +142,28 @@ def _sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 ALL_DATATYPES = [
-    "BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
-    "FP16", "FP32", "FP64", "BF16", "BYTES",
+    "BOOL",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BF16",
+    "BYTES",
 ]
 
 
 @pytest.mark.parametrize("datatype", ALL_DATATYPES)
 @pytest.mark.parametrize("binary", [True, False])
-def test_every_datatype_round_trips(client: httpclient.InferenceServerClient, datatype: str, binary: bool) -> None:
+def test_every_datatype_round_trips(
+    client: httpclient.InferenceServerClient, datatype: str, binary: bool
+) -> None:
     if not binary and datatype in ("FP16", "BF16"):
         pytest.skip("Triton's JSON encoding has no FP16/BF16: binary only (tested below)")
     data = _sample(datatype, (3, 5))
@@ -184,7 +212,9 @@ def test_model_without_batching_takes_its_exact_shape(client: httpclient.Inferen
     np.testing.assert_array_equal(client.infer("no_batch", [inp]).as_numpy("OUTPUT0"), x + 1)
 
 
-def test_repository_index_lists_every_version_with_its_state(client: httpclient.InferenceServerClient) -> None:
+def test_repository_index_lists_every_version_with_its_state(
+    client: httpclient.InferenceServerClient,
+) -> None:
     index = client.get_model_repository_index()
     by_key = {(m["name"], m.get("version", "")): m for m in index}
     assert by_key[("tiny", "1")]["state"] == "READY"

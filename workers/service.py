@@ -123,7 +123,7 @@ class Worker:
                 await self._apply(entry.key, record)
         finally:
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _apply(self, name: str, record: ModelRecord | None) -> None:
         async with self._model_lock:
@@ -201,7 +201,9 @@ class Worker:
         # Instances finish the batch in hand; those idle in `take` are woken by close().
         for instance in loaded.instances:
             await instance.close_intake()
-        done, pending = await asyncio.wait(loaded.tasks, timeout=timeout_s) if loaded.tasks else (set(), set())
+        pending: set[asyncio.Task[None]] = set()
+        if loaded.tasks:
+            _, pending = await asyncio.wait(loaded.tasks, timeout=timeout_s)
         for task in pending:
             task.cancel("drain timeout: batch abandoned, its messages will be redelivered")
         for task in pending:

@@ -16,9 +16,7 @@ from workers.devices import Device
 
 
 class Backend(Protocol):
-    def execute(
-        self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str]
-    ) -> dict[str, npt.NDArray[Any]]:
+    def execute(self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str]) -> dict[str, npt.NDArray[Any]]:
         """Run one batch; return the requested outputs (all when `outputs` is empty)."""
         ...
 

@@ -51,6 +51,12 @@ def _session_options(config: pb.ModelConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     params = {k: v.string_value for k, v in config.parameters.items()}
+    # ONNX Runtime's thread pool spins between parallel sections by default. In a server its
+    # threads share the cores with the event loop, the gateway and the broker, and spinning
+    # takes cycles they need; `allow_spinning: "1"` in the config's parameters restores it.
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if params.get("allow_spinning") == "1" else "0"
+    )
     # Triton's ORT backend parameter names.
     if "intra_op_thread_count" in params:
         options.intra_op_num_threads = int(params["intra_op_thread_count"])
@@ -97,9 +103,7 @@ class OnnxRuntimeBackend:
                     f"ONNX graph, which has {self._output_names}"
                 )
 
-    def execute(
-        self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str]
-    ) -> dict[str, npt.NDArray[Any]]:
+    def execute(self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str]) -> dict[str, npt.NDArray[Any]]:
         names = outputs or self._output_names
         feeds: dict[str, Any] = {}
         for name, array in inputs.items():
@@ -140,7 +144,7 @@ class OnnxRuntimeBackend:
             if value.data_type() == "tensor(bfloat16)":
                 shape = tuple(value.shape())
                 count = int(np.prod(shape))
-                raw = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else []
+                raw: Any = (ctypes.c_uint16 * count).from_address(value.data_ptr()) if count else []
                 # Copy out while the OrtValue still owns the memory.
                 results[name] = np.array(raw, dtype=np.uint16).view(ml_dtypes.bfloat16).reshape(shape)
             else:
