@@ -74,3 +74,32 @@ async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(
     batches = executions - before[0]
     assert ran == REQUESTS
     assert batches < REQUESTS, f"{batches} executions for {ran} requests: no batch larger than 1"
+
+
+async def test_requests_of_different_shapes_are_never_mixed_up(served: Served) -> None:
+    """identity_fp32 takes any length: concurrent requests of lengths 1..9 may only batch
+    with their own length, and each gets exactly its own data back."""
+    rng = np.random.default_rng(3)
+    bodies = []
+    for i in range(300):
+        rows, length = int(rng.integers(1, 4)), int(rng.integers(1, 10))
+        data = rng.normal(size=(rows, length)).astype(np.float32)
+        bodies.append((i, data))
+    wrong: list[int] = []
+
+    async def one(session: aiohttp.ClientSession, i: int, data: np.ndarray) -> None:
+        body = {
+            "inputs": [
+                {"name": "INPUT0", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}
+            ]
+        }
+        async with session.post(f"{served.url}/v2/models/identity_fp32/infer", data=orjson.dumps(body)) as r:
+            answer = await r.json()
+        output = answer["outputs"][0]
+        got = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+        if r.status != 200 or got.shape != data.shape or not np.array_equal(got, data):
+            wrong.append(i)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+        await asyncio.wait_for(asyncio.gather(*(one(session, i, d) for i, d in bodies)), 120)
+    assert wrong == []

@@ -1,0 +1,41 @@
+# The two commands of the README, and the chores around them.
+#   make serve   set up, build the example models, serve them (Ctrl-C stops everything)
+#   make test    set up, then lint, type-check and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test lint types pytest bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/python examples/build_models.py --out examples/models
+
+serve: models
+	$(BIN)/natron serve examples/models
+
+test: lint types pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+# The benchmark needs wrk, Debian's package.
+bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.bench
+
+clean:
+	rm -rf $(VENV) examples/models bench/results .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,131 @@
+"""The broker layer against a real nats-server: queue bounds, deadlines, sizes, and pulling
+by capacity."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from nats.aio.client import Client
+
+from broker import jetstream
+from broker.puller import CapacityPuller
+from broker.requester import Requester
+from broker.server import EmbeddedNatsServer
+from broker.subjects import Subjects
+from natron.errors import DeadlineExceeded, PayloadTooLarge, Unavailable
+from natron.inference import InferRequest, Tensor
+
+
+@pytest.fixture
+async def nc(nats_server: EmbeddedNatsServer) -> AsyncIterator[Client]:
+    client = await jetstream.connect(nats_server.url, name="test")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def subjects() -> Subjects:
+    # A prefix per test keeps streams and consumers of different tests apart on one server.
+    return Subjects(f"t{uuid.uuid4().hex[:8]}")
+
+
+def request(i: int, size: int = 4) -> InferRequest:
+    data = np.full((1, size), i, dtype=np.float32)
+    return InferRequest(str(i), "m", "1", [Tensor("INPUT0", "FP32", (1, size), data)])
+
+
+async def test_a_full_queue_is_refused_at_once_with_503(nc: Client, subjects: Subjects) -> None:
+    js = nc.jetstream()
+    await jetstream.ensure_stream(js, subjects, jetstream.QueuePolicy(max_queued_per_version=2))
+    async with Requester(nc, subjects) as requester:
+        # Two requests fill the queue (nobody consumes); they stay waiting for an answer.
+        waiting = [asyncio.create_task(requester.infer(request(i), "1", 30.0)) for i in range(2)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(Unavailable, match="full"):
+            await requester.infer(request(3), "1", 30.0)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert requester.in_flight == 0
+
+
+async def test_a_request_without_a_stream_is_503(nc: Client, subjects: Subjects) -> None:
+    async with Requester(nc, subjects) as requester:
+        with pytest.raises(Unavailable, match="no inference queue"):
+            await requester.infer(request(1), "1", 30.0)
+
+
+async def test_a_request_nobody_takes_ends_at_its_deadline(nc: Client, subjects: Subjects) -> None:
+    await jetstream.ensure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
+    async with Requester(nc, subjects) as requester:
+        with pytest.raises(DeadlineExceeded, match="timed out"):
+            await requester.infer(request(1), "1", 0.3)
+        assert requester.in_flight == 0
+
+
+async def test_a_request_over_max_payload_is_413_before_publishing(nc: Client, subjects: Subjects) -> None:
+    async with Requester(nc, subjects) as requester:
+        too_big = request(1, size=nc.max_payload // 4 + 16)
+        with pytest.raises(PayloadTooLarge, match="max_payload"):
+            await requester.infer(too_big, "1", 5.0)
+
+
+async def test_a_puller_takes_no_more_than_its_capacity(nc: Client, subjects: Subjects) -> None:
+    js = nc.jetstream()
+    policy = jetstream.QueuePolicy()
+    await jetstream.ensure_stream(js, subjects, policy)
+    consumer = await jetstream.ensure_consumer(js, subjects, "m", "1", policy)
+    for i in range(20):
+        await js.publish(subjects.infer("m", "1"), str(i).encode())
+    puller = CapacityPuller(nc, subjects.stream, consumer, capacity=4)
+    await puller.start()
+    try:
+        batch = await puller.take(max_items=4)
+        assert 1 <= len(batch) <= 4
+        await asyncio.sleep(0.3)  # let any over-delivery arrive, were there any
+        info = await js.consumer_info(subjects.stream, consumer)
+        # In hand: the batch plus at most one prefetched capacity; the rest stays shared.
+        assert info.num_pending >= 20 - 4 - 4
+        for msg in batch:
+            await puller.ack(msg)
+        # Everything is eventually taken, in order, each message once.
+        seen = [int(m.data) for m in batch]
+        while len(seen) < 20:
+            more = await asyncio.wait_for(puller.take(max_items=4), 5)
+            for msg in more:
+                await puller.ack(msg)
+            seen += [int(m.data) for m in more]
+        assert seen == list(range(20))
+    finally:
+        await puller.close()
+
+
+async def test_a_closed_puller_hands_prefetched_messages_back(nc: Client, subjects: Subjects) -> None:
+    js = nc.jetstream()
+    policy = jetstream.QueuePolicy()
+    await jetstream.ensure_stream(js, subjects, policy)
+    consumer = await jetstream.ensure_consumer(js, subjects, "m", "1", policy)
+    for i in range(6):
+        await js.publish(subjects.infer("m", "1"), str(i).encode())
+    first = CapacityPuller(nc, subjects.stream, consumer, capacity=4)
+    await first.start()
+    batch = await first.take(max_items=1)
+    await first.ack(batch[0])
+    await asyncio.sleep(0.2)
+    await first.close()  # NAKs what it prefetched
+    second = CapacityPuller(nc, subjects.stream, consumer, capacity=8)
+    await second.start()
+    try:
+        seen: list[int] = []
+        while len(seen) < 5:
+            msgs = await asyncio.wait_for(second.take(max_items=8), 5)
+            seen += [int(m.data) for m in msgs]
+            for msg in msgs:
+                await second.ack(msg)
+        assert sorted(seen) == [1, 2, 3, 4, 5]
+    finally:
+        await second.close()
