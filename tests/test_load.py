@@ -90,7 +90,12 @@ async def test_requests_of_different_shapes_are_never_mixed_up(served: Served) -
     async def one(session: aiohttp.ClientSession, i: int, data: np.ndarray) -> None:
         body = {
             "inputs": [
-                {"name": "INPUT0", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}
+                {
+                    "name": "INPUT0",
+                    "shape": list(data.shape),
+                    "datatype": "FP32",
+                    "data": data.ravel().tolist(),
+                }
             ]
         }
         async with session.post(f"{served.url}/v2/models/identity_fp32/infer", data=orjson.dumps(body)) as r:
