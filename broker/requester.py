@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import nats.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -103,12 +104,15 @@ class Requester:
         pending = _Pending(loop.create_future(), request.model, version)
         self._pending[token] = pending
         try:
-            await self._nc.publish(
-                self._subjects.infer(request.model, version),
-                payload,
-                reply=reply + ".a",
-                headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns)},
-            )
+            try:
+                await self._nc.publish(
+                    self._subjects.infer(request.model, version),
+                    payload,
+                    reply=reply + ".a",
+                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns)},
+                )
+            except nats.errors.Error as exc:  # closed connection, full reconnect buffer
+                raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
             # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
             timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
             try:

@@ -27,7 +27,7 @@ from broker import codec
 from broker.puller import CapacityPuller
 from broker.subjects import DEADLINE_NS, REPLY_TO, STATUS
 from natron import datatypes
-from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError
+from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError, PayloadTooLarge
 from natron.inference import InferRequest, InferResponse, Tensor
 from natron.spec import ModelSpec
 from workers.backends import Backend
@@ -270,9 +270,9 @@ class ModelInstance:
     async def _answer(self, item: _Item, response: InferResponse) -> None:
         payload = codec.encode_response(response)
         if len(payload) > self._nc.max_payload:
-            error = InternalError(
+            error = PayloadTooLarge(
                 f"response of {len(payload)} bytes exceeds the broker's max_payload of "
-                f"{self._nc.max_payload} bytes"
+                f"{self._nc.max_payload} bytes: ask for fewer outputs or a smaller batch"
             )
             await self._answer_error(item.msg, item.reply_to, item.request.id, error)
             return
