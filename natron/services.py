@@ -69,7 +69,7 @@ async def run_worker(
             log.warning("GPU %d not found (%d GPUs seen); serving on the CPU", index, len(gpus))
     worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     nc = await jetstream.connect(nats_url, name=f"natron-{worker_id}")
-    worker = Worker(nc, subjects, WorkerOptions(worker_id=worker_id, device=device))
+    worker = Worker(nc, subjects, WorkerOptions(worker_id=worker_id, device=device, nats_url=nats_url))
     try:
         await worker.start()
         log.info("worker %s serving on %s", worker_id, device.name)

@@ -25,12 +25,12 @@ from nats.aio.msg import Msg
 
 from broker import codec
 from broker.puller import CapacityPuller
-from broker.subjects import DEADLINE_NS, REPLY_TO, STATUS
+from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS
 from natron import datatypes
 from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError, PayloadTooLarge
 from natron.inference import InferRequest, InferResponse, Tensor
 from natron.spec import ModelSpec
-from workers.backends import Backend
+from workers.backends import Backend, RequestBackend
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ModelInstance:
         puller: CapacityPuller,
         spec: ModelSpec,
         version: str,
-        backend: Backend,
+        backend: Backend | RequestBackend,
         name: str,
     ) -> None:
         self._nc = nc
@@ -61,6 +61,7 @@ class ModelInstance:
         self._spec = spec
         self._version = version
         self._backend = backend
+        self._per_request = hasattr(backend, "execute_requests")
         self.name = name
         # One thread per instance: the backend runs one batch at a time, and the event loop
         # keeps serving NATS pings, heartbeats and other instances meanwhile.
@@ -168,6 +169,9 @@ class ModelInstance:
         return [batch for batches in groups.values() for batch in batches]
 
     async def _execute(self, group: list[_Item]) -> None:
+        if self._per_request:
+            await self._execute_requests(group)
+            return
         first = group[0].request
         names = [t.name for t in first.inputs]
         if len(group) == 1:
@@ -198,6 +202,77 @@ class ModelInstance:
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
+    async def _execute_requests(self, group: list[_Item]) -> None:
+        """Run a RequestBackend: answers arrive through the sink, from the instance's thread
+        (or any other), and are published in order by one pump task per call.
+
+        An ordinary model's request is acknowledged with its answer. A decoupled model's is
+        acknowledged when its execution starts: a stream under way cannot be replayed on another
+        worker without sending the client what it already has a second time.
+        """
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[tuple[int, list[Tensor] | NatronError | None, bool]] = asyncio.Queue()
+
+        def sink(index: int, outputs: list[Tensor] | NatronError | None, final: bool) -> None:
+            loop.call_soon_threadsafe(answers.put_nowait, (index, outputs, final))
+
+        if self._spec.decoupled:
+            for item in group:
+                await self._puller.ack(item.msg)
+        pump = asyncio.create_task(self._pump(group, answers))
+        self._answering.add(pump)
+        pump.add_done_callback(self._answering.discard)
+        requests = [item.request for item in group]
+        execute = self._backend.execute_requests  # type: ignore[union-attr]
+        try:
+            await loop.run_in_executor(self._executor, execute, requests, sink)
+            failure: NatronError | None = None
+        except NatronError as exc:
+            failure = exc
+        except Exception as exc:
+            failure = InternalError(f"model '{self._spec.name}' failed: {type(exc).__name__}: {exc}")
+            log.warning("%s", failure.message)
+        self.executions += 1
+        self.inferences += sum(item.batch_size for item in group)
+        if failure is not None or not self._spec.decoupled:
+            # Whatever the model left unanswered gets an answer now: the failure, or for an
+            # ordinary model the fact that it returned no response.
+            missing = failure or InternalError(
+                f"model '{self._spec.name}' returned no response for the request"
+            )
+            for index in range(len(group)):
+                sink(index, missing, True)
+
+    async def _pump(
+        self, group: list[_Item], answers: asyncio.Queue[tuple[int, list[Tensor] | NatronError | None, bool]]
+    ) -> None:
+        open_requests = set(range(len(group)))
+        sequence = [0] * len(group)
+        while open_requests:
+            index, outputs, final = await answers.get()
+            if index not in open_requests or not 0 <= index < len(group):
+                continue  # answered already: late or duplicate answers are dropped
+            item = group[index]
+            if isinstance(outputs, NatronError):
+                final = True
+                await self._answer_error(
+                    item.msg, item.reply_to, item.request.id, outputs, ack=not self._spec.decoupled
+                )
+            elif self._spec.decoupled:
+                headers = {SEQUENCE: str(sequence[index])}
+                if final:
+                    headers[FINAL] = "1"
+                sequence[index] += 1
+                tensors = outputs or []
+                response = InferResponse(item.request.id, self._spec.name, self._version, tensors)
+                await self._nc.publish(item.reply_to, codec.encode_response(response), headers=headers)
+            else:
+                final = True
+                response = InferResponse(item.request.id, self._spec.name, self._version, outputs or [])
+                await self._answer(item, response)
+            if final:
+                open_requests.discard(index)
+
     async def _answer_all(self, group: list[_Item], outputs: list[list[Tensor]]) -> None:
         for item, tensors in zip(group, outputs, strict=True):
             response = InferResponse(item.request.id, self._spec.name, self._version, tensors)
@@ -221,11 +296,12 @@ class ModelInstance:
         size_class = 1 << (rows - 1).bit_length()
         estimate_s = self._cost_s.get(size_class)
         started_s = time.perf_counter()
+        execute = self._backend.execute  # type: ignore[union-attr]
         if estimate_s is not None and estimate_s < INLINE_BUDGET_S:
-            results = self._backend.execute(feeds, wanted)
+            results = execute(feeds, wanted)
         else:
             loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._backend.execute, feeds, wanted)
+            results = await loop.run_in_executor(self._executor, execute, feeds, wanted)
         elapsed_s = time.perf_counter() - started_s
         # A moving average, so one slow outlier (a page fault, a GC pause) does not flip the
         # choice for good, while a model that really got slower moves off the loop quickly.
@@ -279,8 +355,12 @@ class ModelInstance:
         await self._nc.publish(item.reply_to, payload)
         await self._puller.ack(item.msg)
 
-    async def _answer_error(self, msg: Msg, reply_to: str, request_id: str, error: NatronError) -> None:
-        await self._nc.publish(
-            reply_to, codec.encode_error(request_id, error.message), headers={STATUS: str(error.status)}
-        )
-        await self._puller.ack(msg)
+    async def _answer_error(
+        self, msg: Msg, reply_to: str, request_id: str, error: NatronError, *, ack: bool = True
+    ) -> None:
+        headers = {STATUS: str(error.status)}
+        if self._spec.decoupled:
+            headers[FINAL] = "1"
+        await self._nc.publish(reply_to, codec.encode_error(request_id, error.message), headers=headers)
+        if ack:
+            await self._puller.ack(msg)

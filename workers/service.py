@@ -25,7 +25,7 @@ from natron import config as cfg
 from natron.errors import NatronError
 from natron.spec import ModelSpec
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from workers.backends import load_backend
+from workers.backends import BackendContext, load_backend
 from workers.devices import Device
 from workers.instance import ModelInstance
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 class WorkerOptions:
     worker_id: str
     device: Device
+    # How model code reaches the mesh (BLS calls from Python models).
+    nats_url: str = ""
     heartbeat_interval_s: float = 2.0
     drain_timeout_s: float = 30.0
     queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
@@ -71,6 +73,9 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._report_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
+        self._context = BackendContext(
+            device=options.device, nats_url=options.nats_url, prefix=subjects.prefix
+        )
 
     @property
     def instances(self) -> list[ModelInstance]:
@@ -169,9 +174,7 @@ class Worker:
         backends = []
         try:
             for _ in range(count):
-                backends.append(
-                    await asyncio.to_thread(load_backend, config, version_dir, self._options.device)
-                )
+                backends.append(await asyncio.to_thread(load_backend, config, version_dir, self._context))
         except BaseException:
             for backend in backends:
                 backend.close()

@@ -1,17 +1,29 @@
-"""Model backends. Each loads one instance of one model version and runs whole batches.
+"""Model backends. Each loads one instance of one model version.
 
-A backend's `execute` is blocking and is called from a worker thread, never on the event loop.
+Two shapes of backend exist, and `workers.instance` serves both:
+
+* `Backend` runs whole batches: the instance concatenates the inputs of the requests it
+  batches, calls `execute` once, and splits the outputs back (ONNX Runtime, PyTorch, TensorRT).
+* `RequestBackend` takes the requests themselves, as Triton's Python backend hands a model a
+  list of requests, and answers each through a `ResponseSink`: exactly once with `final=True`
+  for an ordinary model; 0..N times, the last with `final=True`, for a decoupled one, possibly
+  after `execute_requests` has returned and from any thread.
+
+`execute` and `execute_requests` block and are called from the instance's thread, never on the
+event loop (quick batches aside, see `ModelInstance._run_backend`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy.typing as npt
 from tritonclient.grpc import model_config_pb2 as pb
 
-from natron.errors import Unsupported
+from natron.errors import NatronError, Unsupported
+from natron.inference import InferRequest, Tensor
 from workers.devices import Device
 
 
@@ -23,11 +35,35 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def load_backend(config: pb.ModelConfig, version_dir: Path, device: Device) -> Backend:
+class ResponseSink(Protocol):
+    def __call__(self, index: int, outputs: list[Tensor] | NatronError | None, final: bool) -> None:
+        """Answer request `index` of the call: outputs, an error, or (None) only the final flag."""
+        ...
+
+
+class RequestBackend(Protocol):
+    def execute_requests(self, requests: list[InferRequest], sink: ResponseSink) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True, frozen=True)
+class BackendContext:
+    """What a backend may need beyond its files: its device, and the mesh for models that call
+    other models (BLS)."""
+
+    device: Device
+    nats_url: str = ""
+    prefix: str = "natron"
+
+
+def load_backend(
+    config: pb.ModelConfig, version_dir: Path, context: BackendContext
+) -> Backend | RequestBackend:
     """Load one instance; raises with the real reason when the model cannot load."""
     key = config.platform or config.backend
     if key in ("onnxruntime_onnx", "onnxruntime"):
         from workers.backends.onnx import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.load(config, version_dir, device)
+        return OnnxRuntimeBackend.load(config, version_dir, context.device)
     raise Unsupported(f"model '{config.name}': platform/backend '{key}' is not supported by this worker")
