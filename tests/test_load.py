@@ -70,10 +70,12 @@ async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(
         if inferences - before[1] >= REQUESTS:
             break
         await asyncio.sleep(0.2)
+    # `before` may predate a heartbeat that still counted earlier tests' last requests, so
+    # the counts can exceed this test's own; batching shows as fewer executions than rows.
     ran = inferences - before[1]
     batches = executions - before[0]
-    assert ran == REQUESTS
-    assert batches < REQUESTS, f"{batches} executions for {ran} requests: no batch larger than 1"
+    assert ran >= REQUESTS
+    assert batches < ran, f"{batches} executions for {ran} requests: no batch larger than 1"
 
 
 async def test_requests_of_different_shapes_are_never_mixed_up(served: Served) -> None:
