@@ -71,7 +71,7 @@ def _unpack_map(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidArgument("message must be a msgpack map")
     version = body.get("v")
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:
         raise InvalidArgument(f"unsupported wire format version {version!r}, expected {WIRE_VERSION}")
     return body
 

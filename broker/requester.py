@@ -31,6 +31,8 @@ from natron.inference import InferRequest, InferResponse
 log = logging.getLogger(__name__)
 
 _NO_RESPONDERS = "503"
+# NATS/1.0 line, Natron-Reply-To with an inbox of a few tokens, Natron-Deadline-Ns: well under.
+_HEADER_ALLOWANCE_BYTES = 256
 
 
 @dataclass(slots=True)
@@ -93,7 +95,9 @@ class Requester:
         """
         payload = codec.encode_request(request)
         max_payload = self._nc.max_payload
-        if len(payload) > max_payload:
+        # The server counts headers against max_payload too, and closes the connection (every
+        # request in flight on it) over the limit: keep room for this request's headers.
+        if len(payload) + _HEADER_ALLOWANCE_BYTES > max_payload:
             raise PayloadTooLarge(
                 f"request of {len(payload)} bytes exceeds the broker's max_payload of {max_payload} bytes"
             )

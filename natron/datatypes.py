@@ -38,6 +38,10 @@ _NUMPY: Final[dict[str, np.dtype[np.generic]]] = {
 
 DATATYPES: Final = frozenset(_NUMPY)
 
+# numpy's limits on a shape, checked before numpy sees it (it raises ValueError past them).
+MAX_DIMS: Final = 64
+MAX_DIM_SIZE: Final = 2**63
+
 # Datatypes that Triton's JSON encoding cannot carry: they travel as binary data only.
 BINARY_ONLY: Final = frozenset({"FP16", "BF16"})
 
@@ -140,7 +144,15 @@ def from_raw(data: bytes | memoryview, datatype: str, shape: tuple[int, ...]) ->
 
     Raises InvalidArgument when the byte count does not match the shape.
     """
+    if len(shape) > MAX_DIMS or any(not 0 <= d < MAX_DIM_SIZE for d in shape):
+        raise InvalidArgument(
+            f"shape {list(shape)}: at most {MAX_DIMS} dimensions, each in 0..{MAX_DIM_SIZE - 1}"
+        )
     count = element_count(shape)
+    # numpy also refuses a shape whose non-zero dimensions multiply past its index range,
+    # even when a zero dimension makes the tensor empty.
+    if element_count([d for d in shape if d]) >= MAX_DIM_SIZE:
+        raise InvalidArgument(f"shape {list(shape)} holds more elements than any tensor can")
     if datatype == BYTES:
         return deserialize_bytes(data, count).reshape(shape)
     dtype = to_numpy_dtype(datatype)
