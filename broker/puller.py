@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
+_IN_PROGRESS = b"+WPI"
 
 
 class CapacityPuller:
@@ -168,6 +169,11 @@ class CapacityPuller:
     async def ack(self, msg: Msg) -> None:
         if msg.reply:
             await self._nc.publish(msg.reply, _ACK)
+
+    async def in_progress(self, msg: Msg) -> None:
+        """Reset the message's ack timer: its work goes on."""
+        if msg.reply:
+            await self._nc.publish(msg.reply, _IN_PROGRESS)
 
     async def nak(self, msg: Msg) -> None:
         """Hand a message back for redelivery now (to this or another instance)."""

@@ -14,18 +14,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 import orjson
 from aiohttp import web
 from nats.aio.client import Client
 
 from broker import jetstream
 from broker.requester import Requester
-from broker.subjects import Subjects
+from broker.subjects import Subjects, check_name
 from gateway import kserve
 from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry, ModelView
 from natron import __version__
-from natron.errors import InvalidArgument, NatronError, Unsupported
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class GatewayOptions:
     default_timeout_s: float = 60.0
     # HTTP bodies above this are refused with 413 before being read whole.
     max_body_bytes: int = 64 * 1024 * 1024
+    # A load answers once every placed worker has the model READY: loads can take minutes.
+    control_timeout_s: float = 600.0
 
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)
@@ -174,6 +177,51 @@ async def repository_index(request: web.Request) -> web.Response:
     return json_response(index)
 
 
+async def _control(request: web.Request, verb: str) -> web.Response:
+    """Forward a load/unload to the router and answer once it has taken effect fleet-wide."""
+    name = check_name("model", request.match_info["model"])
+    body = await request.read()
+    params: dict[str, Any] = {}
+    if body:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"{verb} body is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidArgument(f"{verb} body must be a JSON object")
+        raw_params = parsed.get("parameters", {})
+        if not isinstance(raw_params, dict):
+            raise InvalidArgument("'parameters' must be a JSON object")
+        params = raw_params
+    options = request.app[OPTIONS]
+    message: dict[str, Any] = {"name": name, "parameters": params}
+    if verb == "unload":
+        message["unload_dependents"] = bool(params.get("unload_dependents", False))
+    try:
+        reply = await request.app[NATS].request(
+            options.subjects.ctl(verb), orjson.dumps(message), timeout=options.control_timeout_s
+        )
+    except nats.errors.NoRespondersError:
+        raise Unavailable("no router is running to load or unload models") from None
+    except nats.errors.TimeoutError:
+        raise DeadlineExceeded(
+            f"{verb} of '{name}' did not finish within {options.control_timeout_s:.0f} s"
+        ) from None
+    answer = orjson.loads(reply.data)
+    status = int(answer.get("status", 500))
+    if status != 200:
+        raise NatronError.from_status(status, str(answer.get("error", f"{verb} failed")))
+    return web.Response(status=200)
+
+
+async def load_model(request: web.Request) -> web.Response:
+    return await _control(request, "load")
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    return await _control(request, "unload")
+
+
 # -- inference -----------------------------------------------------------------------------
 
 
@@ -269,4 +317,6 @@ def create_app(options: GatewayOptions) -> web.Application:
         app.router.add_get(base + "/config", model_config)
         app.router.add_post(base + "/infer", infer)
     app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{model}/load", load_model)
+    app.router.add_post("/v2/repository/models/{model}/unload", unload_model)
     return app

@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from broker.subjects import Subjects
+from natron.services import WorkerTuning
+from router.service import RouterOptions
 
 log = logging.getLogger("natron")
 
@@ -30,6 +32,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_repository(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repository", nargs="?", type=Path, help="Triton model repository")
     parser.add_argument("--model-repository", dest="model_repository", type=Path, default=None)
+    parser.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default="none")
+    parser.add_argument("--repository-poll-secs", type=float, default=15.0)
+    parser.add_argument(
+        "--load-model", action="append", default=[], help="explicit mode: load at start ('*' for all)"
+    )
+    parser.add_argument("--upload-dir", type=Path, default=None, help="where files uploaded with load go")
+
+
+def _add_worker_tuning(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ack-wait-s", type=float, default=10.0, help="redeliver a dead worker's requests after this long"
+    )
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0)
+    # A testing and benchmarking aid: a worker made slower on purpose.
+    parser.add_argument("--throttle-ms", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-payload-mb", type=int, default=16, help="NATS max_payload, 1..64 MiB")
     serve.add_argument("--workers", type=int, default=1, help="CPU worker processes")
     serve.add_argument("--ready-timeout-s", type=float, default=120.0)
+    _add_worker_tuning(serve)
     _add_common(serve)
 
     gateway = commands.add_parser("gateway", help="the HTTP gateway alone")
@@ -65,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one worker process alone")
     worker.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     worker.add_argument("--worker-id", default=None)
-    worker.add_argument("--device", default="cpu", help="'cpu' or 'gpu:N'")
+    worker.add_argument("--device", default="cpu", help="'cpu', 'gpu:N' or 'gpu:<UUID>' (GPU or MIG slice)")
+    _add_worker_tuning(worker)
     _add_common(worker)
     return parser
 
@@ -116,6 +135,22 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
 
 
+def router_options(args: argparse.Namespace, repository: Path) -> RouterOptions:
+    return RouterOptions(
+        repository=repository,
+        control_mode=args.model_control_mode,
+        poll_interval_s=args.repository_poll_secs,
+        load_models=tuple(args.load_model),
+        upload_dir=args.upload_dir,
+    )
+
+
+def tuning(args: argparse.Namespace) -> WorkerTuning:
+    return WorkerTuning(
+        ack_wait_s=args.ack_wait_s, drain_timeout_s=args.drain_timeout_s, throttle_s=args.throttle_ms / 1000
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -142,13 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "router":
         from natron.services import run_router
 
-        repository = _repository(args, parser)
-        _run(lambda stop: run_router(args.nats_url, subjects, repository, stop), args.parent_pid)
+        router_opts = router_options(args, _repository(args, parser))
+        _run(lambda stop: run_router(args.nats_url, subjects, router_opts, stop), args.parent_pid)
     elif args.command == "worker":
         from natron.services import run_worker
 
         _run(
-            lambda stop: run_worker(args.nats_url, subjects, args.worker_id, args.device, stop),
+            lambda stop: run_worker(args.nats_url, subjects, args.worker_id, args.device, tuning(args), stop),
             args.parent_pid,
         )
     elif args.command == "serve":

@@ -23,6 +23,7 @@ from broker.subjects import Subjects, check_name
 from natron.errors import InvalidArgument
 from natron.states import LOADING, ModelRecord
 from natron.supervisor import Supervisor
+from workers.devices import discover_gpus
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,39 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
         nats_url = f"nats://127.0.0.1:{server.port}"
     common = ["--prefix", subjects.prefix, "--log-level", args.log_level, "--parent-pid", str(os.getpid())]
     supervisor = Supervisor()
-    supervisor.add("router", ["router", str(repository), "--nats-url", nats_url, *common])
+    control = [
+        "--model-control-mode",
+        args.model_control_mode,
+        "--repository-poll-secs",
+        str(args.repository_poll_secs),
+    ]
+    for name in args.load_model:
+        control += ["--load-model", name]
+    if args.upload_dir is not None:
+        control += ["--upload-dir", str(args.upload_dir)]
+    supervisor.add("router", ["router", str(repository), "--nats-url", nats_url, *control, *common])
+    tuning = [
+        "--ack-wait-s", str(args.ack_wait_s), "--drain-timeout-s", str(args.drain_timeout_s),
+        "--throttle-ms", str(args.throttle_ms),
+    ]  # fmt: skip
     host = socket.gethostname()
-    for index in range(args.workers):
-        supervisor.add(
-            f"worker-{index}",
-            ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-cpu-{index}", *common],
-        )
+    gpus = await asyncio.to_thread(discover_gpus)
+    if gpus:
+        # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
+        # its own capacity; the CPU serves only where no GPU is.
+        for gpu in gpus:
+            supervisor.add(
+                f"worker-gpu{gpu.index}-{gpu.uuid[-8:]}",
+                ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-{gpu.uuid}",
+                 "--device", f"gpu:{gpu.uuid}", *tuning, *common],
+                env={"CUDA_VISIBLE_DEVICES": gpu.uuid},
+            )  # fmt: skip
+    else:
+        for index in range(args.workers):
+            supervisor.add(
+                f"worker-{index}",
+                ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-cpu-{index}", *tuning, *common],
+            )
     supervisor.add(
         "gateway",
         [

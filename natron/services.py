@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from pathlib import Path
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -15,7 +15,7 @@ from broker import jetstream
 from broker.subjects import Subjects
 from gateway.app import METRICS, GatewayOptions, create_app
 from router.service import Router, RouterOptions
-from workers.devices import CPU, discover_gpus
+from workers.devices import CPU, Device, discover_gpus
 from workers.service import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,9 @@ async def run_gateway(
             await metrics_runner.cleanup()
 
 
-async def run_router(nats_url: str, subjects: Subjects, repository: Path, stop: asyncio.Event) -> None:
+async def run_router(nats_url: str, subjects: Subjects, options: RouterOptions, stop: asyncio.Event) -> None:
     nc = await jetstream.connect(nats_url, name="natron-router")
-    router = Router(nc, subjects, RouterOptions(repository=repository))
+    router = Router(nc, subjects, options)
     try:
         await router.start()
         await stop.wait()
@@ -55,21 +55,46 @@ async def run_router(nats_url: str, subjects: Subjects, repository: Path, stop: 
         await nc.drain()
 
 
+@dataclass(slots=True, frozen=True)
+class WorkerTuning:
+    ack_wait_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    throttle_s: float = 0.0
+
+
+def pick_device(device_spec: str) -> Device:
+    """'cpu', 'gpu:<index>' or 'gpu:<UUID>' (a GPU or MIG slice UUID) -> the device."""
+    if not device_spec.startswith("gpu"):
+        return CPU
+    wanted = device_spec.partition(":")[2] or "0"
+    gpus = discover_gpus()
+    for gpu in gpus:
+        if wanted in (gpu.uuid, str(gpu.index)):
+            return gpu
+    log.warning("GPU %s not found (%d GPU devices seen); serving on the CPU", wanted, len(gpus))
+    return CPU
+
+
 async def run_worker(
-    nats_url: str, subjects: Subjects, worker_id: str | None, device_spec: str, stop: asyncio.Event
+    nats_url: str,
+    subjects: Subjects,
+    worker_id: str | None,
+    device_spec: str,
+    tuning: WorkerTuning,
+    stop: asyncio.Event,
 ) -> None:
-    device = CPU
-    if device_spec.startswith("gpu"):
-        gpus = discover_gpus()
-        index = int(device_spec.partition(":")[2] or 0)
-        matching = [g for g in gpus if g.index == index]
-        if matching:
-            device = matching[0]
-        else:
-            log.warning("GPU %d not found (%d GPUs seen); serving on the CPU", index, len(gpus))
+    device = pick_device(device_spec)
     worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     nc = await jetstream.connect(nats_url, name=f"natron-{worker_id}")
-    worker = Worker(nc, subjects, WorkerOptions(worker_id=worker_id, device=device, nats_url=nats_url))
+    options = WorkerOptions(
+        worker_id=worker_id,
+        device=device,
+        nats_url=nats_url,
+        drain_timeout_s=tuning.drain_timeout_s,
+        throttle_s=tuning.throttle_s,
+        queue=jetstream.QueuePolicy(ack_wait_s=tuning.ack_wait_s),
+    )
+    worker = Worker(nc, subjects, options)
     try:
         await worker.start()
         log.info("worker %s serving on %s", worker_id, device.name)

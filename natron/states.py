@@ -34,12 +34,19 @@ class ModelRecord:
     path: str
     config: dict[str, Any] | None  # Triton's JSON form; None when the config is broken
     versions: dict[str, VersionState] = field(default_factory=dict)
-    reason: str = ""  # model-level failure (bad config): every version is unavailable
+    reason: str = ""  # model-level failure (bad config, unloaded): every version is unavailable
     generation: str = ""
+    # worker id -> instances it runs; decided by the router, not part of the generation, so a
+    # worker joining or leaving never makes the others reload.
+    placement: dict[str, int] = field(default_factory=dict)
+    placement_reason: str = ""  # why no worker could take the model, when placement is empty
+    files: str = ""  # signature of the model files (sizes, mtimes): part of the generation
 
     def compute_generation(self) -> str:
         digest = hashlib.sha256(
-            orjson.dumps([self.path, self.config, sorted(self.versions)], option=orjson.OPT_SORT_KEYS)
+            orjson.dumps(
+                [self.path, self.config, sorted(self.versions), self.files], option=orjson.OPT_SORT_KEYS
+            )
         )
         return digest.hexdigest()[:16]
 
@@ -52,6 +59,9 @@ class ModelRecord:
                 "versions": {v: {"state": s.state, "reason": s.reason} for v, s in self.versions.items()},
                 "reason": self.reason,
                 "generation": self.generation,
+                "placement": self.placement,
+                "placement_reason": self.placement_reason,
+                "files": self.files,
             }
         )
 
@@ -65,6 +75,9 @@ class ModelRecord:
             versions={v: VersionState(s["state"], s.get("reason", "")) for v, s in raw["versions"].items()},
             reason=raw.get("reason", ""),
             generation=raw.get("generation", ""),
+            placement=raw.get("placement", {}),
+            placement_reason=raw.get("placement_reason", ""),
+            files=raw.get("files", ""),
         )
 
     def ready_versions(self) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 class Child:
     name: str
     args: list[str]
+    env: dict[str, str] | None = None
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -33,8 +35,9 @@ class Supervisor:
         self._stopping = False
         self._max_backoff_s = max_backoff_s
 
-    def add(self, name: str, args: list[str]) -> Child:
-        child = Child(name, [sys.executable, "-m", "natron", *args])
+    def add(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        """A child running `natron <args>`; `env` adds to this process's environment."""
+        child = Child(name, [sys.executable, "-m", "natron", *args], env)
         self._children.append(child)
         return child
 
@@ -44,7 +47,8 @@ class Supervisor:
             child.task = asyncio.create_task(self._watch(child), name=f"supervise-{child.name}")
 
     async def _spawn(self, child: Child) -> None:
-        child.process = await asyncio.create_subprocess_exec(*child.args, start_new_session=True)
+        env = {**os.environ, **child.env} if child.env else None
+        child.process = await asyncio.create_subprocess_exec(*child.args, start_new_session=True, env=env)
         log.debug("started %s (pid %d)", child.name, child.process.pid)
 
     async def _watch(self, child: Child) -> None:

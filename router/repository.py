@@ -4,8 +4,10 @@ version policy applied, and every problem turned into an UNAVAILABLE state with 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 from broker.subjects import check_name
 from natron import config as cfg
@@ -25,12 +27,40 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
     return found
 
 
-def scan_model(model_dir: Path) -> ModelRecord:
-    name = model_dir.name
+def files_signature(model_dir: Path, versions: list[int]) -> str:
+    """Sizes and modification times of the served versions' files: a changed model file makes
+    a new generation, so polling picks it up even when config.pbtxt is unchanged."""
+    entries: list[str] = []
+    for version in versions:
+        for path in sorted((model_dir / str(version)).rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                entries.append(f"{path.relative_to(model_dir)}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def scan_model(
+    model_dir: Path, config_override: dict[str, Any] | None = None, name: str | None = None
+) -> ModelRecord:
+    """One model folder as a record. `config_override` (Triton's JSON form) replaces its
+    config.pbtxt, as Triton's load API allows; `name` names a model whose files sit elsewhere
+    (an upload folder)."""
+    name = name or model_dir.name
     record = ModelRecord(name=name, path=str(model_dir.resolve()), config=None)
-    available = version_dirs(model_dir)
     try:
-        config = cfg.read_config(model_dir)
+        available = version_dirs(model_dir)
+    except OSError as exc:
+        record.reason = f"cannot read model folder: {exc}"
+        record.generation = record.compute_generation()
+        return record
+    try:
+        if config_override is not None:
+            config = cfg.config_from_json(config_override)
+            if config.name and config.name != name:
+                raise cfg.ConfigError(f"config override names model '{config.name}', not '{name}'")
+            config.name = name
+        else:
+            config = cfg.read_config(model_dir)
         infer_dirs = [available[v] for v in sorted(available, reverse=True)]
         cfg.infer_platform(config, infer_dirs)
         versions = cfg.select_versions(config, list(available))
@@ -44,6 +74,7 @@ def scan_model(model_dir: Path) -> ModelRecord:
         ModelSpec.from_config(config)  # rejects unsupported datatypes now, not at first request
         record.config = cfg.config_to_json(config)
         record.versions = {str(v): VersionState(LOADING) for v in versions}
+        record.files = files_signature(model_dir, versions)
     except (InvalidArgument, OSError) as exc:
         reason = exc.message if isinstance(exc, InvalidArgument) else str(exc)
         log.warning("model '%s' is unavailable: %s", name, reason)

@@ -1,5 +1,6 @@
-"""The router: publishes the repository's models into the models KV bucket and keeps each
-version's state true to what the live workers report.
+"""The router: the control plane. It publishes the repository's models into the models KV
+bucket, places their instances on the live workers, keeps each version's state true to what
+the workers report, and serves Triton's model control (modes none, poll and explicit).
 
 A worker counts while its heartbeat (its key in the workers bucket, rewritten every few
 seconds) is fresh; freshness is judged by this process's monotonic clock at receipt, so clock
@@ -11,49 +12,100 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import orjson
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from broker import jetstream
-from broker.subjects import Subjects
+from broker.subjects import Subjects, check_name
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unsupported
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from router.repository import scan_repository
+from router import uploads
+from router.placement import model_size_bytes, place
+from router.repository import scan_model, scan_repository
 
 log = logging.getLogger(__name__)
+
+CONTROL_MODES = ("none", "poll", "explicit")
+UNLOADED = "unloaded"
 
 
 @dataclass(slots=True, frozen=True)
 class RouterOptions:
     repository: Path
+    control_mode: str = "none"
+    poll_interval_s: float = 15.0  # Triton's --repository-poll-secs default
+    load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
     heartbeat_timeout_s: float = 6.0
-    queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
+    load_timeout_s: float = 300.0
+    upload_dir: Path | None = None  # uploaded model files; None: a temporary folder
+    queue: jetstream.QueuePolicy = field(default_factory=jetstream.QueuePolicy)
+
+    def __post_init__(self) -> None:
+        if self.control_mode not in CONTROL_MODES:
+            raise InvalidArgument(
+                f"model control mode '{self.control_mode}': expected one of {', '.join(CONTROL_MODES)}"
+            )
+
+
+def _workers_of(record: ModelRecord, workers: list[WorkerReport]) -> list[WorkerReport]:
+    return [w for w in workers if w.id in record.placement and not w.stopping]
+
+
+def generation_states(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, list[VersionState]]:
+    """What the placed workers report for each version of the record's own generation."""
+    placed = _workers_of(record, workers)
+    return {
+        version: [
+            w.models[record.name][record.generation][version]
+            for w in placed
+            if version in w.models.get(record.name, {}).get(record.generation, {})
+        ]
+        for version in record.versions
+    }
 
 
 def aggregate(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, VersionState]:
-    """Each version's fleet-wide state from the live workers' reports."""
+    """Each version's fleet-wide state from the placed workers' reports.
+
+    While a reload is under way, or after it failed, instances of an earlier generation that
+    still run on a worker keep the version READY: there is no gap, and a failed reload shows
+    its reason next to READY.
+    """
     if record.reason:
         return record.versions
+    if not record.placement:
+        reason = record.placement_reason or "no live worker serves this model"
+        return {v: VersionState(UNAVAILABLE, reason) for v in record.versions}
+    placed = _workers_of(record, workers)
+    current = generation_states(record, workers)
     states: dict[str, VersionState] = {}
-    live = [w for w in workers if not w.stopping]
-    for version in record.versions:
-        seen = [
-            w.models[record.name][record.generation][version]
-            for w in live
-            if version in w.models.get(record.name, {}).get(record.generation, {})
-        ]
+    for version, seen in current.items():
+        older_ready = any(
+            states_by_version.get(version, VersionState(LOADING)).state == READY
+            for w in placed
+            for generation, states_by_version in w.models.get(record.name, {}).items()
+            if generation != record.generation
+        )
         if any(s.state == READY for s in seen):
             states[version] = VersionState(READY)
-        elif any(s.state == LOADING for s in seen):
-            states[version] = VersionState(LOADING)
+        elif any(s.state == LOADING for s in seen) or len(seen) < len(placed):
+            states[version] = VersionState(READY) if older_ready else VersionState(LOADING)
         elif seen:
-            states[version] = VersionState(UNAVAILABLE, seen[0].reason)
-        elif not live:
-            states[version] = VersionState(UNAVAILABLE, "no live worker serves this model")
+            reason = seen[0].reason
+            if older_ready:
+                states[version] = VersionState(READY, f"reload failed, the previous model serves: {reason}")
+            else:
+                states[version] = VersionState(UNAVAILABLE, reason)
         else:
-            states[version] = VersionState(LOADING)
+            states[version] = VersionState(UNAVAILABLE, "no live worker serves this model")
     return states
 
 
@@ -63,66 +115,152 @@ class Router:
         self._subjects = subjects
         self._options = options
         self._records: dict[str, ModelRecord] = {}
+        self._sizes: dict[str, int] = {}
+        self._published: dict[str, bytes] = {}
         self._workers: dict[str, WorkerReport] = {}
         self._last_seen_s: dict[str, float] = {}
         self._models_kv: KeyValue | None = None
         self._workers_kv: KeyValue | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Subscription] = []
+        self._changed = asyncio.Condition()
+        self._workers_synced = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._upload_tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def records(self) -> dict[str, ModelRecord]:
         return self._records
+
+    # -- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         js = self._nc.jetstream()
         await jetstream.ensure_stream(js, self._subjects, self._options.queue)
         self._models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
+        if self._options.upload_dir is None:
+            self._upload_tmp = tempfile.TemporaryDirectory(prefix="natron-uploads-")
+        # Know the fleet before publishing anything: a restarted router must not flash
+        # "no live worker" over models that are being served.
+        self._tasks.append(asyncio.create_task(self._watch_workers(), name="router-watch-workers"))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._workers_synced.wait(), 10)
+        previous = await self._read_published()
         records = await asyncio.to_thread(scan_repository, self._options.repository)
-        self._records = {r.name: r for r in records}
-        await self._publish_repository()
-        self._tasks = [
-            asyncio.create_task(self._watch_workers(), name="router-watch-workers"),
-            asyncio.create_task(self._reap_workers(), name="router-reap-workers"),
-        ]
-        log.info("router serving %d model(s) from %s", len(records), self._options.repository)
+        loaded = self._initially_loaded({r.name for r in records}, previous)
+        for record in records:
+            if record.name not in loaded:
+                was = previous.get(record.name)
+                self._mark_unloaded(record, ever_loaded=was is not None and was.reason != UNLOADED)
+            self._records[record.name] = record
+        for name, record in previous.items():
+            # Models loaded through the API from uploaded files survive a router restart.
+            if name not in self._records and name in loaded:
+                self._records[name] = record
+        self._sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in records})
+        await self._publish(delete_others=True)
+        self._tasks.append(asyncio.create_task(self._reap_workers(), name="router-reap-workers"))
+        if self._options.control_mode == "poll":
+            self._tasks.append(asyncio.create_task(self._poll(), name="router-poll"))
+        for verb, handler in (("load", self._on_load), ("unload", self._on_unload)):
+            self._subs.append(await self._nc.subscribe(self._subjects.ctl(verb), "natron-router", cb=handler))
+        log.info(
+            "router: %d model(s) in %s, mode %s, %d loaded",
+            len(records),
+            self._options.repository,
+            self._options.control_mode,
+            len(loaded),
+        )
 
     async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs = []
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._upload_tmp is not None:
+            self._upload_tmp.cleanup()
 
-    async def _publish_repository(self) -> None:
+    def _initially_loaded(self, names: set[str], previous: dict[str, ModelRecord]) -> set[str]:
+        if self._options.control_mode != "explicit":
+            return names
+        wanted = set(self._options.load_models)
+        loaded = set(names) if "*" in wanted else wanted & names
+        for name in sorted(wanted - names - {"*"}):
+            log.warning("--load-model %s: no such model in the repository", name)
+        # A restarted router keeps what the fleet was told to load.
+        loaded |= {name for name, record in previous.items() if record.reason != UNLOADED}
+        return loaded
+
+    @staticmethod
+    def _mark_unloaded(record: ModelRecord, ever_loaded: bool) -> None:
+        record.reason = UNLOADED
+        record.versions = (
+            {v: VersionState(UNAVAILABLE, UNLOADED) for v in record.versions} if ever_loaded else {}
+        )
+        record.placement = {}
+
+    async def _read_published(self) -> dict[str, ModelRecord]:
         assert self._models_kv is not None
+        records: dict[str, ModelRecord] = {}
         try:
-            existing = set(await self._models_kv.keys())
+            keys = await self._models_kv.keys()
         except Exception:  # NoKeysError: an empty bucket
-            existing = set()
-        for record in self._records.values():
-            record.versions = aggregate(record, list(self._workers.values()))
-            await self._models_kv.put(record.name, record.to_json())
-        for stale in existing - set(self._records):
-            await self._models_kv.delete(stale)
+            return records
+        for key in keys:
+            with contextlib.suppress(Exception):
+                entry = await self._models_kv.get(key)
+                if entry.value:
+                    records[key] = ModelRecord.from_json(entry.value)
+        return records
 
-    async def _update_states(self) -> None:
+    # -- publishing --------------------------------------------------------------------------
+
+    async def _publish(self, delete_others: bool = False) -> None:
+        """Place, aggregate, and write every record whose document changed."""
         assert self._models_kv is not None
         workers = list(self._workers.values())
-        for record in self._records.values():
+        placements = place(list(self._records.values()), workers, self._sizes)
+        for name, record in self._records.items():
+            if not record.reason:
+                record.placement, record.placement_reason = placements.get(name, ({}, ""))
             states = aggregate(record, workers)
             if states != record.versions:
                 record.versions = states
                 log.info(
                     "model '%s': %s",
-                    record.name,
+                    name,
                     ", ".join(
                         f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}"
                         for v, s in states.items()
-                    ),
+                    )
+                    or record.reason,
                 )
-                await self._models_kv.put(record.name, record.to_json())
+            document = record.to_json()
+            if self._published.get(name) != document:
+                await self._models_kv.put(name, document)
+                self._published[name] = document
+        if delete_others:
+            with contextlib.suppress(Exception):
+                for key in set(await self._models_kv.keys()) - set(self._records):
+                    await self._models_kv.delete(key)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _remove(self, name: str) -> None:
+        assert self._models_kv is not None
+        self._records.pop(name, None)
+        self._published.pop(name, None)
+        self._sizes.pop(name, None)
+        await self._models_kv.delete(name)
+
+    # -- the fleet ---------------------------------------------------------------------------
 
     async def _watch_workers(self) -> None:
         assert self._workers_kv is not None
@@ -131,6 +269,7 @@ class Router:
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial values
+                    self._workers_synced.set()
                     continue
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self._workers.pop(entry.key, None)
@@ -142,7 +281,11 @@ class Router:
                         log.warning("ignoring malformed report of worker %s: %s", entry.key, exc)
                         continue
                     self._last_seen_s[entry.key] = loop.time()
-                await self._update_states()
+                if entry.delta == 0:
+                    self._workers_synced.set()
+                if self._workers_synced.is_set() and self._published:
+                    async with self._lock:
+                        await self._publish()
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]
@@ -156,10 +299,172 @@ class Router:
             now = loop.time()
             dead = [w for w, seen in self._last_seen_s.items() if now - seen > timeout_s]
             for worker_id in dead:
-                log.warning("worker %s stopped heart-beating; dropping it", worker_id)
+                log.warning("worker %s stopped heart-beating; placing its models elsewhere", worker_id)
                 self._workers.pop(worker_id, None)
                 self._last_seen_s.pop(worker_id, None)
                 with contextlib.suppress(Exception):
                     await self._workers_kv.delete(worker_id)
             if dead:
-                await self._update_states()
+                async with self._lock:
+                    await self._publish()
+
+    # -- poll mode ---------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._options.poll_interval_s)
+            try:
+                await self.rescan()
+            except Exception:  # a transient file system error must not end polling
+                log.exception("repository poll failed")
+
+    async def rescan(self) -> None:
+        """Pick up added, removed and changed models and version folders."""
+        scanned = await asyncio.to_thread(scan_repository, self._options.repository)
+        sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in scanned})
+        async with self._lock:
+            names = {r.name for r in scanned}
+            for name in [n for n in self._records if n not in names]:
+                log.info("model '%s' left the repository: unloading", name)
+                await self._remove(name)
+            for record in scanned:
+                known = self._records.get(record.name)
+                if known is not None and known.generation == record.generation:
+                    continue
+                log.info("model '%s' %s", record.name, "changed: reloading" if known else "added: loading")
+                self._records[record.name] = record
+                self._sizes[record.name] = sizes.get(record.name, 0)
+            await self._publish()
+
+    # -- explicit mode: load and unload ------------------------------------------------------
+
+    async def _reply(self, msg: Msg, error: NatronError | None) -> None:
+        body: dict[str, Any] = (
+            {"status": 200} if error is None else {"status": error.status, "error": error.message}
+        )
+        if msg.reply:
+            await self._nc.publish(msg.reply, orjson.dumps(body))
+
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            request = orjson.loads(msg.data)
+            await self.load(str(request.get("name", "")), request.get("parameters") or {})
+            await self._reply(msg, None)
+        except NatronError as exc:
+            await self._reply(msg, exc)
+        except Exception as exc:
+            log.exception("load failed")
+            await self._reply(msg, NatronError(f"load failed: {type(exc).__name__}: {exc}"))
+
+    async def _on_unload(self, msg: Msg) -> None:
+        try:
+            request = orjson.loads(msg.data)
+            await self.unload(str(request.get("name", "")))
+            await self._reply(msg, None)
+        except NatronError as exc:
+            await self._reply(msg, exc)
+        except Exception as exc:
+            log.exception("unload failed")
+            await self._reply(msg, NatronError(f"unload failed: {type(exc).__name__}: {exc}"))
+
+    def _require_explicit(self) -> None:
+        if self._options.control_mode != "explicit":
+            raise Unsupported(
+                f"explicit model load / unload is not allowed in model control mode "
+                f"'{self._options.control_mode}'"
+            )
+
+    async def load(self, name: str, parameters: dict[str, Any]) -> None:
+        """Load (or reload) `name`; return once every placed worker has it READY."""
+        self._require_explicit()
+        check_name("model", name)
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("'parameters' must be a JSON object")
+        override = self._config_override(parameters.get("config"))
+        files = {
+            k[len(uploads.FILE_PREFIX) :]: v
+            for k, v in parameters.items()
+            if k.startswith(uploads.FILE_PREFIX)
+        }
+        if files:
+            if override is None:
+                raise InvalidArgument("loading from uploaded files needs 'config' in the parameters too")
+            root = self._options.upload_dir or Path(self._upload_tmp.name if self._upload_tmp else ".")
+            model_dir = await asyncio.to_thread(uploads.write_uploads, root, name, files)
+        else:
+            model_dir = self._options.repository / name
+            if not model_dir.is_dir():
+                raise NotFound(f"no model '{name}' in the repository")
+        record = await asyncio.to_thread(scan_model, model_dir, override, name)
+        async with self._lock:
+            self._records[name] = record
+            self._sizes[name] = await asyncio.to_thread(model_size_bytes, record)
+            await self._publish()
+        if record.reason:
+            raise InvalidArgument(f"failed to load '{name}': {record.reason}")
+        await self._wait_loaded(record)
+
+    def _config_override(self, raw: Any) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        try:
+            config = orjson.loads(raw) if isinstance(raw, str) else raw
+        except orjson.JSONDecodeError as exc:
+            raise InvalidArgument(f"'config' parameter is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise InvalidArgument("'config' parameter must be a JSON object")
+        return config
+
+    async def _wait_loaded(self, record: ModelRecord) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.load_timeout_s
+        async with self._changed:
+            while True:
+                current = self._records.get(record.name)
+                if current is not record:
+                    raise InvalidArgument(f"'{record.name}' was changed by another load or unload meanwhile")
+                if not record.placement:
+                    raise InvalidArgument(f"failed to load '{record.name}': {record.placement_reason}")
+                seen = generation_states(record, list(self._workers.values()))
+                placed = len(_workers_of(record, list(self._workers.values())))
+                settled = all(
+                    len(states) >= placed and not any(s.state == LOADING for s in states)
+                    for states in seen.values()
+                )
+                if settled:
+                    failures = {
+                        v: next(s.reason for s in states if s.state != READY)
+                        for v, states in seen.items()
+                        if not any(s.state == READY for s in states)
+                    }
+                    if failures:
+                        detail = "; ".join(f"version {v}: {r}" for v, r in failures.items())
+                        raise InvalidArgument(f"failed to load '{record.name}': {detail}")
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"'{record.name}' did not finish loading within the load timeout")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def unload(self, name: str) -> None:
+        """Unload `name`; return once no live worker runs it any more."""
+        self._require_explicit()
+        check_name("model", name)
+        async with self._lock:
+            record = self._records.get(name)
+            if record is None:
+                raise NotFound(f"unknown model '{name}'")
+            if record.reason != UNLOADED:
+                self._mark_unloaded(record, ever_loaded=True)
+                record.generation = record.compute_generation()
+                await self._publish()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._options.load_timeout_s
+        async with self._changed:
+            while any(name in w.models for w in self._workers.values() if not w.stopping):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"'{name}' did not finish unloading within the load timeout")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ class Device:
     uuid: str = ""
     name: str = "cpu"
     memory_total_bytes: int = 0
+    memory_free_bytes: int = 0
 
     def describe(self) -> dict[str, object]:
         return {
@@ -26,13 +28,47 @@ class Device:
             "uuid": self.uuid,
             "name": self.name,
             "memory_total_bytes": self.memory_total_bytes,
+            "memory_free_bytes": self.memory_free_bytes,
         }
 
 
 CPU = Device("CPU", name=f"cpu ({os.cpu_count()} cores)")
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _mig_slices(nvml: Any, handle: Any, index: int) -> list[Device]:
+    """The MIG slices of a GPU in MIG mode (empty when MIG is off or unsupported)."""
+    try:
+        current, _ = nvml.nvmlDeviceGetMigMode(handle)
+    except Exception:  # not MIG-capable
+        return []
+    if current != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+        return []
+    slices: list[Device] = []
+    for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except Exception:  # an empty slot
+            continue
+        memory = nvml.nvmlDeviceGetMemoryInfo(mig)
+        slices.append(
+            Device(
+                "GPU",
+                index,
+                _text(nvml.nvmlDeviceGetUUID(mig)),
+                f"{_text(nvml.nvmlDeviceGetName(handle))} MIG {slot}",
+                int(memory.total),
+                int(memory.free),
+            )
+        )
+    return slices
+
+
 def discover_gpus() -> list[Device]:
+    """Every GPU, or every MIG slice of a GPU in MIG mode; [] without pynvml, driver or GPU."""
     try:
         import pynvml
     except ImportError:
@@ -46,16 +82,19 @@ def discover_gpus() -> list[Device]:
         devices: list[Device] = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            uuid = pynvml.nvmlDeviceGetUUID(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
+            slices = _mig_slices(pynvml, handle, index)
+            if slices:
+                devices.extend(slices)
+                continue
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             devices.append(
                 Device(
                     "GPU",
                     index,
-                    uuid.decode() if isinstance(uuid, bytes) else str(uuid),
-                    name.decode() if isinstance(name, bytes) else str(name),
+                    _text(pynvml.nvmlDeviceGetUUID(handle)),
+                    _text(pynvml.nvmlDeviceGetName(handle)),
                     int(memory.total),
+                    int(memory.free),
                 )
             )
         return devices

@@ -55,12 +55,18 @@ class ModelInstance:
         version: str,
         backend: Backend | RequestBackend,
         name: str,
+        *,
+        throttle_s: float = 0.0,
     ) -> None:
         self._nc = nc
         self._puller = puller
         self._spec = spec
         self._version = version
         self._backend = backend
+        self._throttle_s = throttle_s
+        # Messages taken and not yet acknowledged (by id: Msg is unhashable), with the loop
+        # time they were taken.
+        self._in_hand: dict[int, tuple[Msg, float]] = {}
         self._per_request = hasattr(backend, "execute_requests")
         self.name = name
         # One thread per instance: the backend runs one batch at a time, and the event loop
@@ -112,9 +118,19 @@ class ModelInstance:
 
     # -- one round ---------------------------------------------------------------------------
 
+    async def keep_alive(self, older_than_s: float) -> None:
+        """+WPI for requests held longer than `older_than_s`: still working, do not redeliver."""
+        now_s = asyncio.get_running_loop().time()
+        for msg, taken_s in list(self._in_hand.values()):
+            if now_s - taken_s >= older_than_s:
+                await self._puller.in_progress(msg)
+
     async def _process(self, msgs: list[Msg]) -> None:
         items: list[_Item] = []
         now_ns = time.time_ns()
+        now_s = asyncio.get_running_loop().time()
+        for msg in msgs:
+            self._in_hand[id(msg)] = (msg, now_s)
         for msg in msgs:
             item = await self._admit(msg, now_ns)
             if item is not None:
@@ -127,7 +143,7 @@ class ModelInstance:
         reply_to = headers.get(REPLY_TO)
         if not reply_to:
             log.warning("dropping a request without a %s header on %s", REPLY_TO, msg.subject)
-            await self._puller.ack(msg)
+            await self._ack(msg)
             return None
         request_id = ""
         try:
@@ -196,6 +212,8 @@ class ModelInstance:
             return
         self.executions += 1
         self.inferences += rows
+        if self._throttle_s:
+            await asyncio.sleep(self._throttle_s)
         # Encoding and publishing a large batch's answers takes milliseconds of loop time: do
         # it while the next batch executes, instead of leaving the device idle meanwhile.
         task = asyncio.create_task(self._answer_all(group, outputs))
@@ -218,7 +236,7 @@ class ModelInstance:
 
         if self._spec.decoupled:
             for item in group:
-                await self._puller.ack(item.msg)
+                await self._ack(item.msg)
         pump = asyncio.create_task(self._pump(group, answers))
         self._answering.add(pump)
         pump.add_done_callback(self._answering.discard)
@@ -353,7 +371,11 @@ class ModelInstance:
             await self._answer_error(item.msg, item.reply_to, item.request.id, error)
             return
         await self._nc.publish(item.reply_to, payload)
-        await self._puller.ack(item.msg)
+        await self._ack(item.msg)
+
+    async def _ack(self, msg: Msg) -> None:
+        self._in_hand.pop(id(msg), None)
+        await self._puller.ack(msg)
 
     async def _answer_error(
         self, msg: Msg, reply_to: str, request_id: str, error: NatronError, *, ack: bool = True
@@ -363,4 +385,4 @@ class ModelInstance:
             headers[FINAL] = "1"
         await self._nc.publish(reply_to, codec.encode_error(request_id, error.message), headers=headers)
         if ack:
-            await self._puller.ack(msg)
+            await self._ack(msg)

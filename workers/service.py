@@ -25,9 +25,10 @@ from natron import config as cfg
 from natron.errors import NatronError
 from natron.spec import ModelSpec
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from workers.backends import BackendContext, load_backend
+from workers.backends import Backend, BackendContext, RequestBackend, load_backend
 from workers.devices import Device
 from workers.instance import ModelInstance
+from workers.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class WorkerOptions:
     nats_url: str = ""
     heartbeat_interval_s: float = 2.0
     drain_timeout_s: float = 30.0
+    # Sleep this long after each batch: makes a worker slower on purpose, to show and measure
+    # load balancing by capacity (`natron worker --throttle-ms`). 0 in production.
+    throttle_s: float = 0.0
     queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
 
 
@@ -69,6 +73,7 @@ class Worker:
         # (model, generation, version) -> running instances
         self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
         self._generation: dict[str, str] = {}
+        self._good_generation: dict[str, str] = {}
         self._workers_kv: KeyValue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._report_changed = asyncio.Event()
@@ -90,6 +95,7 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self._follow_models(models_kv), name="worker-follow-models"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
+            asyncio.create_task(self._keep_alive(), name="worker-keep-alive"),
         ]
 
     async def stop(self) -> None:
@@ -132,52 +138,67 @@ class Worker:
 
     async def _apply(self, name: str, record: ModelRecord | None) -> None:
         async with self._model_lock:
-            generation = record.generation if record and not record.reason else None
+            count = record.placement.get(self._options.worker_id, 0) if record and not record.reason else 0
+            generation = record.generation if record is not None and count else None
             if generation == self._generation.get(name):
-                return  # only states changed: nothing to load
+                return  # only states or other workers' placement changed: nothing to load
+            keep = None
             if record is not None and generation is not None:
-                await self._load_generation(record)
+                loaded_all = await self._load_generation(record, count)
                 self._generation[name] = generation
+                if loaded_all:
+                    self._good_generation[name] = generation
+                else:
+                    # A failed reload leaves the last generation that loaded fully serving.
+                    keep = self._good_generation.get(name)
             else:
                 self._generation.pop(name, None)
-            # The new generation is up (or the model is gone): retire the old ones.
-            for key in [k for k in self._loaded if k[0] == name and k[1] != generation]:
+                self._good_generation.pop(name, None)
+            for key in [k for k in self._loaded if k[0] == name and k[1] not in (generation, keep)]:
                 await self._unload(key, self._options.drain_timeout_s)
             gens = self._report.models.get(name, {})
-            for old in [g for g in gens if g != generation]:
+            for old in [g for g in gens if g not in (generation, keep)]:
                 del gens[old]
             if not gens:
                 self._report.models.pop(name, None)
             self._report_changed.set()
 
-    async def _load_generation(self, record: ModelRecord) -> None:
+    async def _load_generation(self, record: ModelRecord, count: int) -> bool:
+        """Load every version with `count` instances each; True when all became READY."""
         assert record.config is not None
         states = self._report.models.setdefault(record.name, {}).setdefault(record.generation, {})
         for version in record.versions:
             states[version] = VersionState(LOADING)
         await self._publish_report()
         config = cfg.config_from_json(record.config)
+        loaded_all = True
         for version in record.versions:
             try:
-                await self._load_version(record, config, version)
+                await self._load_version(record, config, version, count)
                 states[version] = VersionState(READY)
             except Exception as exc:
                 reason = describe_error(exc)
                 log.warning("model '%s' version %s failed to load: %s", record.name, version, reason)
                 states[version] = VersionState(UNAVAILABLE, reason)
+                loaded_all = False
             await self._publish_report()
+        return loaded_all
 
-    async def _load_version(self, record: ModelRecord, config: cfg.ModelConfig, version: str) -> None:
+    async def _load_version(
+        self, record: ModelRecord, config: cfg.ModelConfig, version: str, count: int
+    ) -> None:
         spec = ModelSpec.from_config(config)
         version_dir = Path(record.path) / version
-        count = sum(group.count for group in config.instance_group)
-        backends = []
+        backends: list[Backend | RequestBackend] = []
         try:
             for _ in range(count):
-                backends.append(await asyncio.to_thread(load_backend, config, version_dir, self._context))
+                backend = await asyncio.to_thread(load_backend, config, version_dir, self._context)
+                backends.append(backend)
+                # Warm-up runs before the version is READY, on every instance, as in Triton.
+                await asyncio.to_thread(run_warmup, backend, config, spec, version_dir)
         except BaseException:
             for backend in backends:
-                backend.close()
+                await asyncio.to_thread(backend.close)
             raise
         js = self._nc.jetstream()
         consumer = await jetstream.ensure_consumer(
@@ -189,7 +210,9 @@ class Worker:
             puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
             await puller.start()
             name = f"{record.name}-v{version}-{index}"
-            instance = ModelInstance(self._nc, puller, spec, version, backend, name)
+            instance = ModelInstance(
+                self._nc, puller, spec, version, backend, name, throttle_s=self._options.throttle_s
+            )
             loaded.instances.append(instance)
             loaded.tasks.append(asyncio.create_task(instance.run(), name=name))
         self._loaded[(record.name, record.generation, version)] = loaded
@@ -227,6 +250,19 @@ class Worker:
         self._report.stats = stats
         if self._workers_kv is not None:
             await self._workers_kv.put(self._options.worker_id, self._report.to_json())
+
+    async def _keep_alive(self) -> None:
+        """Tell the broker every third of the ack wait that requests in hand are still being
+        worked on, so a long batch is not delivered again while it runs, and the ack wait can
+        stay short enough that a dead worker's requests come back quickly."""
+        interval_s = self._options.queue.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            for instance in self.instances:
+                try:
+                    await instance.keep_alive(older_than_s=interval_s)
+                except Exception as exc:  # disconnected: redelivery after ack wait is the fallback
+                    log.warning("keep-alive not sent: %s", exc)
 
     async def _heartbeat(self) -> None:
         interval_s = self._options.heartbeat_interval_s

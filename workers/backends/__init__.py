@@ -57,13 +57,41 @@ class BackendContext:
     prefix: str = "natron"
 
 
+def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
+    """Whether an instance of this model runs on the worker's GPU.
+
+    Triton's KIND_AUTO (the default) and KIND_GPU mean the GPU when there is one; only groups
+    that all say KIND_CPU keep a model on the CPU of a GPU worker.
+    """
+    if device.kind != "GPU":
+        return False
+    groups = list(config.instance_group)
+    return not groups or any(g.kind != pb.ModelInstanceGroup.KIND_CPU for g in groups)
+
+
 def load_backend(
     config: pb.ModelConfig, version_dir: Path, context: BackendContext
 ) -> Backend | RequestBackend:
-    """Load one instance; raises with the real reason when the model cannot load."""
+    """Load one instance; raises with the real reason when the model cannot load.
+
+    Each framework is imported only when a model needs it, so a worker without torch or
+    tensorrt still serves every other model.
+    """
     key = config.platform or config.backend
     if key in ("onnxruntime_onnx", "onnxruntime"):
         from workers.backends.onnx import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend.load(config, version_dir, context.device)
+    if key in ("pytorch_libtorch", "pytorch"):
+        from workers.backends.pytorch import load_pytorch
+
+        return load_pytorch(config, version_dir, context.device)
+    if key in ("tensorrt_plan", "tensorrt"):
+        from workers.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend.load(config, version_dir, context.device)
+    if key == "python":
+        from workers.backends.python import PythonBackend
+
+        return PythonBackend.load(config, version_dir, context)
     raise Unsupported(f"model '{config.name}': platform/backend '{key}' is not supported by this worker")
