@@ -20,8 +20,8 @@ def safe_relative_path(raw: str) -> PurePosixPath:
     path = PurePosixPath(raw)
     if not raw or path.is_absolute() or "\\" in raw or "\0" in raw:
         raise InvalidArgument(f"invalid file path '{raw}': must be relative, like '1/model.onnx'")
-    parts = path.parts
-    if any(part in ("", ".", "..") for part in parts) or raw.endswith("/"):
+    parts = raw.split("/")  # not path.parts: PurePosixPath drops '.' and empty parts silently
+    if any(part in ("", ".", "..") for part in parts):
         raise InvalidArgument(f"invalid file path '{raw}': '.', '..' and empty parts are not allowed")
     if len(parts) < 2 or not parts[0].isdigit() or int(parts[0]) < 1:
         raise InvalidArgument(

@@ -1,0 +1,136 @@
+"""A natron mesh made of real processes for fleet and control tests: a nats-server, a router,
+any number of workers and a gateway, each started with the `natron` command and each
+killable on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from broker.server import find_nats_server, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Mesh:
+    def __init__(self, repository: Path, router_args: list[str] | None = None) -> None:
+        self.repository = repository
+        self.router_args = router_args or []
+        self.nats_port = free_port()
+        self.http_port = free_port()
+        self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="natron-mesh-")
+        self.logs = Path(self._tmp.name)
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy()
+        )
+        self.processes[name] = process
+        return process
+
+    def start_nats(self) -> None:
+        store = self.logs / "js"
+        self._spawn(
+            "nats",
+            [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.nats_port), "-sd", str(store)],
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.nats_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def natron(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self._spawn(name, [sys.executable, "-m", "natron", *args, "--log-level", "info"])
+
+    def start_router(self) -> None:
+        self.natron("router", "router", str(self.repository), "--nats-url", self.nats_url, *self.router_args)
+
+    def start_worker(self, worker_id: str, *extra: str) -> None:
+        self.natron(worker_id, "worker", "--nats-url", self.nats_url, "--worker-id", worker_id, *extra)
+
+    def start_gateway(self) -> None:
+        self.natron("gateway", "gateway", "--nats-url", self.nats_url, "--http-port", str(self.http_port),
+                    "--http-address", "127.0.0.1", "--default-timeout-s", "30")  # fmt: skip
+
+    def signal(self, name: str, signum: int) -> None:
+        self.processes[name].send_signal(signum)
+
+    def wait_exit(self, name: str, timeout_s: float = 30) -> int:
+        return self.processes[name].wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        for name in [
+            "gateway",
+            *[n for n in self.processes if n not in ("gateway", "router", "nats")],
+            "router",
+            "nats",
+        ]:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._tmp.cleanup()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def wait_ready(self, model: str, version: str = "", timeout_s: float = 60) -> None:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{model} not ready within {timeout_s} s; logs in {self.logs}")
+
+    def wait_until(self, predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{what} not reached within {timeout_s} s")
+
+    def index(self) -> list[dict[str, Any]]:
+        response = requests.post(self.url + "/v2/repository/index", timeout=10)
+        response.raise_for_status()
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    def infer_tiny(self, value: float, model: str = "tiny", timeout_s: float = 30) -> requests.Response:
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [value] * 16}]}
+        return requests.post(f"{self.url}/v2/models/{model}/infer", data=json.dumps(body), timeout=timeout_s)
