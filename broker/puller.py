@@ -1,15 +1,21 @@
-"""Pull by capacity: keep exactly as much work requested from a JetStream consumer as this
-model instance can batch now, so that a fast device takes more work than a slow one and a busy
-one takes none, with no central scheduler.
+"""Pull by capacity: an instance takes from its model version's shared JetStream consumer only
+what it can batch now, so a fast device takes more work than a slow one and a busy one takes
+none, with no central scheduler.
 
-The puller keeps a credit count: messages asked for with pull requests and not yet delivered.
-It asks for more only while `credits + queued < capacity`, where capacity is one batch: while a
-batch executes, at most one further batch is prefetched and waits here, and every other message
-stays in the shared consumer for the fleet's other instances. A pull request expires after
-`expires_s`; the broker then answers with a 408 status whose `Nats-Pending-Messages` header says
-how many of its messages it never delivered, and those credits are returned. A puller that hears
-nothing at all for two expiry periods (a broker restart forgets pull requests silently) resets
-its credits and asks again.
+At most one pull request is outstanding per instance, and only while the instance is taking:
+
+1. Idle, it keeps one long-poll for a single message (`batch: 1`, expiring after `expires_s`),
+   so the first request of a quiet period starts at once.
+2. With a message in hand, the broker has told it (in the message's ack subject) how many more
+   wait in the consumer. If any do, a `no_wait` pull for as many as fit the batch collects them
+   and ends at once, with nothing left outstanding.
+3. With `max_queue_delay` configured and the batch not yet at its target, a pull expiring at the
+   linger deadline gathers what arrives meanwhile.
+
+So while a batch executes no credit is outstanding, and everything else in the queue stays
+available to the fleet's other instances; the work an instance gets is exactly what it asked for
+when it was free. A request the broker forgets silently (a restart) is given up after its expiry
+plus a grace period.
 """
 
 from __future__ import annotations
@@ -23,24 +29,30 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker.subjects import PENDING_MESSAGES
-
 log = logging.getLogger(__name__)
 
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
+_GRACE_S = 2.0
+
+
+def pending_after(msg: Msg) -> int:
+    """Messages left in the consumer after this one, from its ack subject (both formats)."""
+    tokens = (msg.reply or "").split(".")
+    try:
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return int(tokens[8])
+        if len(tokens) >= 11:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>....<pending>[.<token>]
+            return int(tokens[10])
+    except ValueError:
+        pass
+    return 0
 
 
 class CapacityPuller:
     def __init__(
-        self,
-        nc: Client,
-        stream: str,
-        consumer: str,
-        capacity: int,
-        *,
-        expires_s: float = 5.0,
+        self, nc: Client, stream: str, consumer: str, capacity: int, *, expires_s: float = 5.0
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: must be at least 1")
@@ -48,22 +60,24 @@ class CapacityPuller:
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._capacity = capacity
         self._expires_s = expires_s
-        self._credits = 0
         self._queue: collections.deque[Msg] = collections.deque()
         # Arrival time (loop clock) of each queued message, in step with _queue.
         self._arrivals: collections.deque[float] = collections.deque()
-        self._arrived = asyncio.Event()
+        self._event = asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""
-        self._last_event_s = 0.0
         self._closed = False
+        # The one outstanding pull request: messages it may still deliver, and when it is
+        # given up if the broker says nothing more.
+        self._outstanding = 0
+        self._outstanding_until_s = 0.0
+        self._pending = 0  # messages waiting in the consumer, as of the last delivery
 
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1
         )
-        self._last_event_s = asyncio.get_running_loop().time()
 
     async def close(self) -> None:
         """Stop asking; messages delivered but not taken go back to the consumer (NAK)."""
@@ -75,96 +89,102 @@ class CapacityPuller:
             except Exception:  # already closed connection
                 pass
         while self._queue:
-            msg = self._queue.popleft()
-            await self.nak(msg)
+            await self.nak(self._queue.popleft())
         self._arrivals.clear()
-        self._arrived.set()
+        self._event.set()
+
+    # -- deliveries --------------------------------------------------------------------------
 
     async def _on_message(self, msg: Msg) -> None:
-        now_s = self._last_event_s = asyncio.get_running_loop().time()
         headers = msg.headers
         if headers and "Status" in headers and not msg.data:
-            self._on_status(headers)
+            if headers.get("Status") != "100":  # 100 is an idle heartbeat
+                # 404 no messages (no_wait), 408 expired, 409 refused: the request is over.
+                self._outstanding = 0
+                self._event.set()
             return
-        self._credits = max(0, self._credits - 1)
+        self._outstanding = max(0, self._outstanding - 1)
+        self._pending = pending_after(msg)
         if self._closed:
             await self.nak(msg)
             return
         self._queue.append(msg)
-        self._arrivals.append(now_s)
-        self._arrived.set()
+        self._arrivals.append(asyncio.get_running_loop().time())
+        self._event.set()
 
-    def _on_status(self, headers: dict[str, str]) -> None:
-        status = headers.get("Status", "")
-        if status == "100":
-            return  # idle heartbeat
-        pending = headers.get(PENDING_MESSAGES)
-        if pending is not None:
-            # 408 Request Timeout (expired pull request) or 409 (e.g. consumer deleted):
-            # the undelivered part of that request is returned.
-            self._credits = max(0, self._credits - int(pending))
-        elif status == "409":
-            log.warning("pull request refused: %s", headers.get("Description", ""))
-            self._credits = 0
-        self._arrived.set()
-
-    async def _refill(self) -> None:
-        if self._closed:
-            return
-        have = self._credits + len(self._queue)
-        # Ask again only once half the capacity is used up, for the whole difference: one pull
-        # request per half batch instead of one per message keeps the broker's list of waiting
-        # pull requests short, while credit never runs dry under steady load.
-        if have > self._capacity // 2:
-            return
-        want = self._capacity - have
-        request = orjson.dumps({"batch": want, "expires": int(self._expires_s * 1e9)})
-        self._credits += want
-        # The answer is the messages themselves, or a 408 status at expiry.
+    async def _pull(self, batch: int, *, expires_s: float | None = None, no_wait: bool = False) -> None:
+        request: dict[str, object] = {"batch": batch}
+        if no_wait:
+            request["no_wait"] = True
+        if expires_s is not None:
+            request["expires"] = max(1_000_000, int(expires_s * 1e9))
+        loop = asyncio.get_running_loop()
+        self._outstanding = batch
+        self._outstanding_until_s = loop.time() + (expires_s or 0.0) + _GRACE_S
         try:
-            await self._nc.publish(self._next_subject, request, reply=self._inbox)
-        except Exception as exc:  # disconnected: the credits were never asked for
-            self._credits = max(0, self._credits - want)
+            await self._nc.publish(self._next_subject, orjson.dumps(request), reply=self._inbox)
+        except Exception as exc:  # disconnected: nothing was asked
+            self._outstanding = 0
             log.warning("pull request not sent: %s", exc)
 
-    async def take(self, max_items: int, linger_s: float = 0.0, enough: int | None = None) -> list[Msg]:
-        """Wait for at least one message, then up to `linger_s` for `enough` (default
-        `max_items`) messages; return at most `max_items`.
+    async def _wait(self, timeout_s: float) -> None:
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            pass
 
-        The linger timer starts when the oldest message arrived here, as Triton's
-        max_queue_delay counts from the oldest request's enqueue time: messages that already
-        waited while the previous batch ran are dispatched without further delay.
-        """
+    def _expire_lost_request(self) -> None:
+        if self._outstanding and asyncio.get_running_loop().time() > self._outstanding_until_s:
+            self._outstanding = 0  # the broker forgot it (restart): ask again
+
+    async def _settle(self, until_s: float) -> None:
+        """Wait, at most until `until_s`, for the outstanding request to end."""
         loop = asyncio.get_running_loop()
-        await self._refill()
-        while not self._queue:
-            if self._closed:
-                return []
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), self._expires_s * 2)
-            except TimeoutError:
-                if loop.time() - self._last_event_s > self._expires_s * 2:
-                    self._credits = 0  # the broker forgot our pull requests
-            await self._refill()
+        while self._outstanding and not self._closed and loop.time() < until_s:
+            await self._wait(until_s - loop.time())
+            self._expire_lost_request()
+
+    # -- taking ------------------------------------------------------------------------------
+
+    async def take(self, max_items: int, linger_s: float = 0.0, enough: int | None = None) -> list[Msg]:
+        """Wait for at least one message, then gather what already waits and, with `linger_s`,
+        what arrives until the oldest message has waited that long (Triton's max_queue_delay,
+        counted from arrival); stop at `enough` (default `max_items`); return at most
+        `max_items`."""
+        loop = asyncio.get_running_loop()
+        max_items = min(max_items, self._capacity)
         target = min(enough or max_items, max_items)
-        if linger_s > 0 and len(self._queue) < target:
-            deadline = self._arrivals[0] + linger_s
-            while len(self._queue) < target and not self._closed:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
+        # 1. The first message: a single-message long-poll, unless one is still outstanding.
+        while not self._queue and not self._closed:
+            self._expire_lost_request()
+            if not self._outstanding:
+                await self._pull(1, expires_s=self._expires_s)
+            await self._wait(self._expires_s + _GRACE_S)
+        if self._closed:
+            return []
+        # 2. What already waits in the consumer: collected without waiting for more.
+        room = max_items - len(self._queue)
+        if room > 0 and self._pending > 0:
+            await self._settle(loop.time() + _GRACE_S)
+            if not self._outstanding:
+                await self._pull(min(room, self._pending), no_wait=True)
+                await self._settle(loop.time() + _GRACE_S)
+        # 3. Linger for more, up to the delay counted from the oldest message's arrival.
+        if linger_s > 0 and len(self._queue) < target and not self._closed:
+            deadline_s = self._arrivals[0] + linger_s
+            room = max_items - len(self._queue)
+            if deadline_s > loop.time() and not self._outstanding:
+                await self._pull(room, expires_s=deadline_s - loop.time())
+            while len(self._queue) < target and loop.time() < deadline_s and not self._closed:
+                await self._wait(deadline_s - loop.time())
         count = min(max_items, len(self._queue))
         batch = [self._queue.popleft() for _ in range(count)]
         for _ in range(count):
             self._arrivals.popleft()
-        await self._refill()
         return batch
+
+    # -- acknowledgements --------------------------------------------------------------------
 
     async def ack(self, msg: Msg) -> None:
         if msg.reply:

@@ -116,14 +116,15 @@ class Mesh:
 
     def wait_until(self, predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout_s
+        last_error: Exception | None = None
         while time.monotonic() < deadline:
             try:
                 if predicate():
                     return
-            except requests.RequestException:
-                pass
+            except Exception as exc:  # not there yet (no bucket, no key, no listener)
+                last_error = exc
             time.sleep(0.1)
-        raise AssertionError(f"{what} not reached within {timeout_s} s")
+        raise AssertionError(f"{what} not reached within {timeout_s} s (last error: {last_error!r})")
 
     def index(self) -> list[dict[str, Any]]:
         response = requests.post(self.url + "/v2/repository/index", timeout=10)
