@@ -64,10 +64,12 @@ def test_a_crashed_worker_is_restarted_and_ctrl_c_stops_everything(tmp_path: Pat
         worker = next(pid for pid, cmd in children.items() if " natron worker " in cmd)
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (time.monotonic() < deadline and worker in children_of(serve.pid)) or not any(
-            " natron worker " in c for c in children_of(serve.pid).values()
-        ):
+        replacement = None
+        while replacement is None and time.monotonic() < deadline:
             time.sleep(0.1)
+            workers = [pid for pid, cmd in children_of(serve.pid).items() if " natron worker " in cmd]
+            replacement = next((pid for pid in workers if pid != worker), None)
+        assert replacement is not None, "the supervisor did not restart the worker"
         wait_ready(url)
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]}
         # The replacement worker serves (the first answers may wait for the old worker's
