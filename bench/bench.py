@@ -127,6 +127,10 @@ def git_revision() -> str | None:
     return result.stdout.strip() or None
 
 
+def host_info() -> dict[str, Any]:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+
+
 class BenchError(RuntimeError):
     pass
 
@@ -136,12 +140,14 @@ class BenchError(RuntimeError):
 
 @dataclass
 class ServerProcess:
-    """A server subprocess in its own session, so its shutdown is ours to drive (SIGINT, then SIGKILL)."""
+    """A server subprocess in its own session, so its shutdown is ours to drive (`stop_signal`, by
+    default SIGINT, then SIGKILL)."""
 
     name: str
     command: list[str]
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    stop_signal: signal.Signals = signal.SIGINT
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,11 +197,12 @@ class ServerProcess:
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGINT)
+        process.send_signal(self.stop_signal)
         try:
             process.wait(timeout=SERVER_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            console.print(f"[yellow]{self.name} ignored SIGINT for {SERVER_STOP_GRACE_S:.0f} s: SIGKILL")
+            ignored = f"{self.stop_signal.name} for {SERVER_STOP_GRACE_S:.0f} s"
+            console.print(f"[yellow]{self.name} ignored {ignored}: SIGKILL")
             # Its own session: the group holds the server and any workers it forked, nothing else.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -231,6 +238,11 @@ class LoadSettings:
     concurrency: tuple[int, ...]
     wrk_threads: int
     warmup_s: int
+
+
+def default_wrk_threads() -> int:
+    # On a small machine the server needs the other core more than wrk needs a second thread.
+    return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 
 def check_wrk() -> None:
@@ -582,8 +594,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.ort_duration_s is None:
         args.ort_duration_s = 1.0 if args.quick else 3.0
     if args.wrk_threads is None:
-        # On a small machine the server needs the other core more than wrk needs a second thread.
-        args.wrk_threads = 1 if (os.cpu_count() or 1) <= 2 else 2
+        args.wrk_threads = default_wrk_threads()
     if args.url is not None:
         args.url = args.url.rstrip("/")
     return args
@@ -629,11 +640,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "timestamp": timestamp,
         "git_revision": git_revision(),
-        "host": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-        },
+        "host": host_info(),
         "settings": {
             "models": args.models,
             "concurrency": list(settings.concurrency),
@@ -706,9 +713,10 @@ def report(results: dict[str, Any]) -> None:
     console.print(_targets_table(results["targets"]))
 
 
-def write_json(results: dict[str, Any], extra_path: Path | None) -> list[Path]:
+def write_json(results: dict[str, Any], extra_path: Path | None, suffix: str = "") -> list[Path]:
+    """bench/results/<timestamp><suffix>.json, and a copy at `extra_path` when given."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    paths = [RESULTS_DIR / f"{results['timestamp']}.json"]
+    paths = [RESULTS_DIR / f"{results['timestamp']}{suffix}.json"]
     if extra_path is not None:
         extra_path.parent.mkdir(parents=True, exist_ok=True)
         paths.append(extra_path)

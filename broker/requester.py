@@ -87,7 +87,9 @@ class Requester:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def infer(self, request: InferRequest, version: str, timeout_s: float) -> InferResponse:
+    async def infer(
+        self, request: InferRequest, version: str, timeout_s: float, headers: dict[str, str] | None = None
+    ) -> InferResponse:
         """Send `request` to `version` of its model; answer or raise a NatronError.
 
         `version` is already resolved (the gateway resolves "latest"). The deadline travels
@@ -113,7 +115,7 @@ class Requester:
                     self._subjects.infer(request.model, version),
                     payload,
                     reply=reply + ".a",
-                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns)},
+                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
                 )
             except nats.errors.Error as exc:  # closed connection, full reconnect buffer
                 raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None

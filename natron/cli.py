@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="one worker process alone")
     worker.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--metrics-port", type=int, default=0, help="this worker's own metrics; 0: none")
     worker.add_argument("--device", default="cpu", help="'cpu', 'gpu:N' or 'gpu:<UUID>' (GPU or MIG slice)")
     _add_worker_tuning(worker)
     _add_common(worker)
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
         from natron.services import run_worker
 
         _run(
-            lambda stop: run_worker(args.nats_url, subjects, args.worker_id, args.device, tuning(args), stop),
+            lambda stop: run_worker(
+                args.nats_url, subjects, args.worker_id, args.device, tuning(args), stop, args.metrics_port
+            ),
             args.parent_pid,
         )
     elif args.command == "serve":

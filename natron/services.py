@@ -10,10 +10,13 @@ import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from broker import jetstream
 from broker.subjects import Subjects
-from gateway.app import METRICS, GatewayOptions, create_app
+from gateway.app import GatewayOptions, create_app, create_metrics_app
+from gateway.metrics import metrics_response, render_fleet
 from router.service import Router, RouterOptions
 from workers.devices import CPU, Device, discover_gpus
 from workers.service import Worker, WorkerOptions
@@ -33,7 +36,7 @@ async def run_gateway(
     log.info("gateway listening on http://%s:%d", host, port)
     metrics_runner: web.AppRunner | None = None
     if metrics_port:
-        metrics_runner = web.AppRunner(app[METRICS].app(), access_log=None)
+        metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, host, metrics_port, reuse_address=True).start()
     try:
@@ -82,6 +85,7 @@ async def run_worker(
     device_spec: str,
     tuning: WorkerTuning,
     stop: asyncio.Event,
+    metrics_port: int = 0,
 ) -> None:
     device = pick_device(device_spec)
     worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
@@ -95,10 +99,40 @@ async def run_worker(
         queue=jetstream.QueuePolicy(ack_wait_s=tuning.ack_wait_s),
     )
     worker = Worker(nc, subjects, options)
+    metrics_runner: web.AppRunner | None = None
     try:
         await worker.start()
         log.info("worker %s serving on %s", worker_id, device.name)
+        if metrics_port:
+            metrics_runner = web.AppRunner(worker_metrics_app(worker, nc), access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, "0.0.0.0", metrics_port, reuse_address=True).start()
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await worker.stop()
         await nc.drain()
+
+
+def worker_metrics_app(worker: Worker, nc: Client) -> web.Application:
+    """A worker's own metrics: its models' statistics, its GPU, its process."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+
+    async def handle(request: web.Request) -> web.Response:
+        report = worker.report
+        keys = [tuple(key.split("/", 1)) for key in report.stats]
+        text = render_fleet(
+            [(m, v) for m, v in keys],
+            {(m, v): report.stats[f"{m}/{v}"] for m, v in keys},
+            {},
+            {},
+            [report],
+            nc.is_connected,
+        )
+        return metrics_response(text, generate_latest(registry))
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    return app

@@ -97,8 +97,8 @@ class WorkerReport:
     # model -> generation -> version -> state
     models: dict[str, dict[str, dict[str, VersionState]]] = field(default_factory=dict)
     stopping: bool = False
-    # "model/version" -> {"executions": batches run, "inferences": rows run}, cumulative.
-    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    # "model/version" -> cumulative statistics (workers/stats.py ModelStats.to_json()).
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         return orjson.dumps(

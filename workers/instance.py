@@ -31,6 +31,7 @@ from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, Natr
 from natron.inference import InferRequest, InferResponse, Tensor
 from natron.spec import ModelSpec
 from workers.backends import Backend, RequestBackend
+from workers.stats import ModelStats, failure_reason, stored_ns
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ModelInstance:
         name: str,
         *,
         throttle_s: float = 0.0,
+        stats: ModelStats | None = None,
     ) -> None:
         self._nc = nc
         self._puller = puller
@@ -81,8 +83,8 @@ class ModelInstance:
             self._max_items = 1
             self._linger_target = 1
         self._linger_s = spec.max_queue_delay_us / 1e6
-        self.executions = 0
-        self.inferences = 0
+        # Shared by the instances of a version on this worker; reported with the heartbeat.
+        self.stats = stats or ModelStats()
         self._answering: set[asyncio.Task[None]] = set()
         # Measured execution seconds by batch size class; see _run_backend.
         self._cost_s: dict[int, float] = {}
@@ -165,6 +167,13 @@ class ModelInstance:
         except ValueError as exc:  # a malformed deadline header
             await self._answer_error(msg, reply_to, request_id, InvalidArgument(str(exc)))
             return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request id=%s model=%s traceparent=%s",
+                request.id,
+                request.model,
+                headers.get("traceparent", "-"),
+            )
         return _Item(msg, reply_to, request, batch_size)
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
@@ -188,6 +197,12 @@ class ModelInstance:
         if self._per_request:
             await self._execute_requests(group)
             return
+        started_ns = time.perf_counter_ns()
+        now_ns = time.time_ns()
+        for item in group:
+            stored = stored_ns(item.msg.reply or "")
+            if stored:
+                self.stats.queue.add(now_ns - stored)
         first = group[0].request
         names = [t.name for t in first.inputs]
         if len(group) == 1:
@@ -198,8 +213,11 @@ class ModelInstance:
         wanted = self._wanted_outputs(group)
         rows = sum(item.batch_size for item in group)
         try:
+            infer_ns = time.perf_counter_ns()
             results = await self._run_backend(feeds, wanted, rows)
+            output_ns = time.perf_counter_ns()
             outputs = self._split(group, results)
+            done_ns = time.perf_counter_ns()
         except NatronError as exc:
             for item in group:
                 await self._answer_error(item.msg, item.reply_to, item.request.id, exc)
@@ -210,8 +228,7 @@ class ModelInstance:
             for item in group:
                 await self._answer_error(item.msg, item.reply_to, item.request.id, error)
             return
-        self.executions += 1
-        self.inferences += rows
+        self.stats.executed(rows, infer_ns - started_ns, output_ns - infer_ns, done_ns - output_ns)
         if self._throttle_s:
             await asyncio.sleep(self._throttle_s)
         # Encoding and publishing a large batch's answers takes milliseconds of loop time: do
@@ -242,6 +259,7 @@ class ModelInstance:
         pump.add_done_callback(self._answering.discard)
         requests = [item.request for item in group]
         execute = self._backend.execute_requests  # type: ignore[union-attr]
+        started_ns = time.perf_counter_ns()
         try:
             await loop.run_in_executor(self._executor, execute, requests, sink)
             failure: NatronError | None = None
@@ -250,8 +268,7 @@ class ModelInstance:
         except Exception as exc:
             failure = InternalError(f"model '{self._spec.name}' failed: {type(exc).__name__}: {exc}")
             log.warning("%s", failure.message)
-        self.executions += 1
-        self.inferences += sum(item.batch_size for item in group)
+        self.stats.executed(sum(item.batch_size for item in group), 0, time.perf_counter_ns() - started_ns, 0)
         if failure is not None or not self._spec.decoupled:
             # Whatever the model left unanswered gets an answer now: the failure, or for an
             # ordinary model the fact that it returned no response.
@@ -372,6 +389,9 @@ class ModelInstance:
             return
         await self._nc.publish(item.reply_to, payload)
         await self._ack(item.msg)
+        stored = stored_ns(item.msg.reply or "")
+        if stored:
+            self.stats.success.add(time.time_ns() - stored)
 
     async def _ack(self, msg: Msg) -> None:
         self._in_hand.pop(id(msg), None)
@@ -380,9 +400,19 @@ class ModelInstance:
     async def _answer_error(
         self, msg: Msg, reply_to: str, request_id: str, error: NatronError, *, ack: bool = True
     ) -> None:
+        if error.status >= 500:
+            log.warning(
+                "request id=%s model=%s -> %d: %s", request_id, self._spec.name, error.status, error.message
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request id=%s model=%s -> %d: %s", request_id, self._spec.name, error.status, error.message
+            )
         headers = {STATUS: str(error.status)}
         if self._spec.decoupled:
             headers[FINAL] = "1"
         await self._nc.publish(reply_to, codec.encode_error(request_id, error.message), headers=headers)
+        stored = stored_ns(msg.reply or "")
+        self.stats.failed(failure_reason(error.status), time.time_ns() - stored if stored else 0)
         if ack:
             await self._ack(msg)

@@ -28,6 +28,8 @@ from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState
 from workers.backends import Backend, BackendContext, RequestBackend, load_backend
 from workers.devices import Device
 from workers.instance import ModelInstance
+from workers.stats import ModelStats
+from workers.telemetry import GpuTelemetry
 from workers.warmup import run_warmup
 
 log = logging.getLogger(__name__)
@@ -74,13 +76,20 @@ class Worker:
         self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
         self._generation: dict[str, str] = {}
         self._good_generation: dict[str, str] = {}
+        # (model, version) -> statistics, kept across reloads of the model.
+        self._stats: dict[tuple[str, str], ModelStats] = {}
         self._workers_kv: KeyValue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._report_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
+        self._telemetry = GpuTelemetry(options.device)
         self._context = BackendContext(
             device=options.device, nats_url=options.nats_url, prefix=subjects.prefix
         )
+
+    @property
+    def report(self) -> WorkerReport:
+        return self._report
 
     @property
     def instances(self) -> list[ModelInstance]:
@@ -114,6 +123,7 @@ class Worker:
         if self._workers_kv is not None:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self._options.worker_id)
+        self._telemetry.close()
 
     # -- following the repository ------------------------------------------------------------
 
@@ -211,7 +221,14 @@ class Worker:
             await puller.start()
             name = f"{record.name}-v{version}-{index}"
             instance = ModelInstance(
-                self._nc, puller, spec, version, backend, name, throttle_s=self._options.throttle_s
+                self._nc,
+                puller,
+                spec,
+                version,
+                backend,
+                name,
+                throttle_s=self._options.throttle_s,
+                stats=self._stats.setdefault((record.name, version), ModelStats()),
             )
             loaded.instances.append(instance)
             loaded.tasks.append(asyncio.create_task(instance.run(), name=name))
@@ -241,13 +258,12 @@ class Worker:
     # -- reporting ---------------------------------------------------------------------------
 
     async def _publish_report(self) -> None:
-        stats: dict[str, dict[str, int]] = {}
-        for (model, _, version), loaded in self._loaded.items():
-            entry = stats.setdefault(f"{model}/{version}", {"executions": 0, "inferences": 0})
-            for instance in loaded.instances:
-                entry["executions"] += instance.executions
-                entry["inferences"] += instance.inferences
-        self._report.stats = stats
+        telemetry = self._telemetry.sample()
+        if telemetry and self._report.devices:
+            self._report.devices[0]["telemetry"] = telemetry
+        self._report.stats = {
+            f"{model}/{version}": stats.to_json() for (model, version), stats in self._stats.items()
+        }
         if self._workers_kv is not None:
             await self._workers_kv.put(self._options.worker_id, self._report.to_json())
 

@@ -1,0 +1,107 @@
+"""The gateway's view of the worker fleet, from the workers KV bucket: the statistics every
+worker reports with its heartbeat, summed here into Triton's statistics extension and into one
+scrape target for the whole fleet's model metrics.
+
+Worker statistics are cumulative per worker and arrive with heartbeats (every 2 s), so the sums
+lag by up to that long, and a worker that leaves takes its counts with it (a counter reset for
+Prometheus, which `rate()` handles).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+from natron.states import READY, WorkerReport
+
+log = logging.getLogger(__name__)
+
+_DURATIONS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def _add_duration(into: dict[str, int], other: dict[str, Any]) -> None:
+    into["count"] += int(other.get("count", 0))
+    into["ns"] += int(other.get("ns", 0))
+
+
+def empty_stats() -> dict[str, Any]:
+    return {
+        "executions": 0,
+        "inferences": 0,
+        "last_inference_ms": 0,
+        **{name: {"count": 0, "ns": 0} for name in _DURATIONS},
+        "fail": {},
+        "batches": {},
+    }
+
+
+def merge(into: dict[str, Any], stats: dict[str, Any]) -> None:
+    into["executions"] += int(stats.get("executions", 0))
+    into["inferences"] += int(stats.get("inferences", 0))
+    into["last_inference_ms"] = max(into["last_inference_ms"], int(stats.get("last_inference_ms", 0)))
+    for name in _DURATIONS:
+        _add_duration(into[name], stats.get(name, {}))
+    for reason, duration in stats.get("fail", {}).items():
+        _add_duration(into["fail"].setdefault(reason, {"count": 0, "ns": 0}), duration)
+    for size, batch in stats.get("batches", {}).items():
+        target = into["batches"].setdefault(size, {k: {"count": 0, "ns": 0} for k in _DURATIONS[2:]})
+        for key in _DURATIONS[2:]:
+            _add_duration(target[key], batch.get(key, {}))
+
+
+class FleetView:
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerReport] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def workers(self) -> list[WorkerReport]:
+        return list(self._workers.values())
+
+    def stats(self, model: str, version: str) -> dict[str, Any]:
+        """Statistics of one model version summed over the fleet."""
+        total = empty_stats()
+        for worker in self._workers.values():
+            stats = worker.stats.get(f"{model}/{version}")
+            if stats:
+                merge(total, stats)
+        return total
+
+    def workers_up(self, model: str) -> int:
+        return sum(
+            1
+            for w in self._workers.values()
+            if not w.stopping
+            and any(s.state == READY for gen in w.models.get(model, {}).values() for s in gen.values())
+        )
+
+    async def start(self, kv: KeyValue) -> None:
+        self._task = asyncio.create_task(self._follow(kv), name="gateway-follow-workers")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self, kv: KeyValue) -> None:
+        watcher = await kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._workers.pop(entry.key, None)
+                    continue
+                try:
+                    self._workers[entry.key] = WorkerReport.from_json(entry.value)
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed report of worker %s: %s", entry.key, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
