@@ -1,2 +1,3 @@
-"""The orchestrator for `platform: "ensemble"` models (not built yet: ensembles are listed
-UNAVAILABLE by the router with the reason)."""
+"""The orchestrator for `platform: "ensemble"` models: `natron ensemble` is a worker whose only
+backend chains the steps of an ensemble by sending each step's request through the mesh to the
+step model's subject, so composing models keep their own batching and run wherever they run."""

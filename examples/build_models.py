@@ -64,7 +64,9 @@ ALL_MODELS: Final = (
     "versioned",
     "no_batch",
     "broken",
-)
+    *(ENSEMBLES := ("ensemble_simple", "ensemble_parallel", "ensemble_nested", "ensemble_missing",
+                    "ensemble_failing")),
+)  # fmt: skip
 # Everything but the models that take noticeable time and disk to build (for tests).
 SMALL_MODELS: Final = tuple(name for name in ALL_MODELS if name not in LARGE_MODELS)
 
@@ -281,6 +283,85 @@ def _build_broken(model_dir: Path, name: str) -> None:
     _write_config(model_dir, render_config(name, 8, ins, outs))
 
 
+def _ensemble(model_dir: Path, name: str, ios: str, steps: list[str], max_batch_size: int = 8) -> None:
+    # An ensemble has a version folder and no model file, as in Triton.
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    step_text = ",\n".join(steps)
+    _write_config(
+        model_dir,
+        f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n{ios}\n'
+        f"ensemble_scheduling {{\n  step [\n{step_text}\n  ]\n}}\n",
+    )
+
+
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str], version: int = -1) -> str:
+    maps = "".join(f' input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+    maps += "".join(f' output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+    return f'    {{ model_name: "{model}" model_version: {version}{maps} }}'
+
+
+def _ios(kind: str, dtype: str, dims: str, *names: str) -> str:
+    entries = ", ".join(f'{{ name: "{n}" data_type: {dtype} dims: [ {dims} ] }}' for n in names)
+    return f"{kind} [ {entries} ]"
+
+
+_INT_PAIR = (
+    _ios("input", "TYPE_INT32", "16", "INPUT0", "INPUT1")
+    + "\n"
+    + _ios("output", "TYPE_INT32", "16", "OUTPUT0", "OUTPUT1")
+)
+
+
+def _build_ensemble_simple(model_dir: Path, name: str) -> None:
+    # Two `simple` steps in a row: (a+b) + (a-b) = 2a and (a+b) - (a-b) = 2b.
+    _ensemble(model_dir, name, _INT_PAIR, [
+        _step("simple", {"INPUT0": "INPUT0", "INPUT1": "INPUT1"}, {"OUTPUT0": "sum", "OUTPUT1": "diff"}),
+        _step("simple", {"INPUT0": "sum", "INPUT1": "diff"}, {"OUTPUT0": "OUTPUT0", "OUTPUT1": "OUTPUT1"}),
+    ])  # fmt: skip
+
+
+def _build_ensemble_parallel(model_dir: Path, name: str) -> None:
+    # Two independent `tiny` steps on the same input, then one on the first's result:
+    # A = 2x+1, B = 2x+1, C = 2A+1 = 4x+3.
+    ios = _ios("input", "TYPE_FP32", "16", "X") + "\n" + _ios("output", "TYPE_FP32", "16", "A", "B", "C")
+    _ensemble(model_dir, name, ios, [
+        _step("tiny", {"INPUT0": "X"}, {"OUTPUT0": "A"}),
+        _step("tiny", {"INPUT0": "X"}, {"OUTPUT0": "B"}),
+        _step("tiny", {"INPUT0": "A"}, {"OUTPUT0": "C"}),
+    ])  # fmt: skip
+
+
+def _build_ensemble_nested(model_dir: Path, name: str) -> None:
+    # An ensemble of an ensemble: ensemble_simple twice gives 4a and 4b.
+    _ensemble(model_dir, name, _INT_PAIR, [
+        _step("ensemble_simple", {"INPUT0": "INPUT0", "INPUT1": "INPUT1"},
+              {"OUTPUT0": "a2", "OUTPUT1": "b2"}),
+        _step("ensemble_simple", {"INPUT0": "a2", "INPUT1": "b2"},
+              {"OUTPUT0": "OUTPUT0", "OUTPUT1": "OUTPUT1"}),
+    ])  # fmt: skip
+
+
+def _build_ensemble_missing(model_dir: Path, name: str) -> None:
+    # A composing model that is not in the repository: UNAVAILABLE, naming it.
+    _ensemble(model_dir, name, _INT_PAIR, [
+        _step("does_not_exist", {"INPUT0": "INPUT0", "INPUT1": "INPUT1"},
+              {"OUTPUT0": "OUTPUT0", "OUTPUT1": "OUTPUT1"}),
+    ])  # fmt: skip
+
+
+def _build_ensemble_failing(model_dir: Path, name: str) -> None:
+    # The second step gets a tensor of the wrong shape for `no_batch` ([1, 4] where it takes [2, 3]):
+    # every request fails in that step, with an error naming it.
+    ios = (
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 2, 3 ] } ]'
+    )  # fmt: skip
+    _ensemble(model_dir, name, ios, [
+        _step("versioned", {"INPUT0": "X"}, {"OUTPUT0": "scaled"}),
+        _step("no_batch", {"INPUT0": "scaled"}, {"OUTPUT0": "Y"}),
+    ])  # fmt: skip
+
+
 _BUILDERS: Final[dict[str, Callable[[Path, str], None]]] = {
     "tiny": _build_tiny,
     "mlp": _build_mlp,
@@ -290,6 +371,11 @@ _BUILDERS: Final[dict[str, Callable[[Path, str], None]]] = {
     "versioned": _build_versioned,
     "no_batch": _build_no_batch,
     "broken": _build_broken,
+    "ensemble_simple": _build_ensemble_simple,
+    "ensemble_parallel": _build_ensemble_parallel,
+    "ensemble_nested": _build_ensemble_nested,
+    "ensemble_missing": _build_ensemble_missing,
+    "ensemble_failing": _build_ensemble_failing,
 }
 
 
@@ -405,6 +491,8 @@ def check(out_dir: Path, names: Iterable[str] | None = None) -> None:
         elif name == "no_batch":
             x = np.arange(6, dtype=np.float32).reshape(2, 3)
             np.testing.assert_allclose(run(first, {"INPUT0": x})[0], x + 1)
+        elif name in ENSEMBLES:
+            assert (model_dir / "config.pbtxt").exists() and (model_dir / "1").is_dir()
         elif name == "broken":
             loaded = True
             try:

@@ -20,12 +20,12 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from broker import jetstream
+from broker.registry import ModelRegistry, ModelView
 from broker.requester import Requester
 from broker.subjects import Subjects, check_name
 from gateway import kserve
 from gateway.fleet import FleetView
 from gateway.metrics import GatewayMetrics, QueueInfo, metrics_response, render_fleet
-from gateway.registry import ModelRegistry, ModelView
 from natron import __version__
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 

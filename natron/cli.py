@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     _add_common(router)
 
+    orchestrator = commands.add_parser("ensemble", help="the ensemble orchestrator alone")
+    orchestrator.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    orchestrator.add_argument("--worker-id", default=None)
+    orchestrator.add_argument("--metrics-port", type=int, default=0)
+    _add_worker_tuning(orchestrator)
+    _add_common(orchestrator)
+
     worker = commands.add_parser("worker", help="one worker process alone")
     worker.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     worker.add_argument("--worker-id", default=None)
@@ -186,6 +193,15 @@ def main(argv: list[str] | None = None) -> None:
         _run(
             lambda stop: run_worker(
                 args.nats_url, subjects, args.worker_id, args.device, tuning(args), stop, args.metrics_port
+            ),
+            args.parent_pid,
+        )
+    elif args.command == "ensemble":
+        from natron.services import run_worker
+
+        _run(
+            lambda stop: run_worker(
+                args.nats_url, subjects, args.worker_id, "ensemble", tuning(args), stop, args.metrics_port
             ),
             args.parent_pid,
         )

@@ -146,6 +146,10 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
                 ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-cpu-{index}", *tuning, *common],
             )
     supervisor.add(
+        "ensemble",
+        ["ensemble", "--nats-url", nats_url, "--worker-id", f"{host}-ensemble", *tuning, *common],
+    )
+    supervisor.add(
         "gateway",
         [
             "gateway",
@@ -180,7 +184,7 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
             )
         await stop.wait()
     finally:
-        log.info("stopping: gateway, workers, router, then NATS")
-        await supervisor.stop(["gateway", "worker", "router"])
+        log.info("stopping: gateway, orchestrator, workers, router, then NATS")
+        await supervisor.stop(["gateway", "ensemble", "worker", "router"])
         if server is not None:
             await server.stop()

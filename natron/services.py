@@ -18,7 +18,7 @@ from broker.subjects import Subjects
 from gateway.app import GatewayOptions, create_app, create_metrics_app
 from gateway.metrics import metrics_response, render_fleet
 from router.service import Router, RouterOptions
-from workers.devices import CPU, Device, discover_gpus
+from workers.devices import CPU, ORCHESTRATOR, Device, discover_gpus
 from workers.service import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class WorkerTuning:
 
 def pick_device(device_spec: str) -> Device:
     """'cpu', 'gpu:<index>' or 'gpu:<UUID>' (a GPU or MIG slice UUID) -> the device."""
+    if device_spec == "ensemble":
+        return ORCHESTRATOR
     if not device_spec.startswith("gpu"):
         return CPU
     wanted = device_spec.partition(":")[2] or "0"

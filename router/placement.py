@@ -8,6 +8,7 @@ worker"), and each instance pulls from the version's shared consumer only what i
   when the group lists them.
 - KIND_CPU: workers on the CPU; when the fleet has none, every worker (each has a CPU).
 - KIND_AUTO: GPU workers when the fleet has any, else the CPU workers, as Triton picks.
+- Ensembles go to the orchestrators (`natron ensemble`), and nothing else does.
 
 On GPU workers a model goes only where its estimated size (the files of its versions) fits the
 device memory not yet promised to other models, largest models first, so a full device is
@@ -64,6 +65,8 @@ def place(
 ) -> dict[str, tuple[dict[str, int], str]]:
     """Model name -> (worker id -> instance count, reason when nothing could be placed)."""
     live = [w for w in workers if not w.stopping]
+    orchestrators = [w for w in live if _device(w).get("kind") == "ENSEMBLE"]
+    live = [w for w in live if _device(w).get("kind") != "ENSEMBLE"]
     gpu_workers = [w for w in live if _device(w).get("kind") == "GPU"]
     cpu_workers = [w for w in live if _device(w).get("kind") != "GPU"]
     free: dict[str, int] = {}
@@ -76,8 +79,15 @@ def place(
         if record.reason or record.config is None:
             result[record.name] = ({}, "")
             continue
+        if record.config.get("platform") == "ensemble":
+            # Ensembles run on every orchestrator, one instance each; their steps run wherever
+            # the composing models are placed.
+            placement = {w.id: 1 for w in orchestrators}
+            reason = "" if placement else "no ensemble orchestrator (natron ensemble) has joined"
+            result[record.name] = (placement, reason)
+            continue
         size = sizes.get(record.name, 0)
-        placement: dict[str, int] = {}
+        placement = {}
         wanted_gpu = False
         for group in groups_of(record):
             kind = group.kind

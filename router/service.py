@@ -227,10 +227,14 @@ class Router:
         assert self._models_kv is not None
         workers = list(self._workers.values())
         placements = place(list(self._records.values()), workers, self._sizes)
+        computed: dict[str, dict[str, VersionState]] = {}
         for name, record in self._records.items():
             if not record.reason:
                 record.placement, record.placement_reason = placements.get(name, ({}, ""))
-            states = aggregate(record, workers)
+            computed[name] = aggregate(record, workers)
+        self._gate_ensembles(computed)
+        for name, record in self._records.items():
+            states = computed[name]
             if states != record.versions:
                 record.versions = states
                 log.info(
@@ -252,6 +256,34 @@ class Router:
                     await self._models_kv.delete(key)
         async with self._changed:
             self._changed.notify_all()
+
+    def _gate_ensembles(self, computed: dict[str, dict[str, VersionState]]) -> None:
+        """An ensemble is READY only while every composing model has a READY version; nested
+        ensembles settle over a few rounds."""
+        ensembles = {
+            name: [
+                s.get("model_name", "")
+                for s in (r.config or {}).get("ensemble_scheduling", {}).get("step", [])
+            ]
+            for name, r in self._records.items()
+            if r.config and r.config.get("platform") == "ensemble" and not r.reason
+        }
+        for _ in range(len(ensembles)):
+            changed = False
+            for name, composing in ensembles.items():
+                for model in composing:
+                    states = computed.get(model)
+                    if states is not None and any(s.state == READY for s in states.values()):
+                        continue
+                    reason = f"composing model '{model}' is " + (
+                        "not ready" if states is not None else "not found"
+                    )
+                    for version, state in computed[name].items():
+                        if state.state == READY:
+                            computed[name][version] = VersionState(UNAVAILABLE, reason)
+                            changed = True
+            if not changed:
+                break
 
     async def _remove(self, name: str) -> None:
         assert self._models_kv is not None

@@ -26,6 +26,11 @@ TEST_MODELS = [
     "versioned",
     "no_batch",
     "broken",
+    "ensemble_simple",
+    "ensemble_parallel",
+    "ensemble_nested",
+    "ensemble_missing",
+    "ensemble_failing",
     *(
         f"identity_{t}"
         for t in (

@@ -57,6 +57,7 @@ def test_a_crashed_worker_is_restarted_and_ctrl_c_stops_everything(tmp_path: Pat
         wait_ready(url)
         children = children_of(serve.pid)
         assert sorted(cmd.split(" natron ")[1].split()[0] for cmd in children.values()) == [
+            "ensemble",
             "gateway",
             "router",
             "worker",

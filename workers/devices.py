@@ -33,6 +33,8 @@ class Device:
 
 
 CPU = Device("CPU", name=f"cpu ({os.cpu_count()} cores)")
+# `natron ensemble`: a worker that runs only ensembles, whose steps run elsewhere.
+ORCHESTRATOR = Device("ENSEMBLE", name="ensemble orchestrator")
 
 
 def _text(value: object) -> str:

@@ -30,13 +30,14 @@ from natron import datatypes
 from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError, PayloadTooLarge
 from natron.inference import InferRequest, InferResponse, Tensor
 from natron.spec import ModelSpec
-from workers.backends import Backend, RequestBackend
+from workers.backends import AnyBackend
 from workers.stats import ModelStats, failure_reason, stored_ns
 
 log = logging.getLogger(__name__)
 
 # A batch predicted to run faster than this runs on the event loop (see _run_backend).
 INLINE_BUDGET_S = 0.0003
+MAX_ASYNC_IN_FLIGHT = 256
 
 
 @dataclass(slots=True)
@@ -45,6 +46,7 @@ class _Item:
     reply_to: str
     request: InferRequest
     batch_size: int
+    deadline_ns: int = 0  # absolute, unix ns; 0: none given
 
 
 class ModelInstance:
@@ -54,7 +56,7 @@ class ModelInstance:
         puller: CapacityPuller,
         spec: ModelSpec,
         version: str,
-        backend: Backend | RequestBackend,
+        backend: AnyBackend,
         name: str,
         *,
         throttle_s: float = 0.0,
@@ -69,7 +71,11 @@ class ModelInstance:
         # Messages taken and not yet acknowledged (by id: Msg is unhashable), with the loop
         # time they were taken.
         self._in_hand: dict[int, tuple[Msg, float]] = {}
-        self._per_request = hasattr(backend, "execute_requests")
+        # An asynchronous backend (an ensemble) waits on the mesh, not on a device: its requests
+        # run concurrently on the event loop, up to MAX_ASYNC_IN_FLIGHT at once.
+        self._async = hasattr(backend, "execute_async")
+        self._per_request = self._async or hasattr(backend, "execute_requests")
+        self._in_flight = asyncio.Semaphore(MAX_ASYNC_IN_FLIGHT)
         self.name = name
         # One thread per instance: the backend runs one batch at a time, and the event loop
         # keeps serving NATS pings, heartbeats and other instances meanwhile.
@@ -93,6 +99,9 @@ class ModelInstance:
         """Serve until `stop()`; a failing batch never ends the loop."""
         try:
             while not self._stopping:
+                if self._async:
+                    await self._take_async()
+                    continue
                 msgs = await self._puller.take(self._max_items, self._linger_s, self._linger_target)
                 if not msgs:
                     continue
@@ -104,6 +113,26 @@ class ModelInstance:
             # Answers still being sent belong to batches that ran: let them finish.
             if self._answering:
                 await asyncio.gather(*self._answering, return_exceptions=True)
+
+    async def _take_async(self) -> None:
+        """Take one request whenever a slot is free and process it as a task of its own."""
+        await self._in_flight.acquire()
+        msgs = await self._puller.take(1)
+        if not msgs:
+            self._in_flight.release()
+            return
+
+        async def process() -> None:
+            try:
+                await self._process(msgs)
+            except Exception:  # a bug here must not kill the instance
+                log.exception("instance %s failed processing a request", self.name)
+            finally:
+                self._in_flight.release()
+
+        task = asyncio.create_task(process())
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     def stop(self) -> None:
         """Stop taking new work; the batch in hand completes."""
@@ -174,7 +203,7 @@ class ModelInstance:
                 request.model,
                 headers.get("traceparent", "-"),
             )
-        return _Item(msg, reply_to, request, batch_size)
+        return _Item(msg, reply_to, request, batch_size, int(deadline) if deadline is not None else 0)
 
     def _batches(self, items: list[_Item]) -> list[list[_Item]]:
         """Groups that may run together: same non-batch shapes and datatypes, rows within
@@ -258,10 +287,14 @@ class ModelInstance:
         self._answering.add(pump)
         pump.add_done_callback(self._answering.discard)
         requests = [item.request for item in group]
-        execute = self._backend.execute_requests  # type: ignore[union-attr]
         started_ns = time.perf_counter_ns()
         try:
-            await loop.run_in_executor(self._executor, execute, requests, sink)
+            if self._async:
+                deadlines = [item.deadline_ns for item in group]
+                await self._backend.execute_async(requests, sink, deadlines)  # type: ignore[union-attr]
+            else:
+                execute = self._backend.execute_requests  # type: ignore[union-attr]
+                await loop.run_in_executor(self._executor, execute, requests, sink)
             failure: NatronError | None = None
         except NatronError as exc:
             failure = exc

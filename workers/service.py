@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -20,13 +21,15 @@ from nats.js.kv import KeyValue
 
 from broker import jetstream
 from broker.puller import CapacityPuller
+from broker.registry import ModelRegistry
+from broker.requester import Requester
 from broker.subjects import Subjects
 from natron import config as cfg
 from natron.errors import NatronError
 from natron.spec import ModelSpec
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from workers.backends import Backend, BackendContext, RequestBackend, load_backend
-from workers.devices import Device
+from workers.backends import AnyBackend, BackendContext, load_backend
+from workers.devices import ORCHESTRATOR, Device
 from workers.instance import ModelInstance
 from workers.stats import ModelStats
 from workers.telemetry import GpuTelemetry
@@ -83,6 +86,8 @@ class Worker:
         self._report_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
         self._telemetry = GpuTelemetry(options.device)
+        self._registry: ModelRegistry | None = None
+        self._requester: Requester | None = None
         self._context = BackendContext(
             device=options.device, nats_url=options.nats_url, prefix=subjects.prefix
         )
@@ -100,12 +105,24 @@ class Worker:
         await jetstream.ensure_stream(js, self._subjects, self._options.queue)
         models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
+        if self._options.device.kind == ORCHESTRATOR.kind:
+            await self._start_orchestrator(models_kv)
         await self._publish_report()
         self._tasks = [
             asyncio.create_task(self._follow_models(models_kv), name="worker-follow-models"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
             asyncio.create_task(self._keep_alive(), name="worker-keep-alive"),
         ]
+
+    async def _start_orchestrator(self, models_kv: KeyValue) -> None:
+        """An orchestrator's ensembles call other models: give them a requester and a view."""
+        from ensemble.backend import EnsembleMesh
+
+        self._registry = ModelRegistry()
+        await self._registry.start(models_kv)
+        self._requester = Requester(self._nc, self._subjects)
+        await self._requester.start()
+        self._context = dataclasses.replace(self._context, mesh=EnsembleMesh(self._requester, self._registry))
 
     async def stop(self) -> None:
         """Drain: stop pulling, finish batches in hand within the bound, then leave."""
@@ -124,6 +141,10 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self._options.worker_id)
         self._telemetry.close()
+        if self._requester is not None:
+            await self._requester.close()
+        if self._registry is not None:
+            await self._registry.stop()
 
     # -- following the repository ------------------------------------------------------------
 
@@ -199,7 +220,7 @@ class Worker:
     ) -> None:
         spec = ModelSpec.from_config(config)
         version_dir = Path(record.path) / version
-        backends: list[Backend | RequestBackend] = []
+        backends: list[AnyBackend] = []
         try:
             for _ in range(count):
                 backend = await asyncio.to_thread(load_backend, config, version_dir, self._context)

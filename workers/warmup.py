@@ -16,7 +16,7 @@ from natron import datatypes
 from natron.errors import InvalidArgument
 from natron.inference import InferRequest, Tensor
 from natron.spec import ModelSpec
-from workers.backends import Backend, RequestBackend
+from workers.backends import AnyBackend
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,12 @@ def _sample(
     return np.zeros(shape, dtype=dtype)
 
 
-def run_warmup(
-    backend: Backend | RequestBackend, config: pb.ModelConfig, spec: ModelSpec, version_dir: Path
-) -> None:
-    """Run every warm-up sample `count` times; a failing sample fails the load with its name."""
+def run_warmup(backend: AnyBackend, config: pb.ModelConfig, spec: ModelSpec, version_dir: Path) -> None:
+    """Run every warm-up sample `count` times; a failing sample fails the load with its name.
+
+    Ensembles are not warmed up (as in Triton): their composing models warm themselves."""
+    if hasattr(backend, "execute_async"):
+        return
     for warmup in config.model_warmup:
         batch_size = max(1, int(warmup.batch_size))
         try:

@@ -47,6 +47,20 @@ class RequestBackend(Protocol):
     def close(self) -> None: ...
 
 
+class AsyncBackend(Protocol):
+    """A backend that waits on the mesh rather than a device (ensembles): its requests run as
+    tasks on the event loop, and it answers each through the sink before returning."""
+
+    async def execute_async(
+        self, requests: list[InferRequest], sink: ResponseSink, deadlines_ns: list[int]
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+AnyBackend = Backend | RequestBackend | AsyncBackend
+
+
 @dataclass(slots=True, frozen=True)
 class BackendContext:
     """What a backend may need beyond its files: its device, and the mesh for models that call
@@ -55,6 +69,8 @@ class BackendContext:
     device: Device
     nats_url: str = ""
     prefix: str = "natron"
+    # On an orchestrator (`natron ensemble`): the mesh ensembles send their steps through.
+    mesh: Any = None
 
 
 def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
@@ -69,9 +85,7 @@ def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
     return not groups or any(g.kind != pb.ModelInstanceGroup.KIND_CPU for g in groups)
 
 
-def load_backend(
-    config: pb.ModelConfig, version_dir: Path, context: BackendContext
-) -> Backend | RequestBackend:
+def load_backend(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
     """Load one instance; raises with the real reason when the model cannot load.
 
     Each framework is imported only when a model needs it, so a worker without torch or
@@ -94,4 +108,8 @@ def load_backend(
         from workers.backends.python import PythonBackend
 
         return PythonBackend.load(config, version_dir, context)
+    if key == "ensemble":
+        from ensemble.backend import EnsembleBackend
+
+        return EnsembleBackend.load(config, context.mesh)
     raise Unsupported(f"model '{config.name}': platform/backend '{key}' is not supported by this worker")

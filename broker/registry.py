@@ -1,5 +1,5 @@
-"""The gateway's view of the models, rebuilt from the models KV bucket and kept current by a
-watch, so a restarted gateway knows everything at once and holds no state of its own.
+"""A view of the models, rebuilt from the models KV bucket and kept current by a watch: a
+restarted gateway or orchestrator knows everything at once and holds no state of its own.
 """
 
 from __future__ import annotations

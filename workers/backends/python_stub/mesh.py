@@ -1,0 +1,283 @@
+"""BLS from inside a stub process: requests to other models travel through natron's own mesh.
+
+The stub opens its NATS connection on the first BLS call only (most models never make one), on
+an event loop in a thread of its own, so that a model's synchronous `exec()` can wait on it
+while the stub's main thread runs `execute`. A model whose `execute` is a coroutine runs on that
+same loop, where `await request.async_exec()` proceeds without hopping threads.
+
+"Latest version" is resolved as the gateway resolves it: the highest READY version in the
+model's record in the models KV bucket, read at each call so that a reload is seen at once.
+Errors come back inside the InferenceResponse, as in Triton; they are never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from broker import codec, jetstream
+from broker.requester import Requester
+from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS, Subjects
+from natron import datatypes
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable
+from natron.inference import InferRequest, InferResponse
+from natron.inference import Tensor as WireTensor
+from natron.states import ModelRecord
+from workers.backends.python_stub import triton_python_backend_utils as pb
+
+T = TypeVar("T")
+
+# A BLS request without its own `timeout` waits this long, as the gateway's default deadline.
+DEFAULT_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+class Mesh:
+    def __init__(self, nats_url: str, prefix: str) -> None:
+        self._nats_url = nats_url
+        self._subjects = Subjects(prefix)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._nc: Client | None = None
+        self._requester: Requester | None = None
+        self._kv: KeyValue | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=loop.run_forever, name="bls-loop", daemon=True)
+                self._thread.start()
+                self._loop = loop
+            return self._loop
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the mesh loop and wait for it (from any other thread)."""
+        loop = self.loop
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise pb.TritonModelException(
+                "exec() blocks, and this code runs on the event loop: use 'await request.async_exec()'"
+            )
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    def close(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._disconnect(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+
+    async def _disconnect(self) -> None:
+        if self._requester is not None:
+            await self._requester.close()
+        if self._nc is not None:
+            await self._nc.drain()
+
+    async def _connected(self) -> tuple[Client, Requester, KeyValue]:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._nc is None or self._requester is None or self._kv is None:
+                if not self._nats_url:
+                    raise Unavailable("BLS needs the worker's NATS URL, and this worker has none")
+                nc = await jetstream.connect(
+                    self._nats_url, name="natron-bls", connect_timeout_s=CONNECT_TIMEOUT_S
+                )
+                requester = Requester(nc, self._subjects)
+                await requester.start()
+                self._kv = await nc.jetstream().key_value(self._subjects.models_bucket)
+                self._nc, self._requester = nc, requester
+            return self._nc, self._requester, self._kv
+
+    # -- the calls pb_utils makes -------------------------------------------------------------
+
+    def exec(self, request: pb.InferenceRequest, decoupled: bool) -> Any:
+        if not decoupled:
+            return self.run(self._infer(request))
+        answers: queue.SimpleQueue[tuple[pb.InferenceResponse | None, bool]] = queue.SimpleQueue()
+        timeout_s = self.run(self._start_stream(request, answers.put))
+        return _drain(answers, timeout_s, request.model_name)
+
+    async def async_exec(self, request: pb.InferenceRequest, decoupled: bool) -> Any:
+        if not decoupled:
+            return await self._on_mesh_loop(self._infer(request))
+        loop = asyncio.get_running_loop()
+        answers: asyncio.Queue[tuple[pb.InferenceResponse | None, bool]] = asyncio.Queue()
+
+        def put(item: tuple[pb.InferenceResponse | None, bool]) -> None:
+            loop.call_soon_threadsafe(answers.put_nowait, item)
+
+        timeout_s = await self._on_mesh_loop(self._start_stream(request, put))
+        return _adrain(answers, timeout_s, request.model_name)
+
+    async def _on_mesh_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if asyncio.get_running_loop() is self.loop:
+            return await coroutine
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    async def _infer(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
+        try:
+            _, requester, kv = await self._connected()
+            natron_request, version, timeout_s = await self._prepare(request, kv)
+            answer = await requester.infer(natron_request, version, timeout_s)
+        except NatronError as exc:
+            return _error_response(exc)
+        return _to_response(answer)
+
+    async def _prepare(self, request: pb.InferenceRequest, kv: KeyValue) -> tuple[InferRequest, str, float]:
+        name = request.model_name
+        if not name:
+            raise InvalidArgument("a BLS request needs a model_name")
+        version = str(request.model_version) if request.model_version > 0 else await self._latest(kv, name)
+        inputs = [
+            WireTensor(t.name(), t.datatype(), tuple(t.as_numpy().shape), t.as_numpy())
+            for t in request.inputs()
+        ]
+        natron_request = InferRequest(
+            id=request.request_id(),
+            model=name,
+            version=version,
+            inputs=inputs,
+            outputs=list(request.requested_output_names()),
+            parameters=request.parameters_dict(),
+        )
+        timeout_s = request.timeout() / 1e6 if request.timeout() > 0 else DEFAULT_TIMEOUT_S
+        return natron_request, version, timeout_s
+
+    @staticmethod
+    async def _latest(kv: KeyValue, name: str) -> str:
+        try:
+            entry = await kv.get(name)
+        except (KeyNotFoundError, NotFoundError):
+            raise NotFound(f"unknown model '{name}'") from None
+        if not entry.value:
+            raise NotFound(f"unknown model '{name}'")
+        record = ModelRecord.from_json(entry.value)
+        ready = record.ready_versions()
+        if not ready:
+            raise Unavailable(f"model '{name}' has no READY version")
+        return ready[0]
+
+    # -- decoupled models: a stream of answers ------------------------------------------------
+
+    async def _start_stream(self, request: pb.InferenceRequest, put: Any) -> float:
+        """Publish `request`; every answer goes to `put` as (response, final). Returns the timeout.
+
+        The subscription is made before the publish and ends at the final answer, so no answer is
+        lost and none outlives the stream.
+        """
+        try:
+            nc, _, kv = await self._connected()
+            natron_request, version, timeout_s = await self._prepare(request, kv)
+        except NatronError as exc:
+            put((_error_response(exc), True))
+            return 0.0
+        inbox = self._subjects.inbox(f"bls-{uuid.uuid4().hex[:12]}")
+        ended = False
+
+        async def on_message(msg: Msg) -> None:
+            nonlocal ended
+            if ended:
+                return
+            headers = msg.headers or {}
+            if msg.subject.endswith(".a"):  # JetStream's answer to the publish
+                if headers.get("Status") == "503" or b'"error"' in msg.data:
+                    ended = True
+                    put(
+                        (
+                            _error_response(
+                                Unavailable(f"no queue took the request for '{request.model_name}'")
+                            ),
+                            True,
+                        )
+                    )
+                    await subscription.unsubscribe()
+                return
+            status = int(headers.get(STATUS, "200"))
+            # A non-decoupled model answers once, without a sequence number: that answer is final.
+            final = headers.get(FINAL) == "1" or SEQUENCE not in headers or status != 200
+            if status != 200:
+                response: pb.InferenceResponse | None = _error_response(codec.decode_error(status, msg.data))
+            else:
+                decoded = codec.decode_response(msg.data)
+                response = _to_response(decoded) if decoded.outputs or not final else None
+            if final:
+                ended = True
+                await subscription.unsubscribe()
+            put((response, final))
+
+        subscription = await nc.subscribe(inbox + ".>", cb=on_message)
+        deadline_ns = time.time_ns() + int(timeout_s * 1e9)
+        await nc.publish(
+            self._subjects.infer(natron_request.model, version),
+            codec.encode_request(natron_request),
+            reply=inbox + ".1.a",
+            headers={REPLY_TO: inbox + ".1", DEADLINE_NS: str(deadline_ns)},
+        )
+        return timeout_s
+
+
+def _to_response(answer: InferResponse) -> pb.InferenceResponse:
+    return pb.InferenceResponse([pb.Tensor(t.name, _typed(t)) for t in answer.outputs])
+
+
+def _typed(tensor: WireTensor) -> Any:
+    if tensor.datatype == datatypes.BYTES:
+        return tensor.data
+    return tensor.data.astype(datatypes.to_numpy_dtype(tensor.datatype), copy=False)
+
+
+def _error_response(error: NatronError) -> pb.InferenceResponse:
+    return pb.InferenceResponse([], error=pb.TritonError(error.message, pb.code_of(error.status)))
+
+
+def _drain(
+    answers: queue.SimpleQueue[tuple[pb.InferenceResponse | None, bool]], timeout_s: float, model: str
+) -> Iterator[pb.InferenceResponse]:
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        try:
+            response, final = answers.get(timeout=max(0.0, deadline_s - time.monotonic()))
+        except queue.Empty:
+            yield _error_response(DeadlineExceeded(f"stream from model '{model}' timed out"))
+            return
+        if response is not None:
+            yield response
+        if final:
+            return
+
+
+async def _adrain(
+    answers: asyncio.Queue[tuple[pb.InferenceResponse | None, bool]], timeout_s: float, model: str
+) -> AsyncIterator[pb.InferenceResponse]:
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + timeout_s
+    while True:
+        try:
+            response, final = await asyncio.wait_for(answers.get(), max(0.0, deadline_s - loop.time()))
+        except TimeoutError:
+            yield _error_response(DeadlineExceeded(f"stream from model '{model}' timed out"))
+            return
+        if response is not None:
+            yield response
+        if final:
+            return
