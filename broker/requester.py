@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
@@ -24,8 +25,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker import codec
-from broker.subjects import DEADLINE_NS, REPLY_TO, STATUS, Subjects
-from natron.errors import DeadlineExceeded, InternalError, PayloadTooLarge, Unavailable
+from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, STATUS, Subjects
+from natron.errors import DeadlineExceeded, InternalError, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 _NO_RESPONDERS = "503"
 # NATS/1.0 line, Natron-Reply-To with an inbox of a few tokens, Natron-Deadline-Ns: well under.
 _HEADER_ALLOWANCE_BYTES = 256
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A request answered 0..N times (a decoupled model): answers queue up in order."""
+
+    queue: asyncio.Queue[tuple[InferResponse | NatronError, bool]]
+    model: str
+    version: str
+    queued: bool = False
 
 
 @dataclass(slots=True)
@@ -53,6 +64,7 @@ class Requester:
         self._prefix_len = len(self._inbox) + 1
         self._counter = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
+        self._streams: dict[str, _Stream] = {}
         self._sub: Subscription | None = None
 
     @property
@@ -79,6 +91,8 @@ class Requester:
         for pending in self._pending.values():
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("requester closed"))
+        for stream in self._streams.values():
+            stream.queue.put_nowait((Unavailable("requester closed"), True))
 
     async def __aenter__(self) -> Requester:
         await self.start()
@@ -95,14 +109,7 @@ class Requester:
         `version` is already resolved (the gateway resolves "latest"). The deadline travels
         with the request so that a worker drops it unprocessed once it expires.
         """
-        payload = codec.encode_request(request)
-        max_payload = self._nc.max_payload
-        # The server counts headers against max_payload too, and closes the connection (every
-        # request in flight on it) over the limit: keep room for this request's headers.
-        if len(payload) + _HEADER_ALLOWANCE_BYTES > max_payload:
-            raise PayloadTooLarge(
-                f"request of {len(payload)} bytes exceeds the broker's max_payload of {max_payload} bytes"
-            )
+        payload = self._payload(request)
         token = str(next(self._counter))
         reply = f"{self._inbox}.{token}"
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
@@ -123,10 +130,82 @@ class Requester:
             timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
             try:
                 return await pending.future
+            except asyncio.CancelledError:
+                # The caller went away (a closed HTTP connection): its queued work is dropped.
+                await self._cancel(request, version)
+                raise
             finally:
                 timer.cancel()
         finally:
             del self._pending[token]
+
+    async def stream(
+        self,
+        request: InferRequest,
+        version: str,
+        idle_timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncIterator[InferResponse]:
+        """Send `request` to a decoupled model and yield its answers as they come.
+
+        `idle_timeout_s` bounds the wait for each next answer (a stream may run long). An error
+        answer raises its NatronError. A consumer that stops early (a client gone) cancels the
+        request: the worker stops sending, and a model that checks `is_cancelled()` stops.
+        """
+        payload = self._payload(request)
+        token = str(next(self._counter))
+        reply = f"{self._inbox}.{token}"
+        state = _Stream(asyncio.Queue(), request.model, version)
+        self._streams[token] = state
+        finished = False
+        try:
+            deadline_ns = time.time_ns() + int(idle_timeout_s * 1e9)
+            try:
+                await self._nc.publish(
+                    self._subjects.infer(request.model, version),
+                    payload,
+                    reply=reply + ".a",
+                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
+                )
+            except nats.errors.Error as exc:
+                raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
+            while True:
+                try:
+                    item, final = await asyncio.wait_for(state.queue.get(), idle_timeout_s)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"stream from model '{request.model}' version {version} sent nothing for "
+                        f"{idle_timeout_s:.3f} s"
+                    ) from None
+                if isinstance(item, NatronError):
+                    finished = True
+                    raise item
+                if item.outputs or not final:
+                    yield item
+                if final:
+                    finished = True
+                    return
+        finally:
+            del self._streams[token]
+            if not finished:
+                await self._cancel(request, version)
+
+    async def _cancel(self, request: InferRequest, version: str) -> None:
+        try:
+            await self._nc.publish(self._subjects.cancel(request.model, version), request.id.encode())
+        except Exception:  # best effort: the deadline still bounds the work
+            pass
+
+    def _payload(self, request: InferRequest) -> bytes:
+        payload = codec.encode_request(request)
+        # The server counts headers against max_payload too, and closes the connection (every
+        # request in flight on it) over the limit: keep room for this request's headers.
+        max_payload = self._nc.max_payload
+        if len(payload) + _HEADER_ALLOWANCE_BYTES > max_payload:
+            raise PayloadTooLarge(
+                f"request of {len(payload)} bytes exceeds the broker's max_payload of {max_payload} bytes"
+            )
+        return payload
 
     @staticmethod
     def _expire(pending: _Pending, model: str, version: str, timeout_s: float) -> None:
@@ -143,6 +222,10 @@ class Requester:
         suffix = msg.subject[self._prefix_len :]
         is_ack = suffix.endswith(".a")
         token = suffix[:-2] if is_ack else suffix
+        stream = self._streams.get(token)
+        if stream is not None:
+            self._on_stream_message(stream, msg, is_ack)
+            return
         pending = self._pending.get(token)
         if pending is None or pending.future.done():
             return  # the caller gave up (deadline) or the answer was already decided
@@ -160,26 +243,45 @@ class Requester:
             pending.future.set_exception(codec.decode_error(status, msg.data))
 
     @staticmethod
-    def _on_publish_ack(pending: _Pending, msg: Msg) -> None:
+    def _on_stream_message(stream: _Stream, msg: Msg, is_ack: bool) -> None:
         headers = msg.headers or {}
-        if headers.get("Status") == _NO_RESPONDERS:
-            pending.future.set_exception(
-                Unavailable(f"no inference queue for model '{pending.model}': is the router running?")
-            )
+        if is_ack:
+            error = _publish_ack_error(msg, stream.model, stream.version)
+            if error is not None:
+                stream.queue.put_nowait((error, True))
+            return
+        status = int(headers.get(STATUS, "200"))
+        final = headers.get(FINAL) == "1"
+        if status != 200:
+            stream.queue.put_nowait((codec.decode_error(status, msg.data), True))
             return
         try:
-            ack = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            pending.future.set_exception(InternalError("undecodable JetStream publish acknowledgement"))
-            return
-        error = ack.get("error") if isinstance(ack, dict) else None
-        if error:
-            description = error.get("description", "") if isinstance(error, dict) else str(error)
-            pending.future.set_exception(
-                Unavailable(
-                    f"queue of model '{pending.model}' version {pending.version} is full or "
-                    f"unavailable: {description}"
-                )
-            )
-            return
-        pending.queued = True
+            stream.queue.put_nowait((codec.decode_response(msg.data), final))
+        except Exception as exc:  # a malformed answer still ends the stream
+            stream.queue.put_nowait((InternalError(f"undecodable response: {exc}"), True))
+
+    @staticmethod
+    def _on_publish_ack(pending: _Pending, msg: Msg) -> None:
+        error = _publish_ack_error(msg, pending.model, pending.version)
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.queued = True
+
+
+def _publish_ack_error(msg: Msg, model: str, version: str) -> NatronError | None:
+    """The error in JetStream's answer to a publish, or None when the request is queued."""
+    headers = msg.headers or {}
+    if headers.get("Status") == _NO_RESPONDERS:
+        return Unavailable(f"no inference queue for model '{model}': is the router running?")
+    try:
+        ack = orjson.loads(msg.data)
+    except orjson.JSONDecodeError:
+        return InternalError("undecodable JetStream publish acknowledgement")
+    error = ack.get("error") if isinstance(ack, dict) else None
+    if error:
+        description = error.get("description", "") if isinstance(error, dict) else str(error)
+        return Unavailable(
+            f"queue of model '{model}' version {version} is full or unavailable: {description}"
+        )
+    return None

@@ -62,6 +62,10 @@ class Subjects:
         """The durable pull consumer shared by every instance of one model version."""
         return f"{model}-v{version}"
 
+    def cancel(self, model: str, version: str) -> str:
+        """Core NATS: the id of a request whose client went away (body), for its instances."""
+        return f"{self.prefix}.cancel.{model}.{version}"
+
     # -- replies -----------------------------------------------------------------------------
     def inbox(self, owner: str) -> str:
         """A requester's private reply prefix; it subscribes to `inbox + '.>'`."""

@@ -437,4 +437,7 @@ def create_app(options: GatewayOptions) -> web.Application:
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{model}/load", load_model)
     app.router.add_post("/v2/repository/models/{model}/unload", unload_model)
+    from gateway.streaming import add_routes  # imports this module's app keys
+
+    add_routes(app)
     return app

@@ -29,7 +29,11 @@ async def run_gateway(
 ) -> None:
     app = create_app(options)
     # shutdown_timeout bounds how long requests in flight may finish after intake stops.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=options.default_timeout_s)
+    # handler_cancellation: a client that closes its connection cancels its request, and the
+    # requester tells the worker to drop it.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=options.default_timeout_s, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()

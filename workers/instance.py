@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # A batch predicted to run faster than this runs on the event loop (see _run_backend).
 INLINE_BUDGET_S = 0.0003
 MAX_ASYNC_IN_FLIGHT = 256
+CANCEL_MEMORY_S = 120.0
 
 
 @dataclass(slots=True)
@@ -92,6 +93,7 @@ class ModelInstance:
         # Shared by the instances of a version on this worker; reported with the heartbeat.
         self.stats = stats or ModelStats()
         self._answering: set[asyncio.Task[None]] = set()
+        self._cancelled: dict[str, float] = {}
         # Measured execution seconds by batch size class; see _run_backend.
         self._cost_s: dict[int, float] = {}
 
@@ -113,6 +115,20 @@ class ModelInstance:
             # Answers still being sent belong to batches that ran: let them finish.
             if self._answering:
                 await asyncio.gather(*self._answering, return_exceptions=True)
+
+    def cancel(self, request_id: str) -> None:
+        """The client of `request_id` went away: drop it if queued, stop streaming it if running."""
+        now_s = asyncio.get_running_loop().time()
+        self._cancelled[request_id] = now_s
+        # Remember a cancellation long enough for a request still in the queue to be dropped.
+        for old in [rid for rid, at in self._cancelled.items() if now_s - at > CANCEL_MEMORY_S]:
+            del self._cancelled[old]
+        cancel = getattr(self._backend, "cancel", None)
+        if cancel is not None:
+            cancel(request_id)
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
 
     async def _take_async(self) -> None:
         """Take one request whenever a slot is free and process it as a task of its own."""
@@ -190,6 +206,11 @@ class ModelInstance:
                     f"request for model '{request.model}' published to model '{self._spec.name}'"
                 )
             batch_size = self._spec.validate(request)
+            if request.id in self._cancelled:
+                # Nobody waits for the answer any more: drop the request unrun.
+                await self._ack(msg)
+                self.stats.failed("CANCELED", 0)
+                return None
         except NatronError as exc:
             await self._answer_error(msg, reply_to, request_id, exc)
             return None
@@ -321,6 +342,10 @@ class ModelInstance:
             if index not in open_requests or not 0 <= index < len(group):
                 continue  # answered already: late or duplicate answers are dropped
             item = group[index]
+            if item.request.id in self._cancelled:
+                if final:
+                    open_requests.discard(index)
+                continue  # the client is gone: nothing more is sent
             if isinstance(outputs, NatronError):
                 final = True
                 await self._answer_error(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from broker import jetstream
@@ -56,6 +58,7 @@ class WorkerOptions:
 class _LoadedVersion:
     instances: list[ModelInstance] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    cancel_sub: Subscription | None = None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -253,6 +256,16 @@ class Worker:
             )
             loaded.instances.append(instance)
             loaded.tasks.append(asyncio.create_task(instance.run(), name=name))
+
+        # Cancellations (clients gone) reach every instance of the version on this worker.
+        async def on_cancel(msg: Msg) -> None:
+            request_id = msg.data.decode(errors="replace")
+            for instance in loaded.instances:
+                instance.cancel(request_id)
+
+        loaded.cancel_sub = await self._nc.subscribe(
+            self._subjects.cancel(record.name, version), cb=on_cancel
+        )
         self._loaded[(record.name, record.generation, version)] = loaded
         log.info("model '%s' version %s ready with %d instance(s)", record.name, version, count)
 
@@ -260,6 +273,9 @@ class Worker:
         loaded = self._loaded.pop(key, None)
         if loaded is None:
             return
+        if loaded.cancel_sub is not None:
+            with contextlib.suppress(Exception):
+                await loaded.cancel_sub.unsubscribe()
         for instance in loaded.instances:
             instance.stop()
         # Instances finish the batch in hand; those idle in `take` are woken by close().

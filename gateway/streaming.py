@@ -1,0 +1,270 @@
+"""Streaming and many-requests-per-connection endpoints: Triton's generate extension
+(`/generate`, and `/generate_stream` as Server-Sent Events) and natron's WebSocket.
+
+WebSocket framing (documented in docs/streaming.md):
+- a request is a text frame holding a KServe v2 infer request plus `"id"` (required, the
+  client's correlation key), `"model"` and optionally `"version"`; or a binary frame: a 4-byte
+  little-endian length N, N bytes of that JSON, then the binary tensor data as in Triton's
+  binary extension (`binary_data_size` on inputs);
+- `{"id": ..., "cancel": true}` cancels that request;
+- each answer is a text frame with the KServe v2 response plus `"id"`, `"sequence"` (0, 1, ...)
+  and `"final"`; when outputs go binary, a binary frame with the same 4-byte-length layout;
+- an error is `{"id", "error", "status", "final": true}`; the socket stays open.
+A decoupled model answers 0..N times, the last with `"final": true`; others once.
+Closing the socket cancels everything still running for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from gateway import kserve
+from gateway.app import OPTIONS, REGISTRY, REQUESTER
+from natron import datatypes
+from natron.errors import InvalidArgument, NatronError
+from natron.inference import InferResponse
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("<I")
+
+
+async def _answers(
+    request: web.Request, model: str, version: str, parsed: kserve.ParsedInfer
+) -> AsyncGenerator[InferResponse, None]:
+    """Every answer of one request, decoupled model or not."""
+    view = request.app[REGISTRY].get(model)
+    target = view.resolve(version)
+    spec = view.spec
+    if spec is None:
+        raise InvalidArgument(f"model '{model}' has no valid config")
+    spec.validate(parsed.request)
+    options = request.app[OPTIONS]
+    timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
+    requester = request.app[REQUESTER]
+    parsed.request.version = target
+    if spec.decoupled:
+        async for answer in requester.stream(parsed.request, target, timeout_s):
+            yield answer
+    else:
+        yield await requester.infer(parsed.request, target, timeout_s)
+
+
+# -- generate ------------------------------------------------------------------------------
+
+
+def _generate_body(request: web.Request, raw: bytes, model: str, version: str) -> kserve.ParsedInfer:
+    """Triton's generate request (a flat JSON object, one key per input) as an infer request."""
+    view = request.app[REGISTRY].get(model)
+    spec = view.spec
+    if spec is None:
+        raise InvalidArgument(f"model '{model}' has no valid config")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"generate body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("generate body must be a JSON object")
+    inputs = []
+    for name, value in body.items():
+        if name in ("parameters", "id"):
+            continue
+        tensor = spec.inputs.get(name)
+        if tensor is None:
+            expected = sorted(spec.inputs)
+            raise InvalidArgument(
+                f"unexpected generate input '{name}' for model '{model}', expected one of {expected}"
+            )
+        data = value if isinstance(value, list) else [value]
+        shape = ([1] if spec.batching else []) + [len(data)]
+        inputs.append({"name": name, "datatype": tensor.datatype, "shape": shape, "data": data})
+    infer_body: dict[str, Any] = {"inputs": inputs}
+    if "parameters" in body:
+        infer_body["parameters"] = body["parameters"]
+    if "id" in body:
+        infer_body["id"] = body["id"]
+    return kserve.parse_infer_body(orjson.dumps(infer_body), None, model, version)
+
+
+def _flat_outputs(answer: InferResponse) -> dict[str, Any]:
+    out: dict[str, Any] = {"model_name": answer.model, "model_version": answer.version}
+    if answer.id:
+        out["id"] = answer.id
+    for tensor in answer.outputs:
+        values = tensor.data.ravel().tolist()
+        if tensor.datatype == datatypes.BYTES:
+            values = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v for v in values]
+        elif tensor.datatype in datatypes.BINARY_ONLY:
+            values = [float(v) for v in tensor.data.astype("float32").ravel()]
+        out[tensor.name] = values[0] if len(values) == 1 else values
+    return out
+
+
+async def generate(request: web.Request) -> web.Response:
+    model, version = request.match_info["model"], request.match_info.get("version", "")
+    parsed = _generate_body(request, await request.read(), model, version)
+    answers = [a async for a in _answers(request, model, version, parsed) if a.outputs]
+    if len(answers) != 1:
+        raise InvalidArgument(
+            f"model '{model}' sent {len(answers)} responses: generate takes exactly one, use generate_stream"
+        )
+    return web.Response(body=orjson.dumps(_flat_outputs(answers[0])), content_type="application/json")
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    model, version = request.match_info["model"], request.match_info.get("version", "")
+    parsed = _generate_body(request, await request.read(), model, version)
+    stream = _answers(request, model, version, parsed)
+    # The first answer (or error) decides the status: errors before it are plain HTTP errors.
+    first = await anext(stream, None)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        if first is not None:
+            await response.write(b"data: " + orjson.dumps(_flat_outputs(first)) + b"\n\n")
+        async for answer in stream:
+            await response.write(b"data: " + orjson.dumps(_flat_outputs(answer)) + b"\n\n")
+    except NatronError as exc:
+        await response.write(b"data: " + orjson.dumps({"error": exc.message, "status": exc.status}) + b"\n\n")
+    finally:
+        await stream.aclose()  # a client gone mid-stream cancels the request
+    await response.write_eof()
+    return response
+
+
+# -- WebSocket -----------------------------------------------------------------------------
+
+
+class _Socket:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self._request = request
+        self._ws = ws
+        self._send_lock = asyncio.Lock()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def send_json(self, data: dict[str, Any]) -> None:
+        async with self._send_lock:
+            await self._ws.send_str(orjson.dumps(data).decode())
+
+    async def send_binary(self, header: dict[str, Any], binary: bytes) -> None:
+        head = orjson.dumps(header)
+        async with self._send_lock:
+            await self._ws.send_bytes(_LEN.pack(len(head)) + head + binary)
+
+    async def start(self, raw: bytes, header_length: int | None) -> None:
+        """Begin one request (a task of its own), or act on a cancel frame."""
+        try:
+            head = orjson.loads(raw[:header_length] if header_length is not None else raw)
+        except orjson.JSONDecodeError as exc:
+            await self.send_json({"error": f"frame is not valid JSON: {exc}", "status": 400, "final": True})
+            return
+        if not isinstance(head, dict) or not isinstance(head.get("id"), str) or not head["id"]:
+            await self.send_json(
+                {"error": "every frame needs a non-empty string 'id'", "status": 400, "final": True}
+            )
+            return
+        request_id = head["id"]
+        if head.get("cancel") is True:
+            task = self.tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+            return
+        if request_id in self.tasks:
+            error = "a request with this id is still running"
+            await self.send_json({"id": request_id, "error": error, "status": 400, "final": True})
+            return
+        task = asyncio.create_task(self._run(request_id, head, raw, header_length))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(request_id, None))
+
+    async def _run(
+        self, request_id: str, head: dict[str, Any], raw: bytes, header_length: int | None
+    ) -> None:
+        sequence = 0
+        try:
+            model = head.pop("model", None)
+            version = head.pop("version", "") or ""
+            if not isinstance(model, str) or not isinstance(version, str):
+                raise InvalidArgument("'model' (and 'version', if given) must be strings")
+            json_part = orjson.dumps(head)
+            binary = raw[header_length:] if header_length is not None else b""
+            parsed = kserve.parse_infer_body(
+                json_part + binary, len(json_part) if binary else None, model, version
+            )
+            async for answer in _answers(self._request, model, version, parsed):
+                body, json_length = kserve.encode_infer_response(answer, parsed, request_id)
+                header = orjson.loads(body[:json_length] if json_length is not None else body)
+                header.update({"id": request_id, "sequence": sequence, "final": False})
+                sequence += 1
+                if json_length is None:
+                    await self.send_json(header)
+                else:
+                    await self.send_binary(header, body[json_length:])
+            await self.send_json({"id": request_id, "sequence": sequence, "final": True})
+        except NatronError as exc:
+            await self.send_json(
+                {"id": request_id, "error": exc.message, "status": exc.status, "final": True}
+            )
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.send_json({"id": request_id, "error": "cancelled", "status": 499, "final": True})
+            raise
+        except Exception as exc:  # never take the socket down for one request
+            log.exception("websocket request %s failed", request_id)
+            await self.send_json(
+                {
+                    "id": request_id,
+                    "error": f"internal error: {type(exc).__name__}: {exc}",
+                    "status": 500,
+                    "final": True,
+                }
+            )
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(max_msg_size=request.app[OPTIONS].max_body_bytes, heartbeat=30)
+    await ws.prepare(request)
+    socket = _Socket(request, ws)
+    try:
+        async for message in ws:
+            if message.type == WSMsgType.TEXT:
+                await socket.start(message.data.encode(), None)
+            elif message.type == WSMsgType.BINARY:
+                data: bytes = message.data
+                if len(data) < 4 or _LEN.unpack_from(data)[0] > len(data) - 4:
+                    await socket.send_json(
+                        {
+                            "error": "binary frame needs a 4-byte JSON length and that JSON",
+                            "status": 400,
+                            "final": True,
+                        }
+                    )
+                    continue
+                length = _LEN.unpack_from(data)[0]
+                await socket.start(data[4:], length)
+            elif message.type == WSMsgType.ERROR:
+                break
+    finally:
+        # The client is gone: everything still running for it is cancelled.
+        tasks = list(socket.tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    return ws
+
+
+def add_routes(app: web.Application) -> None:
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.router.add_post(base + "/generate", generate)
+        app.router.add_post(base + "/generate_stream", generate_stream)
+    app.router.add_get("/v2/ws", websocket)
