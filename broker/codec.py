@@ -150,6 +150,36 @@ def decode_response(data: bytes) -> InferResponse:
     )
 
 
+def encode_responses(responses: list[InferResponse]) -> bytes:
+    """Several answers of one stream in one message (coalesced when the reader falls behind)."""
+    first = responses[0]
+    return _packb(
+        {
+            "v": WIRE_VERSION,
+            "id": first.id,
+            "model": first.model,
+            "version": first.version,
+            "responses": [
+                {"outputs": [_pack_tensor(t) for t in r.outputs], "parameters": r.parameters}
+                for r in responses
+            ],
+        }
+    )
+
+
+def decode_responses(data: bytes) -> list[InferResponse]:
+    body = _unpack_map(data)
+    raw = body.get("responses")
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise InvalidArgument("'responses' must be a list of maps")
+    request_id, model, version = (
+        _str_field(body, "id", ""),
+        _str_field(body, "model", ""),
+        _str_field(body, "version", ""),
+    )
+    return [InferResponse(request_id, model, version, _tensors(r, "outputs"), _parameters(r)) for r in raw]
+
+
 def encode_error(request_id: str, message: str) -> bytes:
     return _packb({"v": WIRE_VERSION, "id": request_id, "error": message})
 

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker import codec
-from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, STATUS, Subjects
+from broker.subjects import COUNT, DEADLINE_NS, FINAL, REPLY_TO, STATUS, Subjects
 from natron.errors import DeadlineExceeded, InternalError, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
 
@@ -256,7 +256,12 @@ class Requester:
             stream.queue.put_nowait((codec.decode_error(status, msg.data), True))
             return
         try:
-            stream.queue.put_nowait((codec.decode_response(msg.data), final))
+            if COUNT in headers:
+                answers = codec.decode_responses(msg.data)
+                for position, answer in enumerate(answers):
+                    stream.queue.put_nowait((answer, final and position == len(answers) - 1))
+            else:
+                stream.queue.put_nowait((codec.decode_response(msg.data), final))
         except Exception as exc:  # a malformed answer still ends the stream
             stream.queue.put_nowait((InternalError(f"undecodable response: {exc}"), True))
 

@@ -27,6 +27,8 @@ STATUS = "Natron-Status"
 # Streaming (decoupled models): sequence number of a response and the final marker.
 SEQUENCE = "Natron-Seq"
 FINAL = "Natron-Final"
+# A coalesced stream message: how many answers its body's "responses" list holds.
+COUNT = "Natron-Count"
 
 # JetStream's own header, echoed for the pull loop's bookkeeping of expired pull requests.
 PENDING_MESSAGES = "Nats-Pending-Messages"

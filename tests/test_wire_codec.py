@@ -363,3 +363,15 @@ def test_shapes_numpy_cannot_hold_are_invalid_arguments(shape: list[int], dataty
     )
     with pytest.raises(InvalidArgument):
         codec.decode_request(body)
+
+
+def test_coalesced_stream_answers_round_trip() -> None:
+    answers = [
+        InferResponse("r", "m", "1", [Tensor("OUT", "INT32", (1,), np.array([i], dtype=np.int32))])
+        for i in range(3)
+    ]
+    decoded = codec.decode_responses(codec.encode_responses(answers))
+    assert [int(a.outputs[0].data[0]) for a in decoded] == [0, 1, 2]
+    assert {(a.id, a.model, a.version) for a in decoded} == {("r", "m", "1")}
+    with pytest.raises(InvalidArgument, match="responses"):
+        codec.decode_responses(msgpack.packb({"v": 1, "responses": "nope"}))

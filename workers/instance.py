@@ -12,6 +12,7 @@ mid-batch leaves its messages to be delivered again to another instance.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from nats.aio.msg import Msg
 
 from broker import codec
 from broker.puller import CapacityPuller
-from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS
+from broker.subjects import COUNT, DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS
 from natron import datatypes
 from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError, PayloadTooLarge
 from natron.inference import InferRequest, InferResponse, Tensor
@@ -337,8 +338,13 @@ class ModelInstance:
     ) -> None:
         open_requests = set(range(len(group)))
         sequence = [0] * len(group)
+        backlog: collections.deque[tuple[int, list[Tensor] | NatronError | None, bool]] = collections.deque()
         while open_requests:
-            index, outputs, final = await answers.get()
+            if not backlog:
+                backlog.append(await answers.get())
+            while not answers.empty():
+                backlog.append(answers.get_nowait())
+            index, outputs, final = backlog.popleft()
             if index not in open_requests or not 0 <= index < len(group):
                 continue  # answered already: late or duplicate answers are dropped
             item = group[index]
@@ -352,13 +358,30 @@ class ModelInstance:
                     item.msg, item.reply_to, item.request.id, outputs, ack=not self._spec.decoupled
                 )
             elif self._spec.decoupled:
+                # Answers of this request that queued up meanwhile (the loop fell behind the
+                # model) travel in one message: one NATS message per token only while the
+                # reader keeps up.
+                batch = [outputs or []]
+                while (
+                    not final
+                    and backlog
+                    and backlog[0][0] == index
+                    and not isinstance(backlog[0][1], NatronError)
+                ):
+                    _, next_outputs, final = backlog.popleft()
+                    assert not isinstance(next_outputs, NatronError)
+                    batch.append(next_outputs or [])
                 headers = {SEQUENCE: str(sequence[index])}
                 if final:
                     headers[FINAL] = "1"
-                sequence[index] += 1
-                tensors = outputs or []
-                response = InferResponse(item.request.id, self._spec.name, self._version, tensors)
-                await self._nc.publish(item.reply_to, codec.encode_response(response), headers=headers)
+                sequence[index] += len(batch)
+                responses = [InferResponse(item.request.id, self._spec.name, self._version, t) for t in batch]
+                if len(responses) == 1:
+                    payload = codec.encode_response(responses[0])
+                else:
+                    headers[COUNT] = str(len(responses))
+                    payload = codec.encode_responses(responses)
+                await self._nc.publish(item.reply_to, payload, headers=headers)
             else:
                 final = True
                 response = InferResponse(item.request.id, self._spec.name, self._version, outputs or [])
