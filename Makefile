@@ -11,11 +11,12 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[cpu,test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,torch,test]"
 	touch $(STAMP)
 
 models: $(STAMP)
 	$(BIN)/python examples/build_models.py --out examples/models
+	$(BIN)/python examples/build_backend_models.py --out examples/models
 
 serve: models
 	$(BIN)/natron serve examples/models

@@ -74,7 +74,7 @@ def infer_platform(config: pb.ModelConfig, version_dirs: list[Path]) -> None:
         if (version_dir / "model.plan").exists():
             config.platform, config.backend = "tensorrt_plan", "tensorrt"
             return
-        if (version_dir / "model.pt").exists():
+        if (version_dir / "model.pt").exists() or (version_dir / "model.pt2").exists():
             config.platform, config.backend = "pytorch_libtorch", "pytorch"
             return
         if (version_dir / "model.py").exists():

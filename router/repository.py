@@ -70,6 +70,10 @@ def scan_model(
             model_file = available[versions[0]] / cfg.model_filename(config)
             if model_file.exists():
                 cfg.autocomplete_onnx(config, model_file)
+        if config.backend == "python" and versions:
+            from workers.backends.python import complete_config  # runs model.py in a stub process
+
+            complete_config(config, available[versions[0]])
         cfg.fill_defaults(config)
         ModelSpec.from_config(config)  # rejects unsupported datatypes now, not at first request
         record.config = cfg.config_to_json(config)

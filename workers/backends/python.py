@@ -183,6 +183,12 @@ class PythonBackend:
         model_file = version_dir / (config.default_model_filename or "model.py")
         if not model_file.exists():
             raise Unavailable(f"model '{config.name}': unable to find '{model_file}'")
+        if "EXECUTION_ENV_PATH" in config.parameters:
+            log.warning(
+                "model '%s': parameter EXECUTION_ENV_PATH is ignored; the stub runs in the worker's "
+                "Python environment",
+                config.name,
+            )
         backend = PythonBackend(config, model_file, context)
         backend._start()
         log.info("loaded %s as instance %s", model_file, backend._instance)
@@ -191,9 +197,13 @@ class PythonBackend:
     def _start(self) -> None:
         """Spawn the stub and initialize the model in it; raises with the model's reason."""
         gpu = on_gpu(self._config, self._context.device)
+        groups = list(self._config.instance_group)
+        kind = "GPU" if gpu else "CPU"
+        if groups and all(g.kind == pb.ModelInstanceGroup.KIND_MODEL for g in groups):
+            kind = "MODEL"  # the model places itself
         args = {
             "model_config": json.dumps(cfg.config_to_json(self._config)),
-            "model_instance_kind": "GPU" if gpu else "CPU",
+            "model_instance_kind": kind,
             "model_instance_name": self._instance,
             "model_instance_device_id": str(self._context.device.index if gpu else 0),
             "model_repository": str(self._model_file.parent.parent),
@@ -236,10 +246,13 @@ class PythonBackend:
         batch_id = next(self._batch_ids)
         batch = _Batch(sink, [list(r.outputs) for r in requests], set(range(len(requests))))
         with self._lock:
+            # Registered only while this stub is current: a stub that died since is seen here,
+            # and one that dies from now on finds the batch and fails it (no wait without end).
             stub = self._stub
             if stub is None:
                 raise Unavailable(
-                    f"python model '{self._name}': instance {self._instance} has no stub process"
+                    f"python model '{self._name}': the stub process of instance {self._instance} "
+                    "died before the request could be sent"
                 )
             self._batches[batch_id] = batch
         header = {
@@ -276,6 +289,17 @@ class PythonBackend:
             raise Unavailable(
                 f"python model '{self._name}': its stub process died and cannot restart: {exc.message}"
             ) from None
+
+    def cancel(self, request_id: str) -> None:
+        """The client of `request_id` went away: the model sees it in `request.is_cancelled()`."""
+        with self._lock:
+            stub = self._stub
+        if stub is None or not request_id:
+            return
+        try:
+            stub.channel.send({"op": "cancel", "id": request_id})
+        except ChannelClosed:
+            pass  # the stub is gone, and its requests with it
 
     # -- answers ------------------------------------------------------------------------------
 

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from broker import codec, jetstream
+from broker import jetstream
 from broker.requester import Requester
-from broker.subjects import DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS, Subjects
+from broker.subjects import Subjects
 from natron import datatypes
-from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable
+from natron.errors import InvalidArgument, NatronError, NotFound, Unavailable
 from natron.inference import InferRequest, InferResponse
 from natron.inference import Tensor as WireTensor
 from natron.states import ModelRecord
@@ -113,21 +109,12 @@ class Mesh:
     def exec(self, request: pb.InferenceRequest, decoupled: bool) -> Any:
         if not decoupled:
             return self.run(self._infer(request))
-        answers: queue.SimpleQueue[tuple[pb.InferenceResponse | None, bool]] = queue.SimpleQueue()
-        timeout_s = self.run(self._start_stream(request, answers.put))
-        return _drain(answers, timeout_s, request.model_name)
+        return self._iterate(self._stream(request))
 
     async def async_exec(self, request: pb.InferenceRequest, decoupled: bool) -> Any:
         if not decoupled:
             return await self._on_mesh_loop(self._infer(request))
-        loop = asyncio.get_running_loop()
-        answers: asyncio.Queue[tuple[pb.InferenceResponse | None, bool]] = asyncio.Queue()
-
-        def put(item: tuple[pb.InferenceResponse | None, bool]) -> None:
-            loop.call_soon_threadsafe(answers.put_nowait, item)
-
-        timeout_s = await self._on_mesh_loop(self._start_stream(request, put))
-        return _adrain(answers, timeout_s, request.model_name)
+        return self._aiterate(self._stream(request))
 
     async def _on_mesh_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
         if asyncio.get_running_loop() is self.loop:
@@ -179,61 +166,49 @@ class Mesh:
 
     # -- decoupled models: a stream of answers ------------------------------------------------
 
-    async def _start_stream(self, request: pb.InferenceRequest, put: Any) -> float:
-        """Publish `request`; every answer goes to `put` as (response, final). Returns the timeout.
-
-        The subscription is made before the publish and ends at the final answer, so no answer is
-        lost and none outlives the stream.
-        """
+    async def _stream(self, request: pb.InferenceRequest) -> AsyncIterator[pb.InferenceResponse]:
+        """The answers of a decoupled model as they come (on the mesh loop); an error ends it."""
         try:
-            nc, _, kv = await self._connected()
+            _, requester, kv = await self._connected()
             natron_request, version, timeout_s = await self._prepare(request, kv)
+            async for answer in requester.stream(natron_request, version, timeout_s):
+                yield _to_response(answer)
         except NatronError as exc:
-            put((_error_response(exc), True))
-            return 0.0
-        inbox = self._subjects.inbox(f"bls-{uuid.uuid4().hex[:12]}")
-        ended = False
+            yield _error_response(exc)
 
-        async def on_message(msg: Msg) -> None:
-            nonlocal ended
-            if ended:
-                return
-            headers = msg.headers or {}
-            if msg.subject.endswith(".a"):  # JetStream's answer to the publish
-                if headers.get("Status") == "503" or b'"error"' in msg.data:
-                    ended = True
-                    put(
-                        (
-                            _error_response(
-                                Unavailable(f"no queue took the request for '{request.model_name}'")
-                            ),
-                            True,
-                        )
-                    )
-                    await subscription.unsubscribe()
-                return
-            status = int(headers.get(STATUS, "200"))
-            # A non-decoupled model answers once, without a sequence number: that answer is final.
-            final = headers.get(FINAL) == "1" or SEQUENCE not in headers or status != 200
-            if status != 200:
-                response: pb.InferenceResponse | None = _error_response(codec.decode_error(status, msg.data))
-            else:
-                decoded = codec.decode_response(msg.data)
-                response = _to_response(decoded) if decoded.outputs or not final else None
-            if final:
-                ended = True
-                await subscription.unsubscribe()
-            put((response, final))
+    def _iterate(self, answers: AsyncIterator[pb.InferenceResponse]) -> Iterator[pb.InferenceResponse]:
+        """Drive the stream from a thread that is not the loop's, one answer at a time. A model
+        that stops iterating early closes the stream, which cancels the request."""
+        try:
+            while True:
+                try:
+                    yield self.run(_next(answers))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.run(_close(answers))
 
-        subscription = await nc.subscribe(inbox + ".>", cb=on_message)
-        deadline_ns = time.time_ns() + int(timeout_s * 1e9)
-        await nc.publish(
-            self._subjects.infer(natron_request.model, version),
-            codec.encode_request(natron_request),
-            reply=inbox + ".1.a",
-            headers={REPLY_TO: inbox + ".1", DEADLINE_NS: str(deadline_ns)},
-        )
-        return timeout_s
+    async def _aiterate(
+        self, answers: AsyncIterator[pb.InferenceResponse]
+    ) -> AsyncIterator[pb.InferenceResponse]:
+        try:
+            while True:
+                try:
+                    yield await self._on_mesh_loop(_next(answers))
+                except StopAsyncIteration:
+                    return
+        finally:
+            await self._on_mesh_loop(_close(answers))
+
+
+async def _next(answers: AsyncIterator[pb.InferenceResponse]) -> pb.InferenceResponse:
+    return await answers.__anext__()
+
+
+async def _close(answers: AsyncIterator[pb.InferenceResponse]) -> None:
+    close = getattr(answers, "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _to_response(answer: InferResponse) -> pb.InferenceResponse:
@@ -248,36 +223,3 @@ def _typed(tensor: WireTensor) -> Any:
 
 def _error_response(error: NatronError) -> pb.InferenceResponse:
     return pb.InferenceResponse([], error=pb.TritonError(error.message, pb.code_of(error.status)))
-
-
-def _drain(
-    answers: queue.SimpleQueue[tuple[pb.InferenceResponse | None, bool]], timeout_s: float, model: str
-) -> Iterator[pb.InferenceResponse]:
-    deadline_s = time.monotonic() + timeout_s
-    while True:
-        try:
-            response, final = answers.get(timeout=max(0.0, deadline_s - time.monotonic()))
-        except queue.Empty:
-            yield _error_response(DeadlineExceeded(f"stream from model '{model}' timed out"))
-            return
-        if response is not None:
-            yield response
-        if final:
-            return
-
-
-async def _adrain(
-    answers: asyncio.Queue[tuple[pb.InferenceResponse | None, bool]], timeout_s: float, model: str
-) -> AsyncIterator[pb.InferenceResponse]:
-    loop = asyncio.get_running_loop()
-    deadline_s = loop.time() + timeout_s
-    while True:
-        try:
-            response, final = await asyncio.wait_for(answers.get(), max(0.0, deadline_s - loop.time()))
-        except TimeoutError:
-            yield _error_response(DeadlineExceeded(f"stream from model '{model}' timed out"))
-            return
-        if response is not None:
-            yield response
-        if final:
-            return

@@ -9,10 +9,13 @@ send responses from any thread (decoupled models usually do), and the channel se
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import inspect
 import logging
+import queue
 import sys
+import threading
 import traceback
 from functools import partial
 from pathlib import Path
@@ -26,6 +29,10 @@ from workers.backends.python_stub.protocol import Channel, ChannelClosed, WireTe
 log = logging.getLogger(__name__)
 
 
+# Cancelled request ids remembered (a stream's cancel may arrive before or after its execute).
+_CANCEL_MEMORY = 4096
+
+
 class ModelHost:
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
@@ -35,18 +42,32 @@ class ModelHost:
         self._async_execute = False
         self._output_names: list[str] = []
         self._mesh: Mesh | None = None
+        self._inbox: queue.SimpleQueue[tuple[dict[str, Any], memoryview] | None] = queue.SimpleQueue()
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def serve(self) -> int:
-        """Handle messages until finalize (0) or until the worker goes away (1)."""
+        """Handle messages until finalize (0) or until the worker goes away (1).
+
+        A thread of its own reads the channel, so that a cancellation reaches `is_cancelled()`
+        while `execute` still runs on this one.
+        """
+        threading.Thread(target=self._receive, name="stub-receiver", daemon=True).start()
         while True:
-            try:
-                header, data = self._channel.recv()
-            except ChannelClosed:
+            message = self._inbox.get()
+            if message is None:
                 log.warning("the worker closed the connection; exiting")
                 return 1
+            header, data = message
             op = header.get("op")
             if op == "execute":
-                self._execute(header, data)
+                try:
+                    self._execute(header, data)
+                except ChannelClosed:
+                    log.warning("the worker closed the connection; exiting")
+                    return 1
+                except Exception as exc:  # a fault of the stub itself: answer, keep serving
+                    log.exception("execute failed in the stub")
+                    self._done(int(header.get("batch", 0)), f"the stub failed: {type(exc).__name__}: {exc}")
             elif op == "init":
                 self._init(header)
             elif op == "finalize":
@@ -57,6 +78,23 @@ class ModelHost:
                 return 0
             else:
                 log.error("unknown message %r from the worker", op)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                header, data = self._channel.recv()
+            except ChannelClosed:
+                self._inbox.put(None)
+                return
+            if header.get("op") == "cancel":
+                self._cancelled[str(header.get("id", ""))] = None
+                while len(self._cancelled) > _CANCEL_MEMORY:
+                    self._cancelled.popitem(last=False)
+            else:
+                self._inbox.put((header, data))
+
+    def _is_cancelled(self, request_id: str) -> bool:
+        return bool(request_id) and request_id in self._cancelled
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -143,7 +181,8 @@ class ModelHost:
                 request_id=raw.get("id", ""),
                 parameters=raw.get("parameters") or {},
             )
-            request._bind(pb.InferenceResponseSender(partial(self._send, batch, index)))
+            cancelled = partial(self._is_cancelled, request.request_id())
+            request._bind(pb.InferenceResponseSender(partial(self._send, batch, index), cancelled), cancelled)
             requests.append(request)
         try:
             if self._async_execute:

@@ -242,9 +242,10 @@ class _Sender(Protocol):
 class InferenceResponseSender:
     """Sends a request's responses: any number, the last one with the final flag."""
 
-    def __init__(self, send: _Sender) -> None:
+    def __init__(self, send: _Sender, cancelled: Callable[[], bool] = lambda: False) -> None:
         self._send = send
         self._closed = False
+        self._cancelled = cancelled
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if self._closed:
@@ -261,7 +262,8 @@ class InferenceResponseSender:
         self._send(response, final)
 
     def is_cancelled(self) -> bool:
-        return False
+        """Whether the client went away: a streaming model may stop sending."""
+        return self._cancelled()
 
 
 class _Mesh(Protocol):
@@ -320,6 +322,7 @@ class InferenceRequest:
         self._timeout_us = int(timeout)
         self._parameters = _parameters_dict(parameters)
         self._sender: InferenceResponseSender | None = None
+        self._cancelled: Callable[[], bool] = lambda: False
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -346,7 +349,8 @@ class InferenceRequest:
         return dict(self._parameters)
 
     def is_cancelled(self) -> bool:
-        return False  # cancellation does not reach models yet
+        """Whether the client went away (its queued or streaming work is no longer wanted)."""
+        return self._cancelled()
 
     def set_release_flags(self, flags: int) -> None:
         if flags & TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
@@ -366,8 +370,9 @@ class InferenceRequest:
         """The awaitable form of `exec()`; with `decoupled=True`, an async iterator."""
         return await _mesh().async_exec(self, decoupled)
 
-    def _bind(self, sender: InferenceResponseSender) -> None:
+    def _bind(self, sender: InferenceResponseSender, cancelled: Callable[[], bool]) -> None:
         self._sender = sender
+        self._cancelled = cancelled
 
 
 def _parameters_dict(parameters: dict[str, Any] | str | None) -> dict[str, Any]:

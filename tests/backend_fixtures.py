@@ -1,0 +1,162 @@
+"""A `natron serve` of the backend example models, shared by the backend test modules.
+
+Test modules load it with `pytest_plugins = ["tests.backend_fixtures"]`, so one server (one
+worker, one stub per Python model instance, one torch import) serves them all. Its repository
+holds the PyTorch models only when torch is installed, and `simple` for the BLS models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from nats.aio.client import Client
+
+from broker import jetstream
+from broker.requester import Requester
+from broker.server import free_port
+from broker.subjects import Subjects
+from examples import build_backend_models, build_models
+from tests.conftest import ROOT, Served
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+# Models that load; the others are there to fail, and tests wait for their reasons.
+PYTHON_READY = ["add_sub", "bls", "bls_async", "bls_decoupled", "repeat", "py_identity", "py_faults"]
+PYTHON_BROKEN = ["py_bad_import", "py_init_fails"]
+TORCH_READY = [
+    "torch_add_sub",
+    "torch_named",
+    "torch_dict",
+    "torch_strings",
+    "torch_raises",
+    "torch_identity",
+    "torch_export",
+]
+TORCH_BROKEN = ["torch_wrong_inputs"]
+
+
+@pytest.fixture(scope="session")
+def backend_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("backend_models")
+    build_models.build(repo, ["simple"], quiet=True)
+    names = PYTHON_READY + PYTHON_BROKEN + (TORCH_READY + TORCH_BROKEN if HAVE_TORCH else [])
+    build_backend_models.build(repo, names, quiet=True)
+    # A TensorRT plan: on a machine without a GPU it must be UNAVAILABLE, with the reason.
+    (repo / "trt_plan" / "1").mkdir(parents=True)
+    (repo / "trt_plan" / "1" / "model.plan").write_bytes(b"not a real engine")
+    (repo / "trt_plan" / "config.pbtxt").write_text(
+        'name: "trt_plan"\nplatform: "tensorrt_plan"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 16 ] } ]\n'
+    )
+    return repo
+
+
+def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(models)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"natron serve exited with {process.returncode}")
+        try:
+            pending = [
+                m for m in pending if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
+            ]
+            if not pending:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"natron serve not ready within {timeout_s} s; waiting for {pending}")
+
+
+@pytest.fixture(scope="session")
+def backend_served(backend_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    http_port, metrics_port, nats_port = free_port(), free_port(), free_port()
+    output = tmp_path_factory.mktemp("backend_serve") / "serve.log"
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "natron",
+                "serve",
+                str(backend_repository),
+                "--http-port",
+                str(http_port),
+                "--metrics-port",
+                str(metrics_port),
+                "--nats-port",
+                str(nats_port),
+                "--http-address",
+                "127.0.0.1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        url = f"http://127.0.0.1:{http_port}"
+        try:
+            ready = PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple"]
+            _wait_ready(url, ready, process, timeout_s=120)
+            yield Served(
+                url,
+                f"127.0.0.1:{http_port}",
+                f"nats://127.0.0.1:{nats_port}",
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                output,
+                backend_repository,
+            )
+        except BaseException:
+            print(output.read_text(errors="replace")[-8000:])
+            raise
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="session")
+async def backend_nc(backend_served: Served) -> AsyncIterator[Client]:
+    nc = await jetstream.connect(backend_served.nats_url, name="backend-tests")
+    yield nc
+    await nc.drain()
+
+
+@pytest.fixture(scope="session")
+async def backend_requester(backend_nc: Client) -> AsyncIterator[Requester]:
+    async with Requester(backend_nc, Subjects()) as requester:
+        yield requester
+
+
+@pytest.fixture(scope="session")
+def repository_state(backend_served: Served) -> Callable[[str], dict[str, Any]]:
+    """`repository_state(model)`: the model's repository index entry once it left LOADING."""
+
+    def state(model: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        entry: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            index = requests.post(f"{backend_served.url}/v2/repository/index", timeout=5).json()
+            entries = [e for e in index if e["name"] == model]
+            if entries and entries[0]["state"] != "LOADING":
+                return dict(entries[0])
+            entry = entries[0] if entries else {}
+            time.sleep(0.2)
+        raise AssertionError(f"model '{model}' still {entry} after {timeout_s} s")
+
+    return state
