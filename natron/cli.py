@@ -45,6 +45,12 @@ def _add_worker_tuning(parser: argparse.ArgumentParser) -> None:
         "--ack-wait-s", type=float, default=10.0, help="redeliver a dead worker's requests after this long"
     )
     parser.add_argument("--drain-timeout-s", type=float, default=30.0)
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=0,
+        help="intra-op threads per CPU model instance (0: framework default)",
+    )
     # A testing and benchmarking aid: a worker made slower on purpose.
     parser.add_argument("--throttle-ms", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -155,7 +161,10 @@ def router_options(args: argparse.Namespace, repository: Path) -> RouterOptions:
 
 def tuning(args: argparse.Namespace) -> WorkerTuning:
     return WorkerTuning(
-        ack_wait_s=args.ack_wait_s, drain_timeout_s=args.drain_timeout_s, throttle_s=args.throttle_ms / 1000
+        ack_wait_s=args.ack_wait_s,
+        drain_timeout_s=args.drain_timeout_s,
+        throttle_s=args.throttle_ms / 1000,
+        cpu_threads=args.cpu_threads,
     )
 
 

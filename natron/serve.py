@@ -140,6 +140,13 @@ async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, 
                 env={"CUDA_VISIBLE_DEVICES": gpu.uuid},
             )  # fmt: skip
     else:
+        # N CPU workers on one host split its cores, unless told otherwise: N processes that
+        # each spread over every core only fight each other.
+        threads = args.cpu_threads or (
+            max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else 0
+        )
+        if threads:
+            tuning += ["--cpu-threads", str(threads)]
         for index in range(args.workers):
             supervisor.add(
                 f"worker-{index}",

@@ -67,6 +67,7 @@ class WorkerTuning:
     ack_wait_s: float = 10.0
     drain_timeout_s: float = 30.0
     throttle_s: float = 0.0
+    cpu_threads: int = 0
 
 
 def pick_device(device_spec: str) -> Device:
@@ -102,6 +103,7 @@ async def run_worker(
         nats_url=nats_url,
         drain_timeout_s=tuning.drain_timeout_s,
         throttle_s=tuning.throttle_s,
+        cpu_threads=tuning.cpu_threads,
         queue=jetstream.QueuePolicy(ack_wait_s=tuning.ack_wait_s),
     )
     worker = Worker(nc, subjects, options)

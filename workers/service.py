@@ -51,6 +51,7 @@ class WorkerOptions:
     # Sleep this long after each batch: makes a worker slower on purpose, to show and measure
     # load balancing by capacity (`natron worker --throttle-ms`). 0 in production.
     throttle_s: float = 0.0
+    cpu_threads: int = 0  # intra-op threads per CPU instance; 0: the framework's default
     queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
 
 
@@ -92,7 +93,10 @@ class Worker:
         self._registry: ModelRegistry | None = None
         self._requester: Requester | None = None
         self._context = BackendContext(
-            device=options.device, nats_url=options.nats_url, prefix=subjects.prefix
+            device=options.device,
+            nats_url=options.nats_url,
+            prefix=subjects.prefix,
+            cpu_threads=options.cpu_threads,
         )
 
     @property

@@ -71,6 +71,8 @@ class BackendContext:
     prefix: str = "natron"
     # On an orchestrator (`natron ensemble`): the mesh ensembles send their steps through.
     mesh: Any = None
+    # Intra-op threads for CPU execution when the model does not say; 0: the framework's own.
+    cpu_threads: int = 0
 
 
 def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
@@ -95,7 +97,7 @@ def load_backend(config: pb.ModelConfig, version_dir: Path, context: BackendCont
     if key in ("onnxruntime_onnx", "onnxruntime"):
         from workers.backends.onnx import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend.load(config, version_dir, context.device)
+        return OnnxRuntimeBackend.load(config, version_dir, context.device, context.cpu_threads)
     if key in ("pytorch_libtorch", "pytorch"):
         from workers.backends.pytorch import load_pytorch
 

@@ -186,7 +186,7 @@ def _providers(config: pb.ModelConfig, device: Device, available: set[str] | Non
     return providers
 
 
-def _session_options(config: pb.ModelConfig) -> ort.SessionOptions:
+def _session_options(config: pb.ModelConfig, cpu_threads: int = 0) -> ort.SessionOptions:
     options = ort.SessionOptions()
     params = {k: v.string_value for k, v in config.parameters.items()}
     # Triton's `optimization { graph { level } }`: -1 basic, 1 extended, 2 none, else all.
@@ -203,6 +203,9 @@ def _session_options(config: pb.ModelConfig) -> ort.SessionOptions:
         "session.intra_op.allow_spinning", "1" if params.get("allow_spinning") == "1" else "0"
     )
     # Triton's ORT backend parameter names.
+    if cpu_threads and "intra_op_thread_count" not in params:
+        # Several CPU workers on one host share its cores (natron serve --workers N).
+        options.intra_op_num_threads = cpu_threads
     if "intra_op_thread_count" in params:
         options.intra_op_num_threads = _parse(
             config.name, "model", "intra_op_thread_count", params["intra_op_thread_count"], int
@@ -264,12 +267,16 @@ class OnnxRuntimeBackend:
         self._run_options = run_options
 
     @staticmethod
-    def load(config: pb.ModelConfig, version_dir: Path, device: Device) -> OnnxRuntimeBackend:
+    def load(
+        config: pb.ModelConfig, version_dir: Path, device: Device, cpu_threads: int = 0
+    ) -> OnnxRuntimeBackend:
         path = version_dir / cfg.model_filename(config)
         if not path.exists():
             raise FileNotFoundError(f"model file {path} not found")
         providers = _providers(config, device)
-        session = ort.InferenceSession(str(path), sess_options=_session_options(config), providers=providers)
+        session = ort.InferenceSession(
+            str(path), sess_options=_session_options(config, cpu_threads), providers=providers
+        )
         used = session.get_providers()
         on_device = any(p in used for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
         if len(providers) > 1 and not on_device:
