@@ -51,6 +51,20 @@ def backend_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_models.build(repo, ["simple"], quiet=True)
     names = PYTHON_READY + PYTHON_BROKEN + (TORCH_READY + TORCH_BROKEN if HAVE_TORCH else [])
     build_backend_models.build(repo, names, quiet=True)
+    # A streaming ensemble: each answer of the decoupled `repeat` flows through `py_identity`.
+    (repo / "ens_repeat" / "1").mkdir(parents=True)
+    (repo / "ens_repeat" / "config.pbtxt").write_text(
+        'name: "ens_repeat"\nplatform: "ensemble"\nmodel_transaction_policy { decoupled: true }\n'
+        'input [ { name: "IN" data_type: TYPE_INT32 dims: [ -1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] },'
+        ' { name: "IDX" data_type: TYPE_UINT32 dims: [ 1 ] } ]\n'
+        "ensemble_scheduling { step [\n"
+        '  { model_name: "repeat" model_version: -1 input_map { key: "IN" value: "IN" }'
+        ' output_map { key: "OUT" value: "tok" } output_map { key: "IDX" value: "IDX" } },\n'
+        '  { model_name: "py_identity" model_version: -1 input_map { key: "INPUT_INT32" value: "tok" }'
+        ' output_map { key: "OUTPUT_INT32" value: "OUT" } }\n'
+        "] }\n"
+    )
     # A TensorRT plan: on a machine without a GPU it must be UNAVAILABLE, with the reason.
     (repo / "trt_plan" / "1").mkdir(parents=True)
     (repo / "trt_plan" / "1" / "model.plan").write_bytes(b"not a real engine")
@@ -108,7 +122,7 @@ def backend_served(backend_repository: Path, tmp_path_factory: pytest.TempPathFa
         )
         url = f"http://127.0.0.1:{http_port}"
         try:
-            ready = PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple"]
+            ready = PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple", "ens_repeat"]
             _wait_ready(url, ready, process, timeout_s=120)
             yield Served(
                 url,

@@ -151,3 +151,17 @@ async def test_a_long_fast_stream_keeps_every_answer_in_order(backend_requester:
     assert [int(a.outputs[0].data[0]) for a in answers] == values
     assert [int(a.outputs[1].data[0]) for a in answers] == values
     assert {a.id for a in answers} == {"long"}
+
+
+async def test_a_streaming_step_streams_through_its_ensemble(backend_served: Served) -> None:
+    """Each answer of the decoupled step flows through the next step and out as it comes."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{backend_served.url}/v2/ws") as ws:
+        await ws.send_json({"id": "e", "model": "ens_repeat", "inputs": [
+            {"name": "IN", "shape": [4], "datatype": "INT32", "data": [9, 8, 7, 6]}]})  # fmt: skip
+        frames = []
+        while not frames or not frames[-1]["final"]:
+            frames.append(json.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+    answers = {f["sequence"]: {o["name"]: o["data"] for o in f["outputs"]} for f in frames if "outputs" in f}
+    assert [answers[i]["OUT"] for i in range(4)] == [[9], [8], [7], [6]]
+    assert [answers[i]["IDX"] for i in range(4)] == [[0], [1], [2], [3]]
+    assert "error" not in frames[-1]
