@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(BIN)/python examples/build_models.py --out examples/models
 	$(BIN)/python examples/build_backend_models.py --out examples/models
+	$(BIN)/python examples/build_text_models.py --out examples/models
 
 serve: models
 	$(BIN)/natron serve examples/models

@@ -25,13 +25,16 @@ from broker import jetstream
 from broker.requester import Requester
 from broker.server import free_port
 from broker.subjects import Subjects
-from examples import build_backend_models, build_models
+from examples import build_backend_models, build_models, build_text_models
 from tests.conftest import ROOT, Served
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 # Models that load; the others are there to fail, and tests wait for their reasons.
-PYTHON_READY = ["add_sub", "bls", "bls_async", "bls_decoupled", "repeat", "py_identity", "py_faults"]
+PYTHON_READY = [
+    "add_sub", "bls", "bls_async", "bls_decoupled", "repeat", "py_identity", "py_faults",
+    "text_tokenizer", "text_pooling", "text_generator",
+]  # fmt: skip
 PYTHON_BROKEN = ["py_bad_import", "py_init_fails"]
 TORCH_READY = [
     "torch_add_sub",
@@ -51,6 +54,7 @@ def backend_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_models.build(repo, ["simple"], quiet=True)
     names = PYTHON_READY + PYTHON_BROKEN + (TORCH_READY + TORCH_BROKEN if HAVE_TORCH else [])
     build_backend_models.build(repo, names, quiet=True)
+    build_text_models.build(repo)
     # A streaming ensemble: each answer of the decoupled `repeat` flows through `py_identity`.
     (repo / "ens_repeat" / "1").mkdir(parents=True)
     (repo / "ens_repeat" / "config.pbtxt").write_text(
@@ -122,7 +126,9 @@ def backend_served(backend_repository: Path, tmp_path_factory: pytest.TempPathFa
         )
         url = f"http://127.0.0.1:{http_port}"
         try:
-            ready = PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple", "ens_repeat"]
+            ready = (
+                PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple", "ens_repeat", "text_pipeline"]
+            )
             _wait_ready(url, ready, process, timeout_s=120)
             yield Served(
                 url,
