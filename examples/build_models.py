@@ -65,7 +65,7 @@ ALL_MODELS: Final = (
     "no_batch",
     "broken",
     *(ENSEMBLES := ("ensemble_simple", "ensemble_parallel", "ensemble_nested", "ensemble_missing",
-                    "ensemble_failing")),
+                    "ensemble_failing", "ensemble_chain3")),
 )  # fmt: skip
 # Everything but the models that take noticeable time and disk to build (for tests).
 SMALL_MODELS: Final = tuple(name for name in ALL_MODELS if name not in LARGE_MODELS)
@@ -362,6 +362,17 @@ def _build_ensemble_failing(model_dir: Path, name: str) -> None:
     ])  # fmt: skip
 
 
+def _build_ensemble_chain3(model_dir: Path, name: str) -> None:
+    # Three `tiny` steps one after another: Y = ((2x+1)*2+1)*2+1 = 8x+7. bench/pipelines.py
+    # weighs it against a client calling `tiny` three times itself.
+    ios = _ios("input", "TYPE_FP32", "16", "X") + "\n" + _ios("output", "TYPE_FP32", "16", "Y")
+    _ensemble(model_dir, name, ios, [
+        _step("tiny", {"INPUT0": "X"}, {"OUTPUT0": "once"}),
+        _step("tiny", {"INPUT0": "once"}, {"OUTPUT0": "twice"}),
+        _step("tiny", {"INPUT0": "twice"}, {"OUTPUT0": "Y"}),
+    ])  # fmt: skip
+
+
 _BUILDERS: Final[dict[str, Callable[[Path, str], None]]] = {
     "tiny": _build_tiny,
     "mlp": _build_mlp,
@@ -376,6 +387,7 @@ _BUILDERS: Final[dict[str, Callable[[Path, str], None]]] = {
     "ensemble_nested": _build_ensemble_nested,
     "ensemble_missing": _build_ensemble_missing,
     "ensemble_failing": _build_ensemble_failing,
+    "ensemble_chain3": _build_ensemble_chain3,
 }
 
 
