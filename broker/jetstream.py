@@ -5,7 +5,9 @@ Every service calls these idempotent helpers at start, so any of them may come u
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats
@@ -116,6 +118,30 @@ async def delete_consumer(js: JetStreamContext, subjects: Subjects, model: str, 
         await js.delete_consumer(subjects.stream, subjects.consumer(model, version))
     except NotFoundError:
         pass
+
+
+@dataclass(slots=True, frozen=True)
+class BucketChange:
+    key: str
+    value: bytes | None  # None: the key was deleted or purged
+
+
+async def follow_bucket(kv: KeyValue) -> AsyncIterator[BucketChange | None]:
+    """Every key's current value, then every change as it happens; `None` once, when the
+    current values have all been delivered (at once for an empty bucket)."""
+    watcher = await kv.watchall()
+    synced = False
+    try:
+        async for entry in watcher:
+            if entry is not None:
+                deleted = entry.operation in ("DEL", "PURGE") or not entry.value
+                yield BucketChange(entry.key, None if deleted else entry.value)
+            if not synced and (entry is None or entry.delta == 0):
+                synced = True
+                yield None
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
 
 async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:

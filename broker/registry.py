@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
+from broker.jetstream import follow_bucket
 from natron import config as cfg
 from natron.errors import NotFound, Unavailable
 from natron.spec import ModelSpec
@@ -80,21 +81,13 @@ class ModelRegistry:
             self._task = None
 
     async def _follow(self, kv: KeyValue) -> None:
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    self.synced.set()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._models.pop(entry.key, None)
-                else:
-                    try:
-                        self.put(ModelRecord.from_json(entry.value))
-                    except (KeyError, ValueError, TypeError) as exc:
-                        log.warning("ignoring malformed model record %s: %s", entry.key, exc)
-                if entry.delta == 0:
-                    self.synced.set()
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        async for change in follow_bucket(kv):
+            if change is None:
+                self.synced.set()
+            elif change.value is None:
+                self._models.pop(change.key, None)
+            else:
+                try:
+                    self.put(ModelRecord.from_json(change.value))
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed model record %s: %s", change.key, exc)

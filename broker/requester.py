@@ -117,15 +117,7 @@ class Requester:
         pending = _Pending(loop.create_future(), request.model, version)
         self._pending[token] = pending
         try:
-            try:
-                await self._nc.publish(
-                    self._subjects.infer(request.model, version),
-                    payload,
-                    reply=reply + ".a",
-                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
-                )
-            except nats.errors.Error as exc:  # closed connection, full reconnect buffer
-                raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
+            await self._publish(request, version, payload, reply, deadline_ns, headers)
             # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
             timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
             try:
@@ -160,15 +152,7 @@ class Requester:
         finished = False
         try:
             deadline_ns = time.time_ns() + int(idle_timeout_s * 1e9)
-            try:
-                await self._nc.publish(
-                    self._subjects.infer(request.model, version),
-                    payload,
-                    reply=reply + ".a",
-                    headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
-                )
-            except nats.errors.Error as exc:
-                raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
+            await self._publish(request, version, payload, reply, deadline_ns, headers)
             while True:
                 try:
                     item, final = await asyncio.wait_for(state.queue.get(), idle_timeout_s)
@@ -189,6 +173,27 @@ class Requester:
             del self._streams[token]
             if not finished:
                 await self._cancel(request, version)
+
+    async def _publish(
+        self,
+        request: InferRequest,
+        version: str,
+        payload: bytes,
+        reply: str,
+        deadline_ns: int,
+        headers: dict[str, str] | None,
+    ) -> None:
+        """Into the work queue; JetStream acknowledges to `<reply>.a`, the worker answers to
+        `reply` (a header, since JetStream owns the message's reply subject)."""
+        try:
+            await self._nc.publish(
+                self._subjects.infer(request.model, version),
+                payload,
+                reply=reply + ".a",
+                headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
+            )
+        except nats.errors.Error as exc:  # closed connection, full reconnect buffer
+            raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
 
     async def _cancel(self, request: InferRequest, version: str) -> None:
         try:

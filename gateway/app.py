@@ -86,6 +86,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
+def json_object(body: bytes, what: str) -> dict[str, Any]:
+    """A request body that must be a JSON object (empty: {}); a 400 naming `what` otherwise."""
+    if not body:
+        return {}
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"{what} body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument(f"{what} body must be a JSON object")
+    return parsed
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -155,18 +168,9 @@ async def model_config(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    ready_only = False
-    body = await request.read()
-    if body:
-        try:
-            params = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"repository index body is not valid JSON: {exc}") from None
-        if not isinstance(params, dict):
-            raise InvalidArgument("repository index body must be a JSON object")
-        ready_only = params.get("ready", False)
-        if not isinstance(ready_only, bool):
-            raise InvalidArgument("'ready' must be a boolean")
+    ready_only = json_object(await request.read(), "repository index").get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise InvalidArgument("'ready' must be a boolean")
     index: list[dict[str, str]] = []
     for view in request.app[REGISTRY].all():
         for version in sorted(view.record.versions, key=int):
@@ -185,19 +189,9 @@ async def repository_index(request: web.Request) -> web.Response:
 async def _control(request: web.Request, verb: str) -> web.Response:
     """Forward a load/unload to the router and answer once it has taken effect fleet-wide."""
     name = check_name("model", request.match_info["model"])
-    body = await request.read()
-    params: dict[str, Any] = {}
-    if body:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidArgument(f"{verb} body is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise InvalidArgument(f"{verb} body must be a JSON object")
-        raw_params = parsed.get("parameters", {})
-        if not isinstance(raw_params, dict):
-            raise InvalidArgument("'parameters' must be a JSON object")
-        params = raw_params
+    params = json_object(await request.read(), verb).get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidArgument("'parameters' must be a JSON object")
     options = request.app[OPTIONS]
     message: dict[str, Any] = {"name": name, "parameters": params}
     if verb == "unload":

@@ -16,6 +16,7 @@ from typing import Any
 
 from nats.js.kv import KeyValue
 
+from broker.jetstream import follow_bucket
 from natron.states import READY, WorkerReport
 
 log = logging.getLogger(__name__)
@@ -90,18 +91,13 @@ class FleetView:
             self._task = None
 
     async def _follow(self, kv: KeyValue) -> None:
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._workers.pop(entry.key, None)
-                    continue
-                try:
-                    self._workers[entry.key] = WorkerReport.from_json(entry.value)
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.warning("ignoring malformed report of worker %s: %s", entry.key, exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        async for change in follow_bucket(kv):
+            if change is None:
+                continue
+            if change.value is None:
+                self._workers.pop(change.key, None)
+                continue
+            try:
+                self._workers[change.key] = WorkerReport.from_json(change.value)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("ignoring malformed report of worker %s: %s", change.key, exc)

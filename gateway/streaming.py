@@ -27,7 +27,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from gateway import kserve
-from gateway.app import OPTIONS, REGISTRY, REQUESTER
+from gateway.app import OPTIONS, REGISTRY, REQUESTER, json_object
 from natron import datatypes
 from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferResponse
@@ -67,12 +67,7 @@ def _generate_body(request: web.Request, raw: bytes, model: str, version: str) -
     spec = view.spec
     if spec is None:
         raise InvalidArgument(f"model '{model}' has no valid config")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"generate body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("generate body must be a JSON object")
+    body = json_object(raw, "generate")
     inputs = []
     for name, value in body.items():
         if name in ("parameters", "id"):

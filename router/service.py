@@ -297,30 +297,22 @@ class Router:
     async def _watch_workers(self) -> None:
         assert self._workers_kv is not None
         loop = asyncio.get_running_loop()
-        watcher = await self._workers_kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    self._workers_synced.set()
+        async for change in jetstream.follow_bucket(self._workers_kv):
+            if change is None:  # the current reports are in
+                self._workers_synced.set()
+            elif change.value is None:
+                self._workers.pop(change.key, None)
+                self._last_seen_s.pop(change.key, None)
+            else:
+                try:
+                    self._workers[change.key] = WorkerReport.from_json(change.value)
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed report of worker %s: %s", change.key, exc)
                     continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._workers.pop(entry.key, None)
-                    self._last_seen_s.pop(entry.key, None)
-                else:
-                    try:
-                        self._workers[entry.key] = WorkerReport.from_json(entry.value)
-                    except (KeyError, ValueError, TypeError) as exc:
-                        log.warning("ignoring malformed report of worker %s: %s", entry.key, exc)
-                        continue
-                    self._last_seen_s[entry.key] = loop.time()
-                if entry.delta == 0:
-                    self._workers_synced.set()
-                if self._workers_synced.is_set() and self._published:
-                    async with self._lock:
-                        await self._publish()
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                self._last_seen_s[change.key] = loop.time()
+            if self._workers_synced.is_set() and self._published:
+                async with self._lock:
+                    await self._publish()
 
     async def _reap_workers(self) -> None:
         assert self._workers_kv is not None

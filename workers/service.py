@@ -156,23 +156,18 @@ class Worker:
     # -- following the repository ------------------------------------------------------------
 
     async def _follow_models(self, models_kv: KeyValue) -> None:
-        watcher = await models_kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    await self._apply(entry.key, None)
-                    continue
-                try:
-                    record = ModelRecord.from_json(entry.value)
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.warning("ignoring malformed model record %s: %s", entry.key, exc)
-                    continue
-                await self._apply(entry.key, record)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        async for change in jetstream.follow_bucket(models_kv):
+            if change is None:
+                continue
+            if change.value is None:
+                await self._apply(change.key, None)
+                continue
+            try:
+                record = ModelRecord.from_json(change.value)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("ignoring malformed model record %s: %s", change.key, exc)
+                continue
+            await self._apply(change.key, record)
 
     async def _apply(self, name: str, record: ModelRecord | None) -> None:
         async with self._model_lock:
