@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     router = commands.add_parser("router", help="the control plane alone")
     _add_repository(router)
     router.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    router.add_argument("--metrics-port", type=int, default=0, help="the router's own metrics; 0: none")
     _add_common(router)
 
     orchestrator = commands.add_parser("ensemble", help="the ensemble orchestrator alone")
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         from natron.services import run_router
 
         router_opts = router_options(args, _repository(args, parser))
-        _run(lambda stop: run_router(args.nats_url, subjects, router_opts, stop), args.parent_pid)
+        _run(
+            lambda stop: run_router(args.nats_url, subjects, router_opts, stop, args.metrics_port),
+            args.parent_pid,
+        )
     elif args.command == "worker":
         from natron.services import run_worker
 

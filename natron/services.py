@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, ProcessCollector, generate_latest
 
 from broker import jetstream
 from broker.subjects import Subjects
@@ -51,15 +51,48 @@ async def run_gateway(
             await metrics_runner.cleanup()
 
 
-async def run_router(nats_url: str, subjects: Subjects, options: RouterOptions, stop: asyncio.Event) -> None:
+async def run_router(
+    nats_url: str, subjects: Subjects, options: RouterOptions, stop: asyncio.Event, metrics_port: int = 0
+) -> None:
     nc = await jetstream.connect(nats_url, name="natron-router")
     router = Router(nc, subjects, options)
+    metrics_runner: web.AppRunner | None = None
     try:
         await router.start()
+        if metrics_port:
+            metrics_runner = web.AppRunner(router_metrics_app(router, nc), access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, "0.0.0.0", metrics_port, reuse_address=True).start()
         await stop.wait()
     finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         await router.stop()
         await nc.drain()
+
+
+def router_metrics_app(router: Router, nc: Client) -> web.Application:
+    """The router's own metrics: model versions by state, live workers, its process."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    versions = Gauge("natron_router_model_versions", "Model versions by state", ["state"], registry=registry)
+    workers = Gauge("natron_router_workers", "Workers with a fresh heartbeat", registry=registry)
+    connected = Gauge("natron_nats_connected", "1 while connected to NATS", registry=registry)
+
+    async def handle(request: web.Request) -> web.Response:
+        counts: dict[str, int] = dict.fromkeys(("READY", "LOADING", "UNAVAILABLE", "UNLOADING"), 0)
+        for record in router.records.values():
+            for version_state in record.versions.values():
+                counts[version_state.state] = counts.get(version_state.state, 0) + 1
+        for state, count in counts.items():
+            versions.labels(state).set(count)
+        workers.set(router.live_workers)
+        connected.set(1 if nc.is_connected else 0)
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handle)
+    return app
 
 
 @dataclass(slots=True, frozen=True)

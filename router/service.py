@@ -132,6 +132,10 @@ class Router:
     def records(self) -> dict[str, ModelRecord]:
         return self._records
 
+    @property
+    def live_workers(self) -> int:
+        return sum(1 for w in self._workers.values() if not w.stopping)
+
     # -- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -215,14 +215,13 @@ def test_the_health_checks_probe_the_ports_the_services_listen_on(compose: dict[
     assert "127.0.0.1:8222/healthz" in " ".join(services["nats"]["healthcheck"]["test"])
 
 
-def test_the_router_health_check_looks_for_the_connection_name_the_router_uses(
-    compose: dict[str, Any],
-) -> None:
-    check = " ".join(compose["services"]["router"]["healthcheck"]["test"])
-    name = re.search(r"== '([^']+)'", check)
-    assert name, check
-    assert f'name="{name[1]}"' in (ROOT / "natron" / "services.py").read_text()
-    assert "http://nats:8222/connz" in check
+def test_the_router_health_check_reads_the_routers_own_metrics(compose: dict[str, Any]) -> None:
+    router = compose["services"]["router"]
+    check = " ".join(router["healthcheck"]["test"])
+    port = option([str(p) for p in router["command"]], "--metrics-port")
+    assert port is not None and f"127.0.0.1:{port}/metrics" in check
+    assert "natron_nats_connected 1.0" in check
+    assert "natron_nats_connected" in (ROOT / "natron" / "services.py").read_text()
 
 
 def test_every_natron_command_in_the_compose_file_parses_with_the_natron_command_line(
@@ -351,11 +350,8 @@ def test_prometheus_scrapes_every_service_that_serves_metrics(compose: dict[str,
     assert "-varz" in services["nats-exporter"]["command"]
     assert services["nats-exporter"]["command"][-1] == "http://nats:8222"
     scraped.add("nats")
-    # The router has no metrics endpoint (its states reach Prometheus through the gateway);
-    # if it grows one, it must be scraped too.
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["router", "/models", "--metrics-port", "8002"])
-    assert set(services) - scraped == {"router"}
+    # Every service is scraped, the router included (it serves its own metrics).
+    assert set(services) - scraped == set()
 
 
 def test_the_grafana_datasource_and_dashboards_are_where_compose_mounts_them(

@@ -4,6 +4,7 @@ and draining on SIGTERM; router and gateway restarts that do not disturb traffic
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ import aiohttp
 import nats
 import orjson
 import pytest
+import requests
 
+from broker.server import free_port
 from broker.subjects import Subjects
 from natron.states import ModelRecord, WorkerReport
 from tests.mesh import Mesh
@@ -182,3 +185,26 @@ def test_a_dead_worker_is_dropped_and_its_models_shown_unavailable(mesh: Mesh) -
     response = mesh.infer_tiny(1.0)
     assert response.status_code == 503
     assert "no live worker" in response.json()["error"]
+
+
+def test_the_router_serves_its_own_metrics(model_repository: Path) -> None:
+    port = free_port()
+    mesh = Mesh(model_repository, ["--metrics-port", str(port)])
+    mesh.start_nats()
+    mesh.start_router()
+    mesh.start_worker("a")
+    mesh.start_gateway()
+    try:
+        mesh.wait_ready("tiny")
+
+        def scraped() -> bool:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return "natron_router_workers 1.0" in text and "natron_nats_connected 1.0" in text
+
+        mesh.wait_until(scraped, what="router metrics")
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        ready = re.search(r'^natron_router_model_versions\{state="READY"\} (\d+)', text, re.M)
+        assert ready and int(ready[1]) >= 3
+        assert "process_cpu_seconds_total" in text
+    finally:
+        mesh.stop()
