@@ -335,12 +335,19 @@ async def infer(request: web.Request) -> web.Response:
     except NatronError as exc:
         status = exc.status
         raise
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection; the requester told the worker
+        raise
     finally:
         duration_s = loop.time() - started_s
         metrics.observe(model, request.match_info.get("version", ""), status, duration_s)
         request_id = request.get(_REQUEST_ID, "-")
         if status >= 500:
             log.warning("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
+        elif status == 499:
+            log.info(
+                "infer %s id=%s cancelled by the client after %.2f ms", model, request_id, duration_s * 1e3
+            )
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
 

@@ -130,3 +130,17 @@ async def test_a_closed_puller_hands_prefetched_messages_back(nc: Client, subjec
         assert sorted(seen) == [1, 2, 3, 4, 5]
     finally:
         await second.close()
+
+
+async def test_a_caller_that_goes_away_cancels_its_request(nc: Client, subjects: Subjects) -> None:
+    await jetstream.ensure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
+    cancellations = await nc.subscribe(subjects.cancel("m", "1"))
+    async with Requester(nc, subjects) as requester:
+        waiting = asyncio.create_task(requester.infer(request(7), "1", 30.0))
+        await asyncio.sleep(0.2)
+        waiting.cancel()  # what aiohttp does when the HTTP client closes its connection
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        message = await cancellations.next_msg(timeout=5)
+        assert message.data == b"7"
+        assert requester.in_flight == 0
