@@ -15,8 +15,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Pro
 
 from broker import jetstream
 from broker.subjects import Subjects
-from gateway.app import GatewayOptions, create_app, create_metrics_app
+from gateway.app import GatewayOptions, create_app
 from gateway.metrics import metrics_response, render_fleet
+from gateway.stats import create_metrics_app
 from router.service import Router, RouterOptions
 from workers.devices import CPU, ORCHESTRATOR, Device, discover_gpus
 from workers.service import Worker, WorkerOptions
