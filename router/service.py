@@ -28,6 +28,7 @@ from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unsupported
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
 from router import uploads
+from router.aggregate import aggregate, gate_ensembles, generation_states, placed_workers
 from router.placement import model_size_bytes, place
 from router.repository import scan_model, scan_repository
 
@@ -53,60 +54,6 @@ class RouterOptions:
             raise InvalidArgument(
                 f"model control mode '{self.control_mode}': expected one of {', '.join(CONTROL_MODES)}"
             )
-
-
-def _workers_of(record: ModelRecord, workers: list[WorkerReport]) -> list[WorkerReport]:
-    return [w for w in workers if w.id in record.placement and not w.stopping]
-
-
-def generation_states(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, list[VersionState]]:
-    """What the placed workers report for each version of the record's own generation."""
-    placed = _workers_of(record, workers)
-    return {
-        version: [
-            w.models[record.name][record.generation][version]
-            for w in placed
-            if version in w.models.get(record.name, {}).get(record.generation, {})
-        ]
-        for version in record.versions
-    }
-
-
-def aggregate(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, VersionState]:
-    """Each version's fleet-wide state from the placed workers' reports.
-
-    While a reload is under way, or after it failed, instances of an earlier generation that
-    still run on a worker keep the version READY: there is no gap, and a failed reload shows
-    its reason next to READY.
-    """
-    if record.reason:
-        return record.versions
-    if not record.placement:
-        reason = record.placement_reason or "no live worker serves this model"
-        return {v: VersionState(UNAVAILABLE, reason) for v in record.versions}
-    placed = _workers_of(record, workers)
-    current = generation_states(record, workers)
-    states: dict[str, VersionState] = {}
-    for version, seen in current.items():
-        older_ready = any(
-            states_by_version.get(version, VersionState(LOADING)).state == READY
-            for w in placed
-            for generation, states_by_version in w.models.get(record.name, {}).items()
-            if generation != record.generation
-        )
-        if any(s.state == READY for s in seen):
-            states[version] = VersionState(READY)
-        elif any(s.state == LOADING for s in seen) or len(seen) < len(placed):
-            states[version] = VersionState(READY) if older_ready else VersionState(LOADING)
-        elif seen:
-            reason = seen[0].reason
-            if older_ready:
-                states[version] = VersionState(READY, f"reload failed, the previous model serves: {reason}")
-            else:
-                states[version] = VersionState(UNAVAILABLE, reason)
-        else:
-            states[version] = VersionState(UNAVAILABLE, "no live worker serves this model")
-    return states
 
 
 class Router:
@@ -236,7 +183,7 @@ class Router:
             if not record.reason:
                 record.placement, record.placement_reason = placements.get(name, ({}, ""))
             computed[name] = aggregate(record, workers)
-        self._gate_ensembles(computed)
+        gate_ensembles(self._records, computed)
         for name, record in self._records.items():
             states = computed[name]
             if states != record.versions:
@@ -260,34 +207,6 @@ class Router:
                     await self._models_kv.delete(key)
         async with self._changed:
             self._changed.notify_all()
-
-    def _gate_ensembles(self, computed: dict[str, dict[str, VersionState]]) -> None:
-        """An ensemble is READY only while every composing model has a READY version; nested
-        ensembles settle over a few rounds."""
-        ensembles = {
-            name: [
-                s.get("model_name", "")
-                for s in (r.config or {}).get("ensemble_scheduling", {}).get("step", [])
-            ]
-            for name, r in self._records.items()
-            if r.config and r.config.get("platform") == "ensemble" and not r.reason
-        }
-        for _ in range(len(ensembles)):
-            changed = False
-            for name, composing in ensembles.items():
-                for model in composing:
-                    states = computed.get(model)
-                    if states is not None and any(s.state == READY for s in states.values()):
-                        continue
-                    reason = f"composing model '{model}' is " + (
-                        "not ready" if states is not None else "not found"
-                    )
-                    for version, state in computed[name].items():
-                        if state.state == READY:
-                            computed[name][version] = VersionState(UNAVAILABLE, reason)
-                            changed = True
-            if not changed:
-                break
 
     async def _remove(self, name: str) -> None:
         assert self._models_kv is not None
@@ -454,7 +373,7 @@ class Router:
                 if not record.placement:
                     raise InvalidArgument(f"failed to load '{record.name}': {record.placement_reason}")
                 seen = generation_states(record, list(self._workers.values()))
-                placed = len(_workers_of(record, list(self._workers.values())))
+                placed = len(placed_workers(record, list(self._workers.values())))
                 settled = all(
                     len(states) >= placed and not any(s.state == LOADING for s in states)
                     for states in seen.values()

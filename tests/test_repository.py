@@ -10,9 +10,9 @@ import pytest
 from natron import config as cfg
 from natron.errors import InvalidArgument
 from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from router.aggregate import aggregate
 from router.placement import place
 from router.repository import scan_model, scan_repository
-from router.service import aggregate
 
 ONNX_CONFIG = """
 name: "{name}"
