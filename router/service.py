@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from broker import jetstream
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unsupported
-from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from natron.states import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
 from router import uploads
 from router.aggregate import aggregate, gate_ensembles, generation_states, placed_workers
 from router.placement import model_size_bytes, place
@@ -403,15 +403,24 @@ class Router:
             if record is None:
                 raise NotFound(f"unknown model '{name}'")
             if record.reason != UNLOADED:
+                served = list(record.versions)
                 self._mark_unloaded(record, ever_loaded=True)
+                # The index says UNLOADING until the last worker has let go of the model.
+                record.versions = {v: VersionState(UNLOADING) for v in served}
                 record.generation = record.compute_generation()
                 await self._publish()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.load_timeout_s
-        async with self._changed:
-            while any(name in w.models for w in self._workers.values() if not w.stopping):
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise DeadlineExceeded(f"'{name}' did not finish unloading within the load timeout")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+        try:
+            async with self._changed:
+                while any(name in w.models for w in self._workers.values() if not w.stopping):
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise DeadlineExceeded(f"'{name}' did not finish unloading within the load timeout")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+        finally:
+            async with self._lock:
+                if self._records.get(name) is record and record.reason == UNLOADED:
+                    record.versions = {v: VersionState(UNAVAILABLE, UNLOADED) for v in record.versions}
+                    await self._publish()

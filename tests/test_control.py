@@ -7,6 +7,7 @@ import base64
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,10 +69,17 @@ def test_load_answers_once_the_model_is_ready_and_unload_once_it_is_gone(
     out = client.infer("tiny", tiny_input(2.0)).as_numpy("OUTPUT0")
     np.testing.assert_array_equal(out, np.full((1, 16), 5.0, dtype=np.float32))
     client.unload_model("tiny")
-    assert not client.is_model_ready("tiny")
-    states = {(m["name"], m.get("version")): m for m in client.get_model_repository_index()}
-    assert states[("tiny", "1")]["state"] == "UNAVAILABLE"
-    assert states[("tiny", "1")]["reason"] == "unloaded"
+    assert not client.is_model_ready("tiny")  # UNLOADING or UNAVAILABLE: not served either way
+
+    def tiny_state() -> dict[str, str]:
+        states = {(m["name"], m.get("version")): m for m in client.get_model_repository_index()}
+        return states[("tiny", "1")]
+
+    # The gateway's view follows the router's last word (UNLOADING -> UNAVAILABLE) within moments.
+    deadline = time.monotonic() + 10
+    while tiny_state()["state"] != "UNAVAILABLE" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tiny_state() == {"name": "tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
 
 
 def test_load_with_a_config_override_serves_that_config(client: httpclient.InferenceServerClient) -> None:
