@@ -8,10 +8,6 @@ holds the PyTorch models only when torch is installed, and `simple` for the BLS 
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -23,10 +19,9 @@ from nats.aio.client import Client
 
 from broker import jetstream
 from broker.requester import Requester
-from broker.server import free_port
 from broker.subjects import Subjects
 from examples import build_backend_models, build_models, build_text_models
-from tests.conftest import ROOT, Served
+from tests.conftest import Served, natron_serve
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -80,74 +75,13 @@ def backend_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(models)
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"natron serve exited with {process.returncode}")
-        try:
-            pending = [
-                m for m in pending if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
-            ]
-            if not pending:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"natron serve not ready within {timeout_s} s; waiting for {pending}")
-
-
 @pytest.fixture(scope="session")
 def backend_served(backend_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    http_port, metrics_port, nats_port = free_port(), free_port(), free_port()
-    output = tmp_path_factory.mktemp("backend_serve") / "serve.log"
-    with output.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "natron",
-                "serve",
-                str(backend_repository),
-                "--http-port",
-                str(http_port),
-                "--metrics-port",
-                str(metrics_port),
-                "--nats-port",
-                str(nats_port),
-                "--http-address",
-                "127.0.0.1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "COLUMNS": "200"},
-        )
-        url = f"http://127.0.0.1:{http_port}"
-        try:
-            ready = (
-                PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple", "ens_repeat", "text_pipeline"]
-            )
-            _wait_ready(url, ready, process, timeout_s=120)
-            yield Served(
-                url,
-                f"127.0.0.1:{http_port}",
-                f"nats://127.0.0.1:{nats_port}",
-                f"http://127.0.0.1:{metrics_port}/metrics",
-                output,
-                backend_repository,
-            )
-        except BaseException:
-            print(output.read_text(errors="replace")[-8000:])
-            raise
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    ready = PYTHON_READY + (TORCH_READY if HAVE_TORCH else []) + ["simple", "ens_repeat", "text_pipeline"]
+    with natron_serve(
+        backend_repository, ready, tmp_path_factory.mktemp("backend_serve"), timeout_s=120
+    ) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

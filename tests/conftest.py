@@ -3,6 +3,7 @@ real `natron serve` (all processes) on free ports. Nothing mocks NATS."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -93,48 +94,39 @@ def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], t
     raise RuntimeError(f"natron serve not ready within {timeout_s} s; waiting for {pending}")
 
 
-@pytest.fixture(scope="session")
-def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """`natron serve` as users run it: embedded NATS, router, gateway and a worker."""
+@contextlib.contextmanager
+def natron_serve(
+    repository: Path, ready: list[str], log_dir: Path, extra_args: tuple[str, ...] = (), timeout_s: float = 90
+) -> Iterator[Served]:
+    """`natron serve` as users run it (embedded NATS, router, gateway, worker, orchestrator) on
+    free ports, until `ready` models answer ready; stopped with Ctrl-C (SIGINT) afterwards."""
     http_port, metrics_port, nats_port = free_port(), free_port(), free_port()
-    output = tmp_path_factory.mktemp("serve") / "serve.log"
+    output = log_dir / "serve.log"
     with output.open("wb") as log:
         process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "natron",
-                "serve",
-                str(model_repository),
-                "--http-port",
-                str(http_port),
-                "--metrics-port",
-                str(metrics_port),
-                "--nats-port",
-                str(nats_port),
-                "--http-address",
-                "127.0.0.1",
-                "--max-payload-mb",
-                "8",
+                sys.executable, "-m", "natron", "serve", str(repository),
+                "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+                "--nats-port", str(nats_port), "--http-address", "127.0.0.1", *extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             env={**os.environ, "COLUMNS": "200"},
-        )
+        )  # fmt: skip
         url = f"http://127.0.0.1:{http_port}"
         try:
-            _wait_ready(url, ["tiny", "simple", "identity_fp32"], process, timeout_s=90)
+            _wait_ready(url, ready, process, timeout_s)
             yield Served(
                 url,
                 f"127.0.0.1:{http_port}",
                 f"nats://127.0.0.1:{nats_port}",
                 f"http://127.0.0.1:{metrics_port}/metrics",
                 output,
-                model_repository,
+                repository,
             )
         except BaseException:
-            print(output.read_text(errors="replace")[-5000:])
+            print(output.read_text(errors="replace")[-8000:])
             raise
         finally:
             process.send_signal(signal.SIGINT)
@@ -143,6 +135,16 @@ def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="session")
+def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`natron serve` of the ONNX and ensemble test models."""
+    ready = ["tiny", "simple", "identity_fp32"]
+    with natron_serve(
+        model_repository, ready, tmp_path_factory.mktemp("serve"), ("--max-payload-mb", "8")
+    ) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
