@@ -5,8 +5,8 @@ an event loop in a thread of its own, so that a model's synchronous `exec()` can
 while the stub's main thread runs `execute`. A model whose `execute` is a coroutine runs on that
 same loop, where `await request.async_exec()` proceeds without hopping threads.
 
-"Latest version" is resolved as the gateway resolves it: the highest READY version in the
-model's record in the models KV bucket, read at each call so that a reload is seen at once.
+"Latest version" is resolved as the gateway resolves it, with the same model view: a watch on
+the models KV bucket (broker.registry), so a reload is seen at once and a call costs no lookup.
 Errors come back inside the InferenceResponse, as in Triton; they are never raised.
 """
 
@@ -19,17 +19,15 @@ from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
 
 from broker import jetstream
+from broker.registry import ModelRegistry
 from broker.requester import Requester
 from broker.subjects import Subjects
 from natron import datatypes
-from natron.errors import InvalidArgument, NatronError, NotFound, Unavailable
+from natron.errors import InvalidArgument, NatronError, Unavailable
 from natron.inference import InferRequest, InferResponse
 from natron.inference import Tensor as WireTensor
-from natron.states import ModelRecord
 from workers.backends.python_stub import triton_python_backend_utils as pb
 
 T = TypeVar("T")
@@ -48,7 +46,7 @@ class Mesh:
         self._thread: threading.Thread | None = None
         self._nc: Client | None = None
         self._requester: Requester | None = None
-        self._kv: KeyValue | None = None
+        self._registry: ModelRegistry | None = None
         self._connecting: asyncio.Lock | None = None
 
     # -- the loop -----------------------------------------------------------------------------
@@ -85,14 +83,16 @@ class Mesh:
     async def _disconnect(self) -> None:
         if self._requester is not None:
             await self._requester.close()
+        if self._registry is not None:
+            await self._registry.stop()
         if self._nc is not None:
             await self._nc.drain()
 
-    async def _connected(self) -> tuple[Client, Requester, KeyValue]:
+    async def _connected(self) -> tuple[Client, Requester, ModelRegistry]:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._nc is None or self._requester is None or self._kv is None:
+            if self._nc is None or self._requester is None or self._registry is None:
                 if not self._nats_url:
                     raise Unavailable("BLS needs the worker's NATS URL, and this worker has none")
                 nc = await jetstream.connect(
@@ -100,9 +100,12 @@ class Mesh:
                 )
                 requester = Requester(nc, self._subjects)
                 await requester.start()
-                self._kv = await nc.jetstream().key_value(self._subjects.models_bucket)
-                self._nc, self._requester = nc, requester
-            return self._nc, self._requester, self._kv
+                registry = ModelRegistry()
+                await registry.start(await nc.jetstream().key_value(self._subjects.models_bucket))
+                # The first call needs the current records, not an empty view.
+                await asyncio.wait_for(registry.synced.wait(), CONNECT_TIMEOUT_S)
+                self._nc, self._requester, self._registry = nc, requester, registry
+            return self._nc, self._requester, self._registry
 
     # -- the calls pb_utils makes -------------------------------------------------------------
 
@@ -123,18 +126,19 @@ class Mesh:
 
     async def _infer(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
         try:
-            _, requester, kv = await self._connected()
-            natron_request, version, timeout_s = await self._prepare(request, kv)
+            _, requester, registry = await self._connected()
+            natron_request, version, timeout_s = self._prepare(request, registry)
             answer = await requester.infer(natron_request, version, timeout_s)
         except NatronError as exc:
             return _error_response(exc)
         return _to_response(answer)
 
-    async def _prepare(self, request: pb.InferenceRequest, kv: KeyValue) -> tuple[InferRequest, str, float]:
+    @staticmethod
+    def _prepare(request: pb.InferenceRequest, registry: ModelRegistry) -> tuple[InferRequest, str, float]:
         name = request.model_name
         if not name:
             raise InvalidArgument("a BLS request needs a model_name")
-        version = str(request.model_version) if request.model_version > 0 else await self._latest(kv, name)
+        version = registry.get(name).resolve(str(request.model_version) if request.model_version > 0 else "")
         inputs = [
             WireTensor(t.name(), t.datatype(), tuple(t.as_numpy().shape), t.as_numpy())
             for t in request.inputs()
@@ -150,27 +154,13 @@ class Mesh:
         timeout_s = request.timeout() / 1e6 if request.timeout() > 0 else DEFAULT_TIMEOUT_S
         return natron_request, version, timeout_s
 
-    @staticmethod
-    async def _latest(kv: KeyValue, name: str) -> str:
-        try:
-            entry = await kv.get(name)
-        except (KeyNotFoundError, NotFoundError):
-            raise NotFound(f"unknown model '{name}'") from None
-        if not entry.value:
-            raise NotFound(f"unknown model '{name}'")
-        record = ModelRecord.from_json(entry.value)
-        ready = record.ready_versions()
-        if not ready:
-            raise Unavailable(f"model '{name}' has no READY version")
-        return ready[0]
-
     # -- decoupled models: a stream of answers ------------------------------------------------
 
     async def _stream(self, request: pb.InferenceRequest) -> AsyncIterator[pb.InferenceResponse]:
         """The answers of a decoupled model as they come (on the mesh loop); an error ends it."""
         try:
-            _, requester, kv = await self._connected()
-            natron_request, version, timeout_s = await self._prepare(request, kv)
+            _, requester, registry = await self._connected()
+            natron_request, version, timeout_s = self._prepare(request, registry)
             async for answer in requester.stream(natron_request, version, timeout_s):
                 yield _to_response(answer)
         except NatronError as exc:
