@@ -208,3 +208,25 @@ def test_the_router_serves_its_own_metrics(model_repository: Path) -> None:
         assert "process_cpu_seconds_total" in text
     finally:
         mesh.stop()
+
+
+def test_a_lost_broker_gives_clear_errors_within_the_deadline_not_a_hang(mesh: Mesh) -> None:
+    mesh.start_worker("a")
+    mesh.wait_ready("tiny")
+    mesh.signal("nats", signal.SIGKILL)
+    mesh.wait_exit("nats")
+    body = {
+        "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}],
+        "parameters": {"timeout": 1_000_000},  # one second
+    }
+    started = time.monotonic()
+    response = requests.post(f"{mesh.url}/v2/models/tiny/infer", json=body, timeout=30)
+    elapsed_s = time.monotonic() - started
+    assert response.status_code in (503, 504), response.text
+    assert response.json()["error"]
+    assert elapsed_s < 10  # answered at its deadline, not left hanging
+    mesh.wait_until(
+        lambda: requests.get(f"{mesh.url}/v2/health/ready", timeout=5).status_code == 503,
+        what="gateway not ready without its broker",
+    )
+    assert requests.get(f"{mesh.url}/v2/health/live", timeout=5).status_code == 200
