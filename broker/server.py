@@ -133,10 +133,6 @@ class EmbeddedNatsServer:
             self._tmp.cleanup()
             self._tmp = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
     async def __aenter__(self) -> EmbeddedNatsServer:
         await self.start()
         return self

@@ -210,10 +210,20 @@ class Router:
 
     async def _remove(self, name: str) -> None:
         assert self._models_kv is not None
-        self._records.pop(name, None)
+        record = self._records.pop(name, None)
         self._published.pop(name, None)
         self._sizes.pop(name, None)
         await self._models_kv.delete(name)
+        if record is not None:
+            await self._drop_queues(name, list(record.versions))
+
+    async def _drop_queues(self, name: str, versions: list[str]) -> None:
+        """A model version no longer served needs no consumer: delete it with whatever it still
+        held (nobody can publish to it any more), so the stream does not keep dead consumers."""
+        js = self._nc.jetstream()
+        for version in versions:
+            with contextlib.suppress(Exception):  # already gone, or the broker is away
+                await jetstream.delete_consumer(js, self._subjects, name, version)
 
     # -- the fleet ---------------------------------------------------------------------------
 
@@ -424,3 +434,4 @@ class Router:
                 if self._records.get(name) is record and record.reason == UNLOADED:
                     record.versions = {v: VersionState(UNAVAILABLE, UNLOADED) for v in record.versions}
                     await self._publish()
+                    await self._drop_queues(name, list(record.versions))

@@ -3,6 +3,7 @@ poll (the repository is watched), against real router, worker and gateway proces
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -11,12 +12,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
+from nats.js.errors import NotFoundError
 from tritonclient.utils import InferenceServerException
 
+from broker.subjects import Subjects
 from examples.build_models import build
 from tests.conftest import Served
 from tests.mesh import Mesh
@@ -241,3 +245,26 @@ def test_a_reload_has_no_gap_and_a_failed_one_keeps_the_old_model(polled: Mesh) 
         thread.join(timeout=60)
     assert failures == []
     assert polled.infer_tiny(2.0).json()["outputs"][0]["data"] == [5.0] * 16
+
+
+def test_an_unloaded_version_leaves_no_consumer_behind(
+    explicit: Mesh, client: httpclient.InferenceServerClient
+) -> None:
+    async def consumer_exists() -> bool:
+        nc = await nats.connect(explicit.nats_url)
+        try:
+            subjects = Subjects()
+            await nc.jetstream().consumer_info(subjects.stream, subjects.consumer("tiny", "1"))
+            return True
+        except NotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    client.load_model("tiny")
+    assert asyncio.run(consumer_exists())
+    client.unload_model("tiny")
+    assert not asyncio.run(consumer_exists())
+    client.load_model("tiny")  # and a later load creates it again
+    assert client.infer("tiny", tiny_input(1.0)).as_numpy("OUTPUT0").tolist() == [[3.0] * 16]
+    client.unload_model("tiny")

@@ -128,9 +128,6 @@ class ModelInstance:
         if cancel is not None:
             cancel(request_id)
 
-    def is_cancelled(self, request_id: str) -> bool:
-        return request_id in self._cancelled
-
     async def _take_async(self) -> None:
         """Take one request whenever a slot is free and process it as a task of its own."""
         await self._in_flight.acquire()
