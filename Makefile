@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint types pytest bench models clean
+.PHONY: serve test test-unit lint types pytest bench models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,18 @@ test: lint types pytest
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy
 
+# Two tiers: `unit` starts no process (seconds), `mesh` runs real nats-server and natron processes.
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider -m unit
+	$(BIN)/python -m pytest -p no:cacheprovider -m mesh
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -m unit
 
 # The benchmark needs wrk, Debian's package.
 bench: $(STAMP)

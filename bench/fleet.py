@@ -68,7 +68,7 @@ from bench.bench import (
 )
 from broker.server import find_nats_server
 from broker.subjects import Subjects
-from natron.states import READY, ModelRecord, WorkerReport
+from natron.records import READY, ModelRecord, WorkerReport
 
 SCALE_MODEL: Final = "mlp"
 SCALE_CONCURRENCY: Final = 128

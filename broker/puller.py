@@ -37,17 +37,25 @@ _IN_PROGRESS = b"+WPI"
 _GRACE_S = 2.0
 
 
-def pending_after(msg: Msg) -> int:
-    """Messages left in the consumer after this one, from its ack subject (both formats)."""
-    tokens = (msg.reply or "").split(".")
+def _metadata(msg: Msg) -> Msg.Metadata | None:
+    """The delivery's JetStream metadata (both ack-subject formats), parsed once: nats.py
+    caches it on the message, so the puller and the statistics share one parse."""
     try:
-        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            return int(tokens[8])
-        if len(tokens) >= 11:  # $JS.ACK.<domain>.<account>.<stream>.<consumer>....<pending>[.<token>]
-            return int(tokens[10])
-    except ValueError:
-        pass
-    return 0
+        return msg.metadata
+    except Exception:  # not a JetStream delivery (no or foreign reply subject)
+        return None
+
+
+def pending_after(msg: Msg) -> int:
+    """Messages left in the consumer after this one."""
+    metadata = _metadata(msg)
+    return metadata.num_pending if metadata is not None else 0
+
+
+def stored_ns(msg: Msg) -> int:
+    """When JetStream stored the message (unix ns, to the microsecond); 0 if unknown."""
+    metadata = _metadata(msg)
+    return int(metadata.timestamp.timestamp() * 1_000_000) * 1000 if metadata is not None else 0
 
 
 class CapacityPuller:

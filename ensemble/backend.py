@@ -14,14 +14,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as pb
 
-from broker.registry import ModelRegistry
 from broker.requester import Requester
+from broker.view import ModelRegistry
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError
 from natron.inference import InferRequest, Tensor
-from workers.backends import ResponseSink
+from workers.backends import BackendContext, Loader, ResponseSink
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,11 +90,7 @@ class EnsembleBackend:
         self._decoupled = bool(config.model_transaction_policy.decoupled)
 
     @staticmethod
-    def load(config: pb.ModelConfig, mesh: EnsembleMesh | None) -> EnsembleBackend:
-        if mesh is None:
-            raise InvalidArgument(
-                f"ensemble '{config.name}' can only run on an orchestrator (natron ensemble)"
-            )
+    def load(config: pb.ModelConfig, mesh: EnsembleMesh) -> EnsembleBackend:
         return EnsembleBackend(config, check_graph(config), mesh)
 
     async def execute_async(
@@ -221,3 +218,12 @@ class EnsembleBackend:
 
     def close(self) -> None:
         pass
+
+
+def ensemble_loader(mesh: EnsembleMesh) -> Loader:
+    """The "ensemble" loader an orchestrator adds to its worker's loaders."""
+
+    def load(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> EnsembleBackend:
+        return EnsembleBackend.load(config, mesh)
+
+    return load

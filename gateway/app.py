@@ -6,101 +6,29 @@ inference goes through the broker to whichever worker instance pulls it.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
 import orjson
 from aiohttp import web
-from nats.aio.client import Client
 
 from broker import jetstream
-from broker.registry import ModelRegistry, ModelView
 from broker.requester import Requester
-from broker.subjects import Subjects, check_name
-from gateway import kserve
+from broker.subjects import check_name
+from broker.view import ModelRegistry, ModelView
+from gateway import infer, stats, streaming
 from gateway.fleet import FleetView
+from gateway.keys import FLEET, METRICS, NATS, OPTIONS, REGISTRY, REQUESTER, GatewayOptions, model_view
 from gateway.metrics import GatewayMetrics
+from gateway.middleware import error_response, errors_middleware, json_object, json_response
 from natron import __version__
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable, Unsupported
 
 log = logging.getLogger(__name__)
 
-# Request ids for requests that came without one: unique per gateway process, far cheaper
-# than uuid4 on the hot path.
-_ID_PREFIX = f"gw{os.getpid():x}-"
-_ids = itertools.count(1)
-
-_REQUEST_ID = "natron_request_id"
-_TRACE_HEADERS = ("traceparent", "tracestate")
-
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
-
-
-@dataclass(slots=True, frozen=True)
-class GatewayOptions:
-    nats_url: str
-    subjects: Subjects = Subjects()
-    default_timeout_s: float = 60.0
-    # HTTP bodies above this are refused with 413 before being read whole.
-    max_body_bytes: int = 64 * 1024 * 1024
-    # A load answers once every placed worker has the model READY: loads can take minutes.
-    control_timeout_s: float = 600.0
-
-
-NATS: web.AppKey[Client] = web.AppKey("nats", Client)
-REQUESTER: web.AppKey[Requester] = web.AppKey("requester", Requester)
-REGISTRY: web.AppKey[ModelRegistry] = web.AppKey("registry", ModelRegistry)
-OPTIONS: web.AppKey[GatewayOptions] = web.AppKey("options", GatewayOptions)
-METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
-FLEET: web.AppKey[FleetView] = web.AppKey("fleet", FleetView)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, message: str) -> web.Response:
-    return web.Response(body=orjson.dumps({"error": message}), status=status, content_type="application/json")
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where errors become HTTP: NatronError by its status, aiohttp's own
-    (404 route, 405 method, 413 body) as JSON, anything unexpected as a 500 naming it."""
-    try:
-        return await handler(request)
-    except NatronError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
-        return error_response(exc.status, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.text or exc.reason)
-    except Exception as exc:
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def json_object(body: bytes, what: str) -> dict[str, Any]:
-    """A request body that must be a JSON object (empty: {}); a 400 naming `what` otherwise."""
-    if not body:
-        return {}
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidArgument(f"{what} body is not valid JSON: {exc}") from None
-    if not isinstance(parsed, dict):
-        raise InvalidArgument(f"{what} body must be a JSON object")
-    return parsed
-
-
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 # -- health and metadata -------------------------------------------------------------------
@@ -121,11 +49,6 @@ async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": "natron", "version": __version__, "extensions": EXTENSIONS})
 
 
-def _view(request: web.Request) -> tuple[ModelView, str]:
-    view = request.app[REGISTRY].get(request.match_info["model"])
-    return view, request.match_info.get("version", "")
-
-
 def _tensor_metadata(view: ModelView, outputs: bool) -> list[dict[str, Any]]:
     spec = view.spec
     if spec is None:
@@ -136,7 +59,7 @@ def _tensor_metadata(view: ModelView, outputs: bool) -> list[dict[str, Any]]:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    view, version = _view(request)
+    view, version = model_view(request)
     if version and version not in view.record.versions:
         raise InvalidArgument(f"model '{view.record.name}' has no version {version}")
     config = view.record.config or {}
@@ -153,13 +76,13 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    view, version = _view(request)
+    view, version = model_view(request)
     view.resolve(version)  # raises 404 / 503 with the reason
     return web.Response(status=200)
 
 
 async def model_config(request: web.Request) -> web.Response:
-    view, version = _view(request)
+    view, version = model_view(request)
     if version and version not in view.record.versions:
         raise InvalidArgument(f"model '{view.record.name}' has no version {version}")
     if view.record.config is None:
@@ -224,76 +147,6 @@ async def unload_model(request: web.Request) -> web.Response:
 # -- inference -----------------------------------------------------------------------------
 
 
-async def infer(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    model = request.match_info["model"]
-    loop = asyncio.get_running_loop()
-    started_s = loop.time()
-    status = 500
-    try:
-        response = await _infer(request)
-        status = response.status
-        return response
-    except NatronError as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client closed the connection; the requester told the worker
-        raise
-    finally:
-        duration_s = loop.time() - started_s
-        metrics.observe(model, request.match_info.get("version", ""), status, duration_s)
-        request_id = request.get(_REQUEST_ID, "-")
-        if status >= 500:
-            log.warning("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
-        elif status == 499:
-            log.info(
-                "infer %s id=%s cancelled by the client after %.2f ms", model, request_id, duration_s * 1e3
-            )
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
-
-
-async def _infer(request: web.Request) -> web.Response:
-    view, version = _view(request)
-    target = view.resolve(version)
-    spec = view.spec
-    if spec is None:
-        raise Unsupported(f"model '{view.record.name}' has no valid config")
-    if spec.decoupled:
-        raise Unsupported(f"model '{spec.name}' is decoupled: use the generate_stream or WebSocket endpoints")
-    header_length: int | None = None
-    raw_length = request.headers.get(kserve.HEADER_LENGTH_HEADER)
-    if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
-            raise InvalidArgument(
-                f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
-            ) from None
-    body = await request.read()
-    parsed = kserve.parse_infer_body(body, header_length, spec.name, target)
-    spec.validate(parsed.request)
-    request_id = parsed.request.id
-    if not request_id:
-        # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
-        parsed.request.id = f"{_ID_PREFIX}{next(_ids)}"
-    request[_REQUEST_ID] = parsed.request.id
-    options = request.app[OPTIONS]
-    timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
-    # W3C trace context travels on to the worker, so a configured tracer can join the spans.
-    trace = {k: v for k in _TRACE_HEADERS if (v := request.headers.get(k)) is not None}
-    response = await request.app[REQUESTER].infer(parsed.request, target, timeout_s, headers=trace or None)
-    out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
-    if json_length is None:
-        return web.Response(body=out, content_type="application/json")
-    return web.Response(
-        body=out,
-        content_type="application/octet-stream",
-        headers={kserve.HEADER_LENGTH_HEADER: str(json_length)},
-    )
-
-
 # -- the app -------------------------------------------------------------------------------
 
 
@@ -333,13 +186,10 @@ def create_app(options: GatewayOptions) -> web.Application:
         app.router.add_get(base, model_metadata)
         app.router.add_get(base + "/ready", model_ready)
         app.router.add_get(base + "/config", model_config)
-        app.router.add_post(base + "/infer", infer)
+        app.router.add_post(base + "/infer", infer.infer)
     app.router.add_post("/v2/repository/index", repository_index)
     app.router.add_post("/v2/repository/models/{model}/load", load_model)
     app.router.add_post("/v2/repository/models/{model}/unload", unload_model)
-    # These modules import this one's app keys, so they are imported here, not at the top.
-    from gateway import stats, streaming
-
     stats.add_routes(app)
     streaming.add_routes(app)
     return app

@@ -17,41 +17,10 @@ from typing import Any
 from nats.js.kv import KeyValue
 
 from broker.jetstream import follow_bucket
-from natron.states import READY, WorkerReport
+from natron.records import READY, WorkerReport
+from natron.stats import empty_stats, merge
 
 log = logging.getLogger(__name__)
-
-_DURATIONS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
-
-
-def _add_duration(into: dict[str, int], other: dict[str, Any]) -> None:
-    into["count"] += int(other.get("count", 0))
-    into["ns"] += int(other.get("ns", 0))
-
-
-def empty_stats() -> dict[str, Any]:
-    return {
-        "executions": 0,
-        "inferences": 0,
-        "last_inference_ms": 0,
-        **{name: {"count": 0, "ns": 0} for name in _DURATIONS},
-        "fail": {},
-        "batches": {},
-    }
-
-
-def merge(into: dict[str, Any], stats: dict[str, Any]) -> None:
-    into["executions"] += int(stats.get("executions", 0))
-    into["inferences"] += int(stats.get("inferences", 0))
-    into["last_inference_ms"] = max(into["last_inference_ms"], int(stats.get("last_inference_ms", 0)))
-    for name in _DURATIONS:
-        _add_duration(into[name], stats.get(name, {}))
-    for reason, duration in stats.get("fail", {}).items():
-        _add_duration(into["fail"].setdefault(reason, {"count": 0, "ns": 0}), duration)
-    for size, batch in stats.get("batches", {}).items():
-        target = into["batches"].setdefault(size, {k: {"count": 0, "ns": 0} for k in _DURATIONS[2:]})
-        for key in _DURATIONS[2:]:
-            _add_duration(target[key], batch.get(key, {}))
 
 
 class FleetView:

@@ -27,7 +27,8 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from gateway import kserve
-from gateway.app import OPTIONS, REGISTRY, REQUESTER, json_object
+from gateway.keys import OPTIONS, REGISTRY, REQUESTER
+from gateway.middleware import json_object
 from natron import datatypes
 from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferResponse

@@ -1,3 +1,3 @@
-from natron.cli import main
+from natron.cli.main import main
 
 main()

@@ -3,7 +3,7 @@ every change (and tests call directly)."""
 
 from __future__ import annotations
 
-from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from natron.records import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
 
 
 def placed_workers(record: ModelRecord, workers: list[WorkerReport]) -> list[WorkerReport]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from natron.states import ModelRecord, WorkerReport
+from natron.records import ORCHESTRATOR, ModelRecord, WorkerReport
 
 
 @dataclass(slots=True, frozen=True)
@@ -65,8 +65,8 @@ def place(
 ) -> dict[str, tuple[dict[str, int], str]]:
     """Model name -> (worker id -> instance count, reason when nothing could be placed)."""
     live = [w for w in workers if not w.stopping]
-    orchestrators = [w for w in live if _device(w).get("kind") == "ENSEMBLE"]
-    live = [w for w in live if _device(w).get("kind") != "ENSEMBLE"]
+    orchestrators = [w for w in live if w.role == ORCHESTRATOR]
+    live = [w for w in live if w.role != ORCHESTRATOR]
     gpu_workers = [w for w in live if _device(w).get("kind") == "GPU"]
     cpu_workers = [w for w in live if _device(w).get("kind") != "GPU"]
     free: dict[str, int] = {}

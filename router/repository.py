@@ -12,8 +12,8 @@ from typing import Any
 from broker.subjects import check_name
 from natron import config as cfg
 from natron.errors import InvalidArgument
+from natron.records import LOADING, UNAVAILABLE, ModelRecord, VersionState
 from natron.spec import ModelSpec
-from natron.states import LOADING, UNAVAILABLE, ModelRecord, VersionState
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def scan_model(
             if model_file.exists():
                 cfg.autocomplete_onnx(config, model_file)
         if config.backend == "python" and versions:
-            from workers.backends.python import complete_config  # runs model.py in a stub process
+            from pystub.process import complete_config  # runs model.py in a stub process
 
             complete_config(config, available[versions[0]])
         cfg.fill_defaults(config)

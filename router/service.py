@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from broker import jetstream
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unsupported
-from natron.states import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
+from natron.records import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
 from router import uploads
 from router.aggregate import aggregate, gate_ensembles, generation_states, placed_workers
 from router.placement import model_size_bytes, place

@@ -33,8 +33,6 @@ class Device:
 
 
 CPU = Device("CPU", name=f"cpu ({os.cpu_count()} cores)")
-# `natron ensemble`: a worker that runs only ensembles, whose steps run elsewhere.
-ORCHESTRATOR = Device("ENSEMBLE", name="ensemble orchestrator")
 
 
 def _text(value: object) -> str:
@@ -108,3 +106,16 @@ def discover_gpus() -> list[Device]:
             pynvml.nvmlShutdown()
         except Exception:  # shutting down a half-initialised NVML must not fail discovery
             pass
+
+
+def pick_device(device_spec: str) -> Device:
+    """'cpu', 'gpu:<index>' or 'gpu:<UUID>' (a GPU or MIG slice UUID) -> the device."""
+    if not device_spec.startswith("gpu"):
+        return CPU
+    wanted = device_spec.partition(":")[2] or "0"
+    gpus = discover_gpus()
+    for gpu in gpus:
+        if wanted in (gpu.uuid, str(gpu.index)):
+            return gpu
+    log.warning("GPU %s not found (%d GPU devices seen); serving on the CPU", wanted, len(gpus))
+    return CPU

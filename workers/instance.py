@@ -25,14 +25,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import codec
-from broker.puller import CapacityPuller
+from broker.puller import CapacityPuller, stored_ns
 from broker.subjects import COUNT, DEADLINE_NS, FINAL, REPLY_TO, SEQUENCE, STATUS
 from natron import datatypes
 from natron.errors import DeadlineExceeded, InternalError, InvalidArgument, NatronError, PayloadTooLarge
 from natron.inference import InferRequest, InferResponse, Tensor
 from natron.spec import ModelSpec
+from natron.stats import ModelStats, failure_reason
 from workers.backends import AnyBackend
-from workers.stats import ModelStats, failure_reason, stored_ns
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class ModelInstance:
         started_ns = time.perf_counter_ns()
         now_ns = time.time_ns()
         for item in group:
-            stored = stored_ns(item.msg.reply or "")
+            stored = stored_ns(item.msg)
             if stored:
                 self.stats.queue.add(now_ns - stored)
         first = group[0].request
@@ -467,7 +467,7 @@ class ModelInstance:
             return
         await self._nc.publish(item.reply_to, payload)
         await self._ack(item.msg)
-        stored = stored_ns(item.msg.reply or "")
+        stored = stored_ns(item.msg)
         if stored:
             self.stats.success.add(time.time_ns() - stored)
 
@@ -490,7 +490,7 @@ class ModelInstance:
         if self._spec.decoupled:
             headers[FINAL] = "1"
         await self._nc.publish(reply_to, codec.encode_error(request_id, error.message), headers=headers)
-        stored = stored_ns(msg.reply or "")
+        stored = stored_ns(msg)
         self.stats.failed(failure_reason(error.status), time.time_ns() - stored if stored else 0)
         if ack:
             await self._ack(msg)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,17 +23,23 @@ from nats.js.kv import KeyValue
 
 from broker import jetstream
 from broker.puller import CapacityPuller
-from broker.registry import ModelRegistry
-from broker.requester import Requester
 from broker.subjects import Subjects
 from natron import config as cfg
 from natron.errors import NatronError
+from natron.records import (
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    WORKER,
+    ModelRecord,
+    VersionState,
+    WorkerReport,
+)
 from natron.spec import ModelSpec
-from natron.states import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from workers.backends import AnyBackend, BackendContext, load_backend
-from workers.devices import ORCHESTRATOR, Device
+from natron.stats import ModelStats
+from workers.backends import LOADERS, AnyBackend, BackendContext, Loader, load_backend
+from workers.devices import Device
 from workers.instance import ModelInstance
-from workers.stats import ModelStats
 from workers.telemetry import GpuTelemetry
 from workers.warmup import run_warmup
 
@@ -53,6 +59,10 @@ class WorkerOptions:
     throttle_s: float = 0.0
     cpu_threads: int = 0  # intra-op threads per CPU instance; 0: the framework's default
     queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
+    # WORKER, or ORCHESTRATOR for `natron ensemble` (placement sends ensembles there only).
+    role: str = WORKER
+    # platform/backend -> loader; an orchestrator's are the ensemble loader alone.
+    loaders: Mapping[str, Loader] = field(default_factory=lambda: LOADERS)
 
 
 @dataclass(slots=True)
@@ -78,6 +88,7 @@ class Worker:
             host=socket.gethostname(),
             pid=os.getpid(),
             devices=[options.device.describe()],
+            role=options.role,
         )
         # (model, generation, version) -> running instances
         self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
@@ -90,8 +101,6 @@ class Worker:
         self._report_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
         self._telemetry = GpuTelemetry(options.device)
-        self._registry: ModelRegistry | None = None
-        self._requester: Requester | None = None
         self._context = BackendContext(
             device=options.device,
             nats_url=options.nats_url,
@@ -112,24 +121,12 @@ class Worker:
         await jetstream.ensure_stream(js, self._subjects, self._options.queue)
         models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
-        if self._options.device.kind == ORCHESTRATOR.kind:
-            await self._start_orchestrator(models_kv)
         await self._publish_report()
         self._tasks = [
             asyncio.create_task(self._follow_models(models_kv), name="worker-follow-models"),
             asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
             asyncio.create_task(self._keep_alive(), name="worker-keep-alive"),
         ]
-
-    async def _start_orchestrator(self, models_kv: KeyValue) -> None:
-        """An orchestrator's ensembles call other models: give them a requester and a view."""
-        from ensemble.backend import EnsembleMesh
-
-        self._registry = ModelRegistry()
-        await self._registry.start(models_kv)
-        self._requester = Requester(self._nc, self._subjects)
-        await self._requester.start()
-        self._context = dataclasses.replace(self._context, mesh=EnsembleMesh(self._requester, self._registry))
 
     async def stop(self) -> None:
         """Drain: stop pulling, finish batches in hand within the bound, then leave."""
@@ -148,10 +145,6 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._workers_kv.delete(self._options.worker_id)
         self._telemetry.close()
-        if self._requester is not None:
-            await self._requester.close()
-        if self._registry is not None:
-            await self._registry.stop()
 
     # -- following the repository ------------------------------------------------------------
 
@@ -225,7 +218,9 @@ class Worker:
         backends: list[AnyBackend] = []
         try:
             for _ in range(count):
-                backend = await asyncio.to_thread(load_backend, config, version_dir, self._context)
+                backend = await asyncio.to_thread(
+                    load_backend, config, version_dir, self._context, self._options.loaders
+                )
                 backends.append(backend)
                 # Warm-up runs before the version is READY, on every instance, as in Triton.
                 await asyncio.to_thread(run_warmup, backend, config, spec, version_dir)

@@ -15,6 +15,7 @@ event loop (quick batches aside, see `ModelInstance._run_backend`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,16 +64,18 @@ AnyBackend = Backend | RequestBackend | AsyncBackend
 
 @dataclass(slots=True, frozen=True)
 class BackendContext:
-    """What a backend may need beyond its files: its device, and the mesh for models that call
-    other models (BLS)."""
+    """What a backend may need beyond its files: its device, and how model code reaches the mesh
+    (BLS calls from Python models)."""
 
     device: Device
     nats_url: str = ""
     prefix: str = "natron"
-    # On an orchestrator (`natron ensemble`): the mesh ensembles send their steps through.
-    mesh: Any = None
     # Intra-op threads for CPU execution when the model does not say; 0: the framework's own.
     cpu_threads: int = 0
+
+
+# Loads one instance of a model version: its config, its version folder, the worker's context.
+Loader = Callable[[pb.ModelConfig, Path, BackendContext], "AnyBackend"]
 
 
 def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
@@ -87,31 +90,53 @@ def on_gpu(config: pb.ModelConfig, device: Device) -> bool:
     return not groups or any(g.kind != pb.ModelInstanceGroup.KIND_CPU for g in groups)
 
 
-def load_backend(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
-    """Load one instance; raises with the real reason when the model cannot load.
+def _onnx(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
+    from workers.backends.onnx import OnnxRuntimeBackend
 
-    Each framework is imported only when a model needs it, so a worker without torch or
-    tensorrt still serves every other model.
-    """
+    return OnnxRuntimeBackend.load(config, version_dir, context.device, context.cpu_threads)
+
+
+def _pytorch(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
+    from workers.backends.pytorch import load_pytorch
+
+    return load_pytorch(config, version_dir, context.device)
+
+
+def _tensorrt(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
+    from workers.backends.tensorrt import TensorRTBackend
+
+    return TensorRTBackend.load(config, version_dir, context.device)
+
+
+def _python(config: pb.ModelConfig, version_dir: Path, context: BackendContext) -> AnyBackend:
+    from workers.backends.python import PythonBackend
+
+    return PythonBackend.load(config, version_dir, context)
+
+
+# platform or backend name -> loader. Each framework is imported only when a model needs it, so
+# a worker without torch or tensorrt still serves every other model. Other roles add their own
+# (the orchestrator adds "ensemble") through `load_backend`'s `loaders`.
+LOADERS: Mapping[str, Loader] = {
+    "onnxruntime_onnx": _onnx,
+    "onnxruntime": _onnx,
+    "pytorch_libtorch": _pytorch,
+    "pytorch": _pytorch,
+    "tensorrt_plan": _tensorrt,
+    "tensorrt": _tensorrt,
+    "python": _python,
+}
+
+
+def load_backend(
+    config: pb.ModelConfig,
+    version_dir: Path,
+    context: BackendContext,
+    loaders: Mapping[str, Loader] = LOADERS,
+) -> AnyBackend:
+    """Load one instance; raises with the real reason when the model cannot load."""
     key = config.platform or config.backend
-    if key in ("onnxruntime_onnx", "onnxruntime"):
-        from workers.backends.onnx import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend.load(config, version_dir, context.device, context.cpu_threads)
-    if key in ("pytorch_libtorch", "pytorch"):
-        from workers.backends.pytorch import load_pytorch
-
-        return load_pytorch(config, version_dir, context.device)
-    if key in ("tensorrt_plan", "tensorrt"):
-        from workers.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend.load(config, version_dir, context.device)
-    if key == "python":
-        from workers.backends.python import PythonBackend
-
-        return PythonBackend.load(config, version_dir, context)
-    if key == "ensemble":
-        from ensemble.backend import EnsembleBackend
-
-        return EnsembleBackend.load(config, context.mesh)
-    raise Unsupported(f"model '{config.name}': platform/backend '{key}' is not supported by this worker")
+    loader = loaders.get(key)
+    if loader is None:
+        raise Unsupported(f"model '{config.name}': platform/backend '{key}' is not supported by this worker")
+    return loader(config, version_dir, context)

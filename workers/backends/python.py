@@ -13,11 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +24,19 @@ from tritonclient.grpc import model_config_pb2 as pb
 from natron import config as cfg
 from natron.errors import InternalError, NatronError, Unavailable
 from natron.inference import InferRequest, Tensor
+from pystub.process import (
+    FINALIZE_TIMEOUT_S,
+    INIT_TIMEOUT_S,
+    STUB_EXIT_TIMEOUT_S,
+    Stub,
+    next_instance_number,
+    request_from,
+    spawn,
+)
+from pystub.protocol import Channel, ChannelClosed, WireTensor, read_tensors
 from workers.backends import BackendContext, ResponseSink, on_gpu
-from workers.backends.python_stub.protocol import Channel, ChannelClosed, WireTensor, read_tensors
 
 log = logging.getLogger(__name__)
-
-# initialize() may load large weights; finalize() should be quick.
-INIT_TIMEOUT_S = 600.0
-FINALIZE_TIMEOUT_S = 30.0
-STUB_EXIT_TIMEOUT_S = 5.0
-
-_instance_numbers: dict[str, itertools.count[int]] = {}
-_instance_numbers_lock = threading.Lock()
-
-
-def _next_instance_number(model: str) -> int:
-    with _instance_numbers_lock:
-        return next(_instance_numbers.setdefault(model, itertools.count()))
 
 
 @dataclass(slots=True)
@@ -58,122 +50,19 @@ class _Batch:
     error: NatronError | None = None
 
 
-class _Stub:
-    """One stub process and the channel to it."""
-
-    def __init__(self, process: subprocess.Popen[bytes], channel: Channel) -> None:
-        self.process = process
-        self.channel = channel
-
-    def exit_description(self) -> str:
-        try:
-            code = self.process.wait(timeout=STUB_EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return "stopped answering"
-        if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
-        return f"exited with code {code}"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-
-
-def _spawn(name: str) -> _Stub:
-    parent, child = socket.socketpair()
-    try:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "workers.backends.python_stub",
-                "--fd",
-                str(child.fileno()),
-                "--parent-pid",
-                str(os.getpid()),
-                "--name",
-                name,
-            ],
-            pass_fds=[child.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-    except BaseException:
-        parent.close()
-        raise
-    finally:
-        child.close()
-    return _Stub(process, Channel(parent))
-
-
-def _request_from(stub: _Stub, timeout_s: float, expected: str, header: dict[str, Any]) -> dict[str, Any]:
-    """Send `header` and wait for the one answer (before the reader thread runs)."""
-    stub.channel.settimeout(timeout_s)
-    try:
-        stub.channel.send(header)
-        answer, _ = stub.channel.recv()
-    except (ChannelClosed, TimeoutError) as exc:
-        stub.kill()
-        raise Unavailable(
-            f"the stub process {stub.exit_description()} before answering {header['op']} ({exc}); "
-            "see the worker's log for its output"
-        ) from None
-    finally:
-        stub.channel.settimeout(None)
-    if answer.get("op") == expected:
-        return answer
-    stub.kill()
-    message = answer.get("message") or f"unexpected answer {answer.get('op')!r} from the stub"
-    raise Unavailable(str(message))
-
-
-def complete_config(config: pb.ModelConfig, version_dir: Path) -> None:
-    """Run the model's `auto_complete_config` (when model.py defines one) in a short-lived stub
-    and take the config it returns, as Triton does at load. Raises ConfigError with the reason."""
-    model_file = version_dir / (config.default_model_filename or "model.py")
-    try:
-        source = model_file.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise cfg.ConfigError(f"model '{config.name}': cannot read {model_file}: {exc}") from None
-    if "auto_complete_config" not in source:
-        return  # importing model code (and what it imports) costs seconds; skip when pointless
-    stub = _spawn(f"{config.name}-autocomplete")
-    try:
-        answer = _request_from(
-            stub,
-            INIT_TIMEOUT_S,
-            "autocompleted",
-            {
-                "op": "autocomplete",
-                "config": json.dumps(cfg.config_to_json(config)),
-                "model_file": str(model_file),
-            },
-        )
-    except Unavailable as exc:
-        raise cfg.ConfigError(f"model '{config.name}': {exc.message}") from None
-    finally:
-        stub.kill()
-        stub.channel.close()
-    completed = cfg.config_from_json(answer["config"])
-    config.CopyFrom(completed)
-
-
 class PythonBackend:
     def __init__(self, config: pb.ModelConfig, model_file: Path, context: BackendContext) -> None:
         self._config = config
         self._name = config.name
         self._model_file = model_file
         self._context = context
-        number = _next_instance_number(config.name)
+        number = next_instance_number(config.name)
         self._instance = f"{config.name}_0_{number}"
         self._decoupled = bool(config.model_transaction_policy.decoupled)
         self._lock = threading.Lock()
         self._batches: dict[int, _Batch] = {}
         self._batch_ids = itertools.count(1)
-        self._stub: _Stub | None = None
+        self._stub: Stub | None = None
         self._reader: threading.Thread | None = None
         self._finalized = threading.Event()
         self._closing = False
@@ -210,9 +99,9 @@ class PythonBackend:
             "model_version": self._model_file.parent.name,
             "model_name": self._name,
         }
-        stub = _spawn(self._instance)
+        stub = spawn(self._instance)
         try:
-            _request_from(
+            request_from(
                 stub,
                 INIT_TIMEOUT_S,
                 "ready",
@@ -303,7 +192,7 @@ class PythonBackend:
 
     # -- answers ------------------------------------------------------------------------------
 
-    def _read(self, stub: _Stub) -> None:
+    def _read(self, stub: Stub) -> None:
         try:
             while True:
                 header, data = stub.channel.recv()
@@ -365,7 +254,7 @@ class PythonBackend:
             if batch is not None and self._decoupled and batch.done.is_set() and not batch.open:
                 del self._batches[batch_id]
 
-    def _on_stub_exit(self, stub: _Stub) -> None:
+    def _on_stub_exit(self, stub: Stub) -> None:
         with self._lock:
             if self._stub is stub:
                 self._stub = None

@@ -1,0 +1,93 @@
+"""A view of the models, rebuilt from the models KV bucket and kept current by a watch: a
+restarted gateway or orchestrator knows everything at once and holds no state of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from nats.js.kv import KeyValue
+
+from broker.jetstream import follow_bucket
+from natron import config as cfg
+from natron.errors import NotFound, Unavailable
+from natron.records import READY, ModelRecord
+from natron.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class ModelView:
+    record: ModelRecord
+    spec: ModelSpec | None  # None when the config is broken
+
+    def resolve(self, version: str) -> str:
+        """The version a request goes to: as asked, or the highest READY one."""
+        name = self.record.name
+        if version:
+            state = self.record.versions.get(version)
+            if state is None:
+                raise NotFound(f"model '{name}' has no version {version}")
+            if state.state != READY:
+                reason = f": {state.reason}" if state.reason else ""
+                raise Unavailable(f"model '{name}' version {version} is {state.state}{reason}")
+            return version
+        ready = self.record.ready_versions()
+        if not ready:
+            reasons = "; ".join(
+                f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+                for v, s in self.record.versions.items()
+            )
+            raise Unavailable(f"model '{name}' has no READY version: {reasons or self.record.reason}")
+        return ready[0]
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: dict[str, ModelView] = {}
+        self.synced = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, name: str) -> ModelView:
+        view = self._models.get(name)
+        if view is None:
+            raise NotFound(f"unknown model '{name}'")
+        return view
+
+    def all(self) -> list[ModelView]:
+        return [self._models[name] for name in sorted(self._models)]
+
+    def put(self, record: ModelRecord) -> None:
+        spec = None
+        if record.config is not None:
+            try:
+                spec = ModelSpec.from_config(cfg.config_from_json(record.config))
+            except Exception as exc:  # the router validated it; a newer router may differ
+                log.warning("model '%s' config unusable here: %s", record.name, exc)
+        self._models[record.name] = ModelView(record, spec)
+
+    async def start(self, kv: KeyValue) -> None:
+        self._task = asyncio.create_task(self._follow(kv), name="gateway-follow-models")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self, kv: KeyValue) -> None:
+        async for change in follow_bucket(kv):
+            if change is None:
+                self.synced.set()
+            elif change.value is None:
+                self._models.pop(change.key, None)
+            else:
+                try:
+                    self.put(ModelRecord.from_json(change.value))
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.warning("ignoring malformed model record %s: %s", change.key, exc)

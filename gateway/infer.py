@@ -1,0 +1,95 @@
+"""`POST /v2/models/{model}[/versions/{version}]/infer`: parse and check the body against the
+model's spec, publish it through the requester, and encode the answer as the client asked."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+
+from aiohttp import web
+
+from gateway import kserve
+from gateway.keys import METRICS, OPTIONS, REQUESTER, model_view
+from natron.errors import InvalidArgument, NatronError, Unsupported
+
+log = logging.getLogger(__name__)
+
+# Request ids for requests that came without one: unique per gateway process, far cheaper
+# than uuid4 on the hot path.
+_ID_PREFIX = f"gw{os.getpid():x}-"
+_ids = itertools.count(1)
+
+_REQUEST_ID = "natron_request_id"
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+async def infer(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    model = request.match_info["model"]
+    loop = asyncio.get_running_loop()
+    started_s = loop.time()
+    status = 500
+    try:
+        response = await _infer(request)
+        status = response.status
+        return response
+    except NatronError as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client closed the connection; the requester told the worker
+        raise
+    finally:
+        duration_s = loop.time() - started_s
+        metrics.observe(model, request.match_info.get("version", ""), status, duration_s)
+        request_id = request.get(_REQUEST_ID, "-")
+        if status >= 500:
+            log.warning("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
+        elif status == 499:
+            log.info(
+                "infer %s id=%s cancelled by the client after %.2f ms", model, request_id, duration_s * 1e3
+            )
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
+
+
+async def _infer(request: web.Request) -> web.Response:
+    view, version = model_view(request)
+    target = view.resolve(version)
+    spec = view.spec
+    if spec is None:
+        raise Unsupported(f"model '{view.record.name}' has no valid config")
+    if spec.decoupled:
+        raise Unsupported(f"model '{spec.name}' is decoupled: use the generate_stream or WebSocket endpoints")
+    header_length: int | None = None
+    raw_length = request.headers.get(kserve.HEADER_LENGTH_HEADER)
+    if raw_length is not None:
+        try:
+            header_length = int(raw_length)
+        except ValueError:
+            raise InvalidArgument(
+                f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
+            ) from None
+    body = await request.read()
+    parsed = kserve.parse_infer_body(body, header_length, spec.name, target)
+    spec.validate(parsed.request)
+    request_id = parsed.request.id
+    if not request_id:
+        # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
+        parsed.request.id = f"{_ID_PREFIX}{next(_ids)}"
+    request[_REQUEST_ID] = parsed.request.id
+    options = request.app[OPTIONS]
+    timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
+    # W3C trace context travels on to the worker, so a configured tracer can join the spans.
+    trace = {k: v for k in _TRACE_HEADERS if (v := request.headers.get(k)) is not None}
+    response = await request.app[REQUESTER].infer(parsed.request, target, timeout_s, headers=trace or None)
+    out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
+    if json_length is None:
+        return web.Response(body=out, content_type="application/json")
+    return web.Response(
+        body=out,
+        content_type="application/octet-stream",
+        headers={kserve.HEADER_LENGTH_HEADER: str(json_length)},
+    )

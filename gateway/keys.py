@@ -1,0 +1,40 @@
+"""The gateway's settings and the typed keys of its app state, in a module of their own so that
+every handler module reads them without importing the app that registers the handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from nats.aio.client import Client
+
+from broker.requester import Requester
+from broker.subjects import Subjects
+from broker.view import ModelRegistry, ModelView
+from gateway.fleet import FleetView
+from gateway.metrics import GatewayMetrics
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayOptions:
+    nats_url: str
+    subjects: Subjects = Subjects()
+    default_timeout_s: float = 60.0
+    # HTTP bodies above this are refused with 413 before being read whole.
+    max_body_bytes: int = 64 * 1024 * 1024
+    # A load answers once every placed worker has the model READY: loads can take minutes.
+    control_timeout_s: float = 600.0
+
+
+NATS: web.AppKey[Client] = web.AppKey("nats", Client)
+REQUESTER: web.AppKey[Requester] = web.AppKey("requester", Requester)
+REGISTRY: web.AppKey[ModelRegistry] = web.AppKey("registry", ModelRegistry)
+OPTIONS: web.AppKey[GatewayOptions] = web.AppKey("options", GatewayOptions)
+METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
+FLEET: web.AppKey[FleetView] = web.AppKey("fleet", FleetView)
+
+
+def model_view(request: web.Request) -> tuple[ModelView, str]:
+    """The model the URL names (404 when unknown) and the version it asks for ("" for none)."""
+    view = request.app[REGISTRY].get(request.match_info["model"])
+    return view, request.match_info.get("version", "")

@@ -1,0 +1,147 @@
+"""Model states as the router publishes them in the models KV bucket, and how a gateway or
+worker reads them back. The JSON document per model is the contract between those services.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+
+# A worker's role: a worker runs model instances on its device; an orchestrator (`natron
+# ensemble`) runs ensembles only, whose steps run on workers.
+WORKER = "worker"
+ORCHESTRATOR = "orchestrator"
+
+
+@dataclass(slots=True)
+class VersionState:
+    state: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class ModelRecord:
+    """One model of the repository: where its files are, its config, its versions' states.
+
+    `generation` changes whenever what a worker must load changes (config, path, versions),
+    so workers reload on a new generation and ignore updates that only change states.
+    """
+
+    name: str
+    path: str
+    config: dict[str, Any] | None  # Triton's JSON form; None when the config is broken
+    versions: dict[str, VersionState] = field(default_factory=dict)
+    reason: str = ""  # model-level failure (bad config, unloaded): every version is unavailable
+    generation: str = ""
+    # worker id -> instances it runs; decided by the router, not part of the generation, so a
+    # worker joining or leaving never makes the others reload.
+    placement: dict[str, int] = field(default_factory=dict)
+    placement_reason: str = ""  # why no worker could take the model, when placement is empty
+    files: str = ""  # signature of the model files (sizes, mtimes): part of the generation
+
+    def compute_generation(self) -> str:
+        digest = hashlib.sha256(
+            orjson.dumps(
+                [self.path, self.config, sorted(self.versions), self.files], option=orjson.OPT_SORT_KEYS
+            )
+        )
+        return digest.hexdigest()[:16]
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "name": self.name,
+                "path": self.path,
+                "config": self.config,
+                "versions": {v: {"state": s.state, "reason": s.reason} for v, s in self.versions.items()},
+                "reason": self.reason,
+                "generation": self.generation,
+                "placement": self.placement,
+                "placement_reason": self.placement_reason,
+                "files": self.files,
+            }
+        )
+
+    @staticmethod
+    def from_json(data: bytes) -> ModelRecord:
+        raw = orjson.loads(data)
+        return ModelRecord(
+            name=raw["name"],
+            path=raw["path"],
+            config=raw["config"],
+            versions={v: VersionState(s["state"], s.get("reason", "")) for v, s in raw["versions"].items()},
+            reason=raw.get("reason", ""),
+            generation=raw.get("generation", ""),
+            placement=raw.get("placement", {}),
+            placement_reason=raw.get("placement_reason", ""),
+            files=raw.get("files", ""),
+        )
+
+    def ready_versions(self) -> list[str]:
+        """READY versions, highest first: the first is what "no version" means."""
+        ready = [v for v, s in self.versions.items() if s.state == READY]
+        return sorted(ready, key=int, reverse=True)
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """What a worker publishes under its key in the workers bucket, every heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    devices: list[dict[str, Any]]
+    # model -> generation -> version -> state
+    models: dict[str, dict[str, dict[str, VersionState]]] = field(default_factory=dict)
+    stopping: bool = False
+    role: str = WORKER
+    # "model/version" -> cumulative statistics (natron/stats.py ModelStats.to_json()).
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "host": self.host,
+                "pid": self.pid,
+                "devices": self.devices,
+                "models": {
+                    m: {
+                        g: {v: {"state": s.state, "reason": s.reason} for v, s in vs.items()}
+                        for g, vs in gens.items()
+                    }
+                    for m, gens in self.models.items()
+                },
+                "stopping": self.stopping,
+                "role": self.role,
+                "stats": self.stats,
+            }
+        )
+
+    @staticmethod
+    def from_json(data: bytes) -> WorkerReport:
+        raw = orjson.loads(data)
+        return WorkerReport(
+            id=raw["id"],
+            host=raw["host"],
+            pid=raw["pid"],
+            devices=raw["devices"],
+            models={
+                m: {
+                    g: {v: VersionState(s["state"], s.get("reason", "")) for v, s in vs.items()}
+                    for g, vs in gens.items()
+                }
+                for m, gens in raw["models"].items()
+            },
+            stopping=raw.get("stopping", False),
+            role=raw.get("role", WORKER),
+            stats=raw.get("stats", {}),
+        )

@@ -1,0 +1,221 @@
+"""The one test harness: `natron serve` as users run it (`natron_serve`), a mesh of separately
+started processes (`Mesh`: nats-server, router, workers, gateway, each killable on its own), and
+`wait_until`, the one polling loop for conditions no event announces (another process's state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from broker.server import find_nats_server, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns a truthy value (returned); errors count as not yet."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # not there yet (no bucket, no key, no listener)
+            last_error = exc
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout_s} s (last error: {last_error!r})")
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str  # http://127.0.0.1:port
+    host_port: str  # 127.0.0.1:port, as tritonclient wants it
+    nats_url: str
+    metrics_url: str
+    output: Path
+    repository: Path
+
+
+def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(models)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"natron serve exited with {process.returncode}")
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                pending = [
+                    m
+                    for m in pending
+                    if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
+                ]
+                if not pending:
+                    return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"natron serve not ready within {timeout_s} s; waiting for {pending}")
+
+
+@contextlib.contextmanager
+def natron_serve(
+    repository: Path, ready: list[str], log_dir: Path, extra_args: tuple[str, ...] = (), timeout_s: float = 90
+) -> Iterator[Served]:
+    """`natron serve` as users run it (embedded NATS, router, gateway, worker, orchestrator) on
+    free ports, until `ready` models answer ready; stopped with Ctrl-C (SIGINT) afterwards."""
+    http_port, metrics_port, nats_port = free_port(), free_port(), free_port()
+    output = log_dir / "serve.log"
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "natron", "serve", str(repository),
+                "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+                "--nats-port", str(nats_port), "--http-address", "127.0.0.1", *extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{http_port}"
+        try:
+            _wait_ready(url, ready, process, timeout_s)
+            yield Served(
+                url,
+                f"127.0.0.1:{http_port}",
+                f"nats://127.0.0.1:{nats_port}",
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                output,
+                repository,
+            )
+        except BaseException:
+            print(output.read_text(errors="replace")[-8000:])
+            raise
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class Mesh:
+    def __init__(self, repository: Path, router_args: list[str] | None = None) -> None:
+        self.repository = repository
+        self.router_args = router_args or []
+        self.nats_port = free_port()
+        self.http_port = free_port()
+        self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="natron-mesh-")
+        self.logs = Path(self._tmp.name)
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy()
+        )
+        self.processes[name] = process
+        return process
+
+    def start_nats(self) -> None:
+        store = self.logs / "js"
+        self._spawn(
+            "nats",
+            [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.nats_port), "-sd", str(store)],
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.nats_port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def natron(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self._spawn(name, [sys.executable, "-m", "natron", *args, "--log-level", "info"])
+
+    def start_router(self) -> None:
+        self.natron("router", "router", str(self.repository), "--nats-url", self.nats_url, *self.router_args)
+
+    def start_worker(self, worker_id: str, *extra: str) -> None:
+        self.natron(worker_id, "worker", "--nats-url", self.nats_url, "--worker-id", worker_id, *extra)
+
+    def start_gateway(self) -> None:
+        self.natron("gateway", "gateway", "--nats-url", self.nats_url, "--http-port", str(self.http_port),
+                    "--http-address", "127.0.0.1", "--default-timeout-s", "30")  # fmt: skip
+
+    def signal(self, name: str, signum: int) -> None:
+        self.processes[name].send_signal(signum)
+
+    def wait_exit(self, name: str, timeout_s: float = 30) -> int:
+        return self.processes[name].wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        for name in [
+            "gateway",
+            *[n for n in self.processes if n not in ("gateway", "router", "nats")],
+            "router",
+            "nats",
+        ]:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._tmp.cleanup()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def wait_ready(self, model: str, version: str = "", timeout_s: float = 60) -> None:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{model} not ready within {timeout_s} s; logs in {self.logs}")
+
+    def wait_until(self, predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
+        wait_until(predicate, timeout_s, f"{what} (logs in {self.logs})")
+
+    def index(self) -> list[dict[str, Any]]:
+        response = requests.post(self.url + "/v2/repository/index", timeout=10)
+        response.raise_for_status()
+        result: list[dict[str, Any]] = response.json()
+        return result
+
+    def infer_tiny(self, value: float, model: str = "tiny", timeout_s: float = 30) -> requests.Response:
+        body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [value] * 16}]}
+        return requests.post(f"{self.url}/v2/models/{model}/infer", data=json.dumps(body), timeout=timeout_s)

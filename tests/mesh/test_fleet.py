@@ -1,0 +1,232 @@
+"""The fleet: several worker processes on one model, balanced by capacity, surviving kill -9
+and draining on SIGTERM; router and gateway restarts that do not disturb traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import orjson
+import pytest
+import requests
+
+from broker.server import free_port
+from broker.subjects import Subjects
+from natron.records import ModelRecord, WorkerReport
+from tests.harness import Mesh
+
+
+@pytest.fixture
+def mesh(model_repository: Path) -> Iterator[Mesh]:
+    mesh = Mesh(model_repository)
+    mesh.start_nats()
+    mesh.start_router()
+    mesh.start_gateway()
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+async def _kv(nats_url: str, bucket: str) -> dict[str, bytes]:
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(bucket)
+        return {key: (await kv.get(key)).value for key in await kv.keys()}
+    finally:
+        await nc.close()
+
+
+def placement(mesh: Mesh, model: str) -> dict[str, int]:
+    raw = asyncio.run(_kv(mesh.nats_url, Subjects().models_bucket))[model]
+    return ModelRecord.from_json(raw).placement
+
+
+def served_by(mesh: Mesh, model_version: str) -> dict[str, int]:
+    reports = asyncio.run(_kv(mesh.nats_url, Subjects().workers_bucket))
+    return {
+        worker: WorkerReport.from_json(raw).stats.get(model_version, {}).get("inferences", 0)
+        for worker, raw in reports.items()
+    }
+
+
+async def drive(url: str, count: int, concurrency: int, timeout_s: float = 30) -> dict[str, int]:
+    """`count` distinct tiny requests; tally answers: right, wrong, and by error status."""
+    tally = {"ok": 0, "wrong": 0}
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        body = {
+            "id": str(i),
+            "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [i] * 16}],
+        }
+        async with semaphore:
+            try:
+                async with session.post(f"{url}/v2/models/tiny/infer", data=orjson.dumps(body)) as response:
+                    answer = await response.json()
+                    if response.status != 200:
+                        tally[str(response.status)] = tally.get(str(response.status), 0) + 1
+                    elif answer["id"] == str(i) and answer["outputs"][0]["data"] == [2.0 * i + 1] * 16:
+                        tally["ok"] += 1
+                    else:
+                        tally["wrong"] += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                tally[type(exc).__name__] = tally.get(type(exc).__name__, 0) + 1
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)
+    ) as session:
+        await asyncio.gather(*(one(session, i) for i in range(count)))
+    return tally
+
+
+def test_a_worker_that_joins_later_receives_its_share(mesh: Mesh) -> None:
+    mesh.start_worker("first")
+    mesh.wait_ready("tiny")
+    assert placement(mesh, "tiny") == {"first": 1}
+    mesh.start_worker("second")
+    mesh.wait_until(lambda: placement(mesh, "tiny") == {"first": 1, "second": 1}, what="second placed")
+    mesh.wait_until(lambda: "model 'tiny' version 1 ready" in mesh.log("second"), what="second loaded tiny")
+
+
+def test_a_worker_killed_mid_load_loses_no_request(mesh: Mesh) -> None:
+    # Slow workers (20 ms per batch) keep requests in flight when one dies; a 1 s ack wait
+    # brings the dead worker's requests back to the survivor quickly.
+    for worker in ("a", "b"):
+        mesh.start_worker(worker, "--throttle-ms", "20", "--ack-wait-s", "1")
+    mesh.wait_until(lambda: placement(mesh, "tiny") == {"a": 1, "b": 1}, what="both placed")
+    mesh.wait_ready("tiny")
+    time.sleep(1)  # both instances pulling
+
+    async def scenario() -> dict[str, int]:
+        load = asyncio.create_task(drive(mesh.url, count=600, concurrency=64))
+        await asyncio.sleep(1.0)
+        mesh.signal("a", signal.SIGKILL)
+        return await load
+
+    tally = asyncio.run(scenario())
+    assert tally == {"ok": 600, "wrong": 0}, tally
+    assert mesh.wait_exit("a") == -signal.SIGKILL
+
+
+def test_sigterm_drains_a_worker_without_failing_a_request(mesh: Mesh) -> None:
+    for worker in ("a", "b"):
+        mesh.start_worker(worker, "--throttle-ms", "10")
+    mesh.wait_until(lambda: placement(mesh, "tiny") == {"a": 1, "b": 1}, what="both placed")
+    mesh.wait_ready("tiny")
+    time.sleep(1)
+
+    async def scenario() -> dict[str, int]:
+        load = asyncio.create_task(drive(mesh.url, count=500, concurrency=32))
+        await asyncio.sleep(0.8)
+        mesh.signal("a", signal.SIGTERM)
+        return await load
+
+    tally = asyncio.run(scenario())
+    assert tally == {"ok": 500, "wrong": 0}, tally
+    assert mesh.wait_exit("a") == 0
+    assert "unexpected" not in mesh.log("a").lower()
+
+
+def test_a_faster_worker_serves_proportionally_more(mesh: Mesh) -> None:
+    mesh.start_worker("fast")
+    mesh.start_worker("slow", "--throttle-ms", "30")
+    mesh.wait_until(lambda: placement(mesh, "tiny") == {"fast": 1, "slow": 1}, what="both placed")
+    mesh.wait_ready("tiny")
+    time.sleep(1)
+    tally = asyncio.run(drive(mesh.url, count=1500, concurrency=64))
+    assert tally == {"ok": 1500, "wrong": 0}, tally
+    # Statistics travel with heartbeats (every 2 s).
+    mesh.wait_until(lambda: sum(served_by(mesh, "tiny/1").values()) >= 1500, what="stats reported")
+    served = served_by(mesh, "tiny/1")
+    assert served["fast"] > 2 * served["slow"] > 0, served
+
+
+def test_a_restarted_router_and_gateway_do_not_disturb_traffic(mesh: Mesh) -> None:
+    mesh.start_worker("a")
+    mesh.wait_ready("tiny")
+
+    async def scenario() -> dict[str, int]:
+        load = asyncio.create_task(drive(mesh.url, count=400, concurrency=8))
+        await asyncio.sleep(0.3)
+        mesh.signal("router", signal.SIGKILL)
+        mesh.wait_exit("router")
+        mesh.start_router()
+        return await load
+
+    tally = asyncio.run(scenario())
+    assert tally == {"ok": 400, "wrong": 0}, tally
+    index = {m["name"]: m for m in mesh.index()}
+    assert index["tiny"]["state"] == "READY"
+    # A new gateway rebuilds its view from the broker alone.
+    mesh.signal("gateway", signal.SIGTERM)
+    mesh.wait_exit("gateway")
+    mesh.start_gateway()
+    mesh.wait_ready("tiny")
+    assert mesh.infer_tiny(1.0).json()["outputs"][0]["data"] == [3.0] * 16
+
+
+def test_a_dead_worker_is_dropped_and_its_models_shown_unavailable(mesh: Mesh) -> None:
+    mesh.start_worker("only")
+    mesh.wait_ready("tiny")
+    mesh.signal("only", signal.SIGKILL)
+    mesh.wait_until(
+        lambda: {m["name"]: m for m in mesh.index()}["tiny"]["state"] == "UNAVAILABLE",
+        timeout_s=20,
+        what="tiny unavailable after its only worker died",
+    )
+    response = mesh.infer_tiny(1.0)
+    assert response.status_code == 503
+    assert "no live worker" in response.json()["error"]
+
+
+def test_the_router_serves_its_own_metrics(model_repository: Path) -> None:
+    port = free_port()
+    mesh = Mesh(model_repository, ["--metrics-port", str(port)])
+    mesh.start_nats()
+    mesh.start_router()
+    mesh.start_worker("a")
+    mesh.start_gateway()
+    try:
+        mesh.wait_ready("tiny")
+
+        def scraped() -> bool:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return "natron_router_workers 1.0" in text and "natron_nats_connected 1.0" in text
+
+        mesh.wait_until(scraped, what="router metrics")
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        ready = re.search(r'^natron_router_model_versions\{state="READY"\} (\d+)', text, re.M)
+        assert ready and int(ready[1]) >= 3
+        assert "process_cpu_seconds_total" in text
+    finally:
+        mesh.stop()
+
+
+def test_a_lost_broker_gives_clear_errors_within_the_deadline_not_a_hang(mesh: Mesh) -> None:
+    mesh.start_worker("a")
+    mesh.wait_ready("tiny")
+    mesh.signal("nats", signal.SIGKILL)
+    mesh.wait_exit("nats")
+    body = {
+        "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}],
+        "parameters": {"timeout": 1_000_000},  # one second
+    }
+    started = time.monotonic()
+    response = requests.post(f"{mesh.url}/v2/models/tiny/infer", json=body, timeout=30)
+    elapsed_s = time.monotonic() - started
+    assert response.status_code in (503, 504), response.text
+    assert response.json()["error"]
+    assert elapsed_s < 10  # answered at its deadline, not left hanging
+    mesh.wait_until(
+        lambda: requests.get(f"{mesh.url}/v2/health/ready", timeout=5).status_code == 503,
+        what="gateway not ready without its broker",
+    )
+    assert requests.get(f"{mesh.url}/v2/health/live", timeout=5).status_code == 200

@@ -1,0 +1,31 @@
+"""A worker's own metrics: its models' statistics under Triton's names, its GPU, its process."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+from natron.prometheus import metrics_app, render_fleet
+from workers.service import Worker
+
+
+def worker_metrics_app(worker: Worker, nc: Client) -> web.Application:
+    """A worker's own metrics: its models' statistics, its GPU, its process."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+
+    async def render() -> bytes:
+        report = worker.report
+        keys = [tuple(key.split("/", 1)) for key in report.stats]
+        text = render_fleet(
+            [(m, v) for m, v in keys],
+            {(m, v): report.stats[f"{m}/{v}"] for m, v in keys},
+            {},
+            {},
+            [report],
+            nc.is_connected,
+        )
+        return text.encode() + generate_latest(registry)
+
+    return metrics_app(render)
