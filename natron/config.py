@@ -156,6 +156,31 @@ _ONNX_TO_TRITON: dict[int, str] = {
 }
 
 
+# Boolean config parameters, as Triton's backends spell them (ORT's "1"/"0", PyTorch's
+# "true"/"false"): one reading for every backend, so a value means the same everywhere.
+_TRUE = frozenset({"true", "1", "on", "yes"})
+_FALSE = frozenset({"false", "0", "off", "no"})
+
+
+def parse_bool(model: str, key: str, value: str) -> bool:
+    """A boolean parameter's text; ConfigError naming the model, key and value otherwise."""
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(
+        f"model '{model}': parameter '{key}' must be true/1/on/yes or false/0/off/no, got '{value}'"
+    )
+
+
+def parameter_bool(config: pb.ModelConfig, key: str, default: bool) -> bool:
+    """The config's `parameters { key: ... }` as a boolean, or `default` when absent."""
+    if key not in config.parameters:
+        return default
+    return parse_bool(config.name, key, config.parameters[key].string_value)
+
+
 def fill_defaults(config: pb.ModelConfig) -> None:
     """Defaults Triton applies: one instance group, `latest 1` version policy."""
     if not config.HasField("version_policy"):

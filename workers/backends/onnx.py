@@ -85,13 +85,7 @@ _CUDA_CONFIG_PARAMETERS: dict[str, dict[str, str] | None] = {
 def _parse(model: str, what: str, key: str, value: str, kind: type) -> Any:
     text = value.strip()
     if kind is bool:
-        if text.lower() in ("1", "true"):
-            return True
-        if text.lower() in ("0", "false"):
-            return False
-        raise InvalidArgument(
-            f"model '{model}': {what} parameter '{key}' must be 1/true or 0/false, got '{value}'"
-        )
+        return cfg.parse_bool(model, f"{what} {key}", text)
     if kind is int:
         try:
             return int(text)

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import model_config_pb2 as pb
 
+from natron import config as cfg
 from natron import datatypes
 from natron.config import ConfigError
 from natron.errors import InternalError, InvalidArgument, Unavailable
@@ -36,8 +37,6 @@ from workers.devices import Device
 
 log = logging.getLogger(__name__)
 
-_TRUE = frozenset({"true", "1", "on", "yes"})
-_FALSE = frozenset({"false", "0", "off", "no"})
 _thread_settings_lock = threading.Lock()
 _thread_settings: dict[str, int] = {}
 
@@ -89,17 +88,6 @@ def map_outputs(config_names: list[str]) -> dict[str, int]:
     if all(i is not None for i in indices):
         return {n: i for n, i in zip(config_names, indices, strict=True) if i is not None}
     return {n: i for i, n in enumerate(config_names)}
-
-
-def parse_bool(config: pb.ModelConfig, key: str, default: bool) -> bool:
-    if key not in config.parameters:
-        return default
-    value = config.parameters[key].string_value.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"model '{config.name}': parameter {key} must be true or false, got '{value}'")
 
 
 def _parse_threads(config: pb.ModelConfig, key: str) -> int | None:
@@ -216,7 +204,7 @@ def load_pytorch(config: pb.ModelConfig, version_dir: Path, device: Device) -> P
             target = torch.device("cuda", device.index)
         else:
             log.warning("model '%s': this torch build has no CUDA; running on the CPU", config.name)
-    inference_mode = parse_bool(config, "INFERENCE_MODE", True)
+    inference_mode = cfg.parameter_bool(config, "INFERENCE_MODE", True)
     with torch.inference_mode(inference_mode):
         program = _load_program(path, target, torch)
     config_inputs = [i.name for i in config.input]
@@ -232,8 +220,8 @@ def load_pytorch(config: pb.ModelConfig, version_dir: Path, device: Device) -> P
         },
         device=target,
         inference_mode=inference_mode,
-        optimized=not parse_bool(config, "DISABLE_OPTIMIZED_EXECUTION", False),
-        clean_cache=parse_bool(config, "ENABLE_CACHE_CLEANING", False),
+        optimized=not cfg.parameter_bool(config, "DISABLE_OPTIMIZED_EXECUTION", False),
+        clean_cache=cfg.parameter_bool(config, "ENABLE_CACHE_CLEANING", False),
     )
     log.info("loaded %s (%s) on %s", path, program.kind, target)
     return backend
