@@ -84,6 +84,13 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, version
         doc = orjson.loads(view[:json_end])
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"inference request header is not valid JSON: {exc}") from None
+    return parse_infer_doc(doc, view[json_end:], model, version)
+
+
+def parse_infer_doc(doc: Any, binary: memoryview, model: str, version: str) -> ParsedInfer:
+    """An infer request already decoded from JSON, with the binary tensor data that followed its
+    header (empty when none): what the WebSocket and generate endpoints hand in directly, so
+    nothing is encoded to JSON only to be parsed again."""
     if type(doc) is not dict:
         raise InvalidArgument(f"inference request must be a JSON object, got {_kind(doc)}")
 
@@ -91,7 +98,7 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, version
     if type(request_id) is not str:
         raise InvalidArgument(f"request 'id' must be a string, got {_show(request_id)}")
     parameters, binary_default, timeout_us = _parse_parameters(doc.get("parameters"))
-    inputs = _parse_inputs(doc.get("inputs"), view[json_end:])
+    inputs = _parse_inputs(doc.get("inputs"), binary)
     outputs, binary_outputs, class_counts = _parse_outputs(doc.get("outputs"))
     return ParsedInfer(
         InferRequest(request_id, model, version, inputs, outputs, parameters),
@@ -429,6 +436,28 @@ def encode_infer_response(
     first dimension is the batch (max_batch_size > 0), which only classification needs;
     None guesses so from an output rank of 2 or more.
     """
+    doc, chunks = infer_response_doc(response, parsed, request_id, batched=batched)
+    header = dumps_header(doc, response.model)
+    if not chunks:
+        return header, None
+    chunks.insert(0, header)
+    return b"".join(chunks), len(header)
+
+
+def dumps_header(doc: dict[str, Any], model: str) -> bytes:
+    """A response header of `model` as JSON, with the options infer responses use."""
+    try:
+        return orjson.dumps(doc, option=_DUMPS_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise InternalError(f"cannot encode the response of model '{model}' as JSON: {exc}") from None
+
+
+def infer_response_doc(
+    response: InferResponse, parsed: ParsedInfer, request_id: str, *, batched: bool | None = None
+) -> tuple[dict[str, Any], list[Any]]:
+    """A response's JSON header as a dict, and the binary chunks that follow it (buffers, in
+    output order; empty when every output went as JSON). The WebSocket adds its own keys to the
+    dict before encoding it once."""
     listed = parsed.request.outputs
     binary_outputs = parsed.binary_outputs
     class_counts = parsed.class_counts
@@ -459,16 +488,7 @@ def encode_infer_response(
     if response.parameters:
         doc["parameters"] = response.parameters
     doc["outputs"] = entries
-    try:
-        header = orjson.dumps(doc, option=_DUMPS_OPTIONS)
-    except orjson.JSONEncodeError as exc:
-        raise InternalError(
-            f"cannot encode the response of model '{response.model}' as JSON: {exc}"
-        ) from None
-    if not chunks:
-        return header, None
-    chunks.insert(0, header)
-    return b"".join(chunks), len(header)
+    return doc, chunks
 
 
 def _encode_output(tensor: Tensor, as_binary: bool) -> tuple[dict[str, Any], Any]:

@@ -87,7 +87,7 @@ def _generate_body(request: web.Request, raw: bytes, model: str, version: str) -
         infer_body["parameters"] = body["parameters"]
     if "id" in body:
         infer_body["id"] = body["id"]
-    return kserve.parse_infer_body(orjson.dumps(infer_body), None, model, version)
+    return kserve.parse_infer_doc(infer_body, memoryview(b""), model, version)
 
 
 def _flat_outputs(answer: InferResponse) -> dict[str, Any]:
@@ -147,13 +147,14 @@ class _Socket:
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
     async def send_json(self, data: dict[str, Any]) -> None:
+        # Answer headers hold numpy arrays for JSON outputs: serialised natively, not as lists.
         async with self._send_lock:
-            await self._ws.send_str(orjson.dumps(data).decode())
+            await self._ws.send_str(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY).decode())
 
-    async def send_binary(self, header: dict[str, Any], binary: bytes) -> None:
-        head = orjson.dumps(header)
+    async def send_binary(self, header: dict[str, Any], chunks: list[Any]) -> None:
+        head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
         async with self._send_lock:
-            await self._ws.send_bytes(_LEN.pack(len(head)) + head + binary)
+            await self._ws.send_bytes(b"".join([_LEN.pack(len(head)), head, *chunks]))
 
     async def start(self, raw: bytes, header_length: int | None) -> None:
         """Begin one request (a task of its own), or act on a cancel frame."""
@@ -190,20 +191,16 @@ class _Socket:
             version = head.pop("version", "") or ""
             if not isinstance(model, str) or not isinstance(version, str):
                 raise InvalidArgument("'model' (and 'version', if given) must be strings")
-            json_part = orjson.dumps(head)
-            binary = raw[header_length:] if header_length is not None else b""
-            parsed = kserve.parse_infer_body(
-                json_part + binary, len(json_part) if binary else None, model, version
-            )
+            binary = memoryview(raw)[header_length:] if header_length is not None else memoryview(b"")
+            parsed = kserve.parse_infer_doc(head, binary, model, version)
             async for answer in _answers(self._request, model, version, parsed):
-                body, json_length = kserve.encode_infer_response(answer, parsed, request_id)
-                header = orjson.loads(body[:json_length] if json_length is not None else body)
+                header, chunks = kserve.infer_response_doc(answer, parsed, request_id)
                 header.update({"id": request_id, "sequence": sequence, "final": False})
                 sequence += 1
-                if json_length is None:
+                if not chunks:
                     await self.send_json(header)
                 else:
-                    await self.send_binary(header, body[json_length:])
+                    await self.send_binary(header, chunks)
             await self.send_json({"id": request_id, "sequence": sequence, "final": True})
         except NatronError as exc:
             await self.send_json(
