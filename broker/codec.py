@@ -13,6 +13,13 @@ The response's status travels in the `Natron-Status` header (HTTP numbering, 200
 so a reader knows an error from a result before decoding the body. BYTES tensor data uses
 Triton's 4-byte-length-prefixed layout. Decoding turns any malformed message into
 InvalidArgument; it never raises anything else.
+
+Copies: encoding copies each tensor's bytes once, from the array's memory straight into a
+buffer sized for the message, and returns a view of that buffer: no `tobytes`, no copy of the
+finished message into a bytes object. (Under 16 KiB of tensor data, copying costs less than
+making views: such tensors and messages are copied into bytes.) Decoding copies them once, when msgpack turns
+the `bin` into bytes; the array is a zero-copy view of those (read-only: a backend that writes
+into its inputs copies them).
 """
 
 from __future__ import annotations
@@ -28,17 +35,42 @@ from natron.inference import InferRequest, InferResponse, Tensor
 WIRE_VERSION = 1
 
 
+# Room for a message's keys, names, shapes and parameters beside its tensor data.
+_ENVELOPE_BYTES = 1024
+# Below this much tensor data, copies are quicker than views: packb (which copies the finished
+# message into bytes) for a message, `tobytes` for a tensor.
+_VIEW_FROM_BYTES = 16 * 1024
+
+
 def _packb(value: dict[str, Any]) -> bytes:
     packed: bytes = msgpack.packb(value)
     return packed
 
 
+def _pack_view(value: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes | memoryview:
+    """`value` packed; a large message into a buffer allocated once at about its final size,
+    returned as a view of that buffer, since packb would copy the finished message into a
+    bytes object once more (and grow its buffer by copying on the way)."""
+    data_bytes = 0
+    for tensor in tensors:  # a loop, not sum(): this runs for every message, mostly small ones
+        data_bytes += len(tensor["data"])
+    if data_bytes < _VIEW_FROM_BYTES:
+        return _packb(value)
+    packer = msgpack.Packer(autoreset=False, buf_size=data_bytes + _ENVELOPE_BYTES)
+    packer.pack(value)
+    view: memoryview = packer.getbuffer()  # keeps the packer, and so its buffer, alive
+    return view
+
+
 def _pack_tensor(tensor: Tensor) -> dict[str, Any]:
+    data = tensor.data
+    # A small tensor's copy costs less than making a view of it (a few hundred nanoseconds).
+    raw = datatypes.to_raw if data.nbytes < _VIEW_FROM_BYTES else datatypes.raw_view
     return {
         "name": tensor.name,
         "datatype": tensor.datatype,
         "shape": list(tensor.shape),
-        "data": datatypes.to_raw(tensor.data, tensor.datatype),
+        "data": raw(data, tensor.datatype),
     }
 
 
@@ -63,7 +95,7 @@ def _unpack_tensor(raw: Any) -> Tensor:
     return Tensor(name, datatype, tuple(shape), array)
 
 
-def _unpack_map(data: bytes) -> dict[str, Any]:
+def _unpack_map(data: bytes | memoryview) -> dict[str, Any]:
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -97,21 +129,23 @@ def _parameters(body: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def encode_request(request: InferRequest) -> bytes:
-    return _packb(
+def encode_request(request: InferRequest) -> bytes | memoryview:
+    inputs = [_pack_tensor(t) for t in request.inputs]
+    return _pack_view(
         {
             "v": WIRE_VERSION,
             "id": request.id,
             "model": request.model,
             "version": request.version,
-            "inputs": [_pack_tensor(t) for t in request.inputs],
+            "inputs": inputs,
             "outputs": request.outputs,
             "parameters": request.parameters,
-        }
+        },
+        inputs,
     )
 
 
-def decode_request(data: bytes) -> InferRequest:
+def decode_request(data: bytes | memoryview) -> InferRequest:
     body = _unpack_map(data)
     outputs = body.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
@@ -126,20 +160,22 @@ def decode_request(data: bytes) -> InferRequest:
     )
 
 
-def encode_response(response: InferResponse) -> bytes:
-    return _packb(
+def encode_response(response: InferResponse) -> bytes | memoryview:
+    outputs = [_pack_tensor(t) for t in response.outputs]
+    return _pack_view(
         {
             "v": WIRE_VERSION,
             "id": response.id,
             "model": response.model,
             "version": response.version,
-            "outputs": [_pack_tensor(t) for t in response.outputs],
+            "outputs": outputs,
             "parameters": response.parameters,
-        }
+        },
+        outputs,
     )
 
 
-def decode_response(data: bytes) -> InferResponse:
+def decode_response(data: bytes | memoryview) -> InferResponse:
     body = _unpack_map(data)
     return InferResponse(
         id=_str_field(body, "id", ""),
@@ -150,24 +186,26 @@ def decode_response(data: bytes) -> InferResponse:
     )
 
 
-def encode_responses(responses: list[InferResponse]) -> bytes:
+def encode_responses(responses: list[InferResponse]) -> bytes | memoryview:
     """Several answers of one stream in one message (coalesced when the reader falls behind)."""
     first = responses[0]
-    return _packb(
+    packed = [[_pack_tensor(t) for t in r.outputs] for r in responses]
+    return _pack_view(
         {
             "v": WIRE_VERSION,
             "id": first.id,
             "model": first.model,
             "version": first.version,
             "responses": [
-                {"outputs": [_pack_tensor(t) for t in r.outputs], "parameters": r.parameters}
-                for r in responses
+                {"outputs": outputs, "parameters": r.parameters}
+                for outputs, r in zip(packed, responses, strict=True)
             ],
-        }
+        },
+        [t for outputs in packed for t in outputs],
     )
 
 
-def decode_responses(data: bytes) -> list[InferResponse]:
+def decode_responses(data: bytes | memoryview) -> list[InferResponse]:
     body = _unpack_map(data)
     raw = body.get("responses")
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
@@ -184,7 +222,7 @@ def encode_error(request_id: str, message: str) -> bytes:
     return _packb({"v": WIRE_VERSION, "id": request_id, "error": message})
 
 
-def decode_error(status: int, data: bytes) -> NatronError:
+def decode_error(status: int, data: bytes | memoryview) -> NatronError:
     """The error a non-200 response carries; a garbled body still yields an error."""
     try:
         body = _unpack_map(data)

@@ -2,20 +2,25 @@
 what it can batch now, so a fast device takes more work than a slow one and a busy one takes
 none, with no central scheduler.
 
-At most one pull request is outstanding per instance, and only while the instance is taking:
+This module is the transport; when to ask for how much is the batcher's policy
+(workers/batcher.py). At most one pull request is outstanding per instance, and only while the
+instance is taking. The batcher asks in three ways, in this order:
 
-1. Idle, it keeps one long-poll for a single message (`batch: 1`, expiring after `expires_s`),
-   so the first request of a quiet period starts at once.
-2. With a message in hand, the broker has told it (in the message's ack subject) how many more
-   wait in the consumer. If any do, a `no_wait` pull for as many as fit the batch collects them
-   and ends at once, with nothing left outstanding.
-3. With `max_queue_delay` configured and the batch not yet at its target, a pull expiring at the
-   linger deadline gathers what arrives meanwhile.
+1. Idle, it keeps one long-poll for a single message (`wait_first`: `batch: 1`, expiring after
+   `expires_s`), so the first request of a quiet period starts at once.
+2. With a message in hand, the broker has told it (in the message's ack metadata) how many more
+   wait in the consumer. If any do, a `no_wait` pull for as many as fit the batch
+   (`collect_waiting`) collects them and ends at once, with nothing left outstanding.
+3. With `max_queue_delay` configured and the batch not yet at its target, a pull for what the
+   batch lacks, expiring at the linger deadline (`pull_until`), gathers what arrives meanwhile;
+   `wait_delivery` wakes the batcher at each arrival.
 
-So while a batch executes no credit is outstanding, and everything else in the queue stays
-available to the fleet's other instances; the work an instance gets is exactly what it asked for
-when it was free. A request the broker forgets silently (a restart) is given up after its expiry
-plus a grace period.
+Then it hands the deliveries over (`hand_over`), each with its arrival time. So while a batch
+executes no credit is outstanding, and everything else in the queue stays available to the
+fleet's other instances; the work an instance gets is exactly what it asked for when it was
+free. A request the broker forgets silently (a restart) is given up after its expiry plus a
+grace period. When the puller closes, the messages delivered and not handed over go back to
+the consumer (NAK) for the fleet's other instances, as does one already on its way to it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from dataclasses import dataclass
 
 import orjson
 from nats.aio.client import Client
@@ -35,6 +41,14 @@ _ACK = b"+ACK"
 _NAK = b"-NAK"
 _IN_PROGRESS = b"+WPI"
 _GRACE_S = 2.0
+
+
+@dataclass(slots=True, frozen=True)
+class Delivery:
+    """A message the consumer delivered, and when it arrived (loop clock)."""
+
+    msg: Msg
+    arrival_s: float
 
 
 def _metadata(msg: Msg) -> Msg.Metadata | None:
@@ -153,44 +167,62 @@ class CapacityPuller:
             await self._wait(until_s - loop.time())
             self._expire_lost_request()
 
-    # -- taking ------------------------------------------------------------------------------
+    # -- taking: the batcher calls these ----------------------------------------------------
 
-    async def take(self, max_items: int, linger_s: float = 0.0, enough: int | None = None) -> list[Msg]:
-        """Wait for at least one message, then gather what already waits and, with `linger_s`,
-        what arrives until the oldest message has waited that long (Triton's max_queue_delay,
-        counted from arrival); stop at `enough` (default `max_items`); return at most
-        `max_items`."""
-        loop = asyncio.get_running_loop()
-        max_items = min(max_items, self._capacity)
-        target = min(enough or max_items, max_items)
-        # 1. The first message: a single-message long-poll, unless one is still outstanding.
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def held(self) -> int:
+        """Messages delivered and not yet handed over."""
+        return len(self._queue)
+
+    @property
+    def oldest_arrival_s(self) -> float:
+        """Arrival (loop clock) of the oldest message held; only while one is held."""
+        return self._arrivals[0]
+
+    async def wait_first(self) -> bool:
+        """Hold at least one message: a single-message long-poll, unless one is still
+        outstanding. False once the puller is closed."""
         while not self._queue and not self._closed:
             self._expire_lost_request()
             if not self._outstanding:
                 await self._pull(1, expires_s=self._expires_s)
             await self._wait(self._expires_s + _GRACE_S)
-        if self._closed:
-            return []
-        # 2. What already waits in the consumer: collected without waiting for more.
-        room = max_items - len(self._queue)
-        if room > 0 and self._pending > 0:
+        return not self._closed
+
+    async def collect_waiting(self, room: int) -> None:
+        """Take up to `room` of the messages that already wait, without waiting for more; the
+        request has ended when this returns (or was given up after a grace period)."""
+        if room <= 0 or self._pending <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        await self._settle(loop.time() + _GRACE_S)
+        if not self._outstanding:
+            await self._pull(min(room, self._pending), no_wait=True)
             await self._settle(loop.time() + _GRACE_S)
-            if not self._outstanding:
-                await self._pull(min(room, self._pending), no_wait=True)
-                await self._settle(loop.time() + _GRACE_S)
-        # 3. Linger for more, up to the delay counted from the oldest message's arrival.
-        if linger_s > 0 and len(self._queue) < target and not self._closed:
-            deadline_s = self._arrivals[0] + linger_s
-            room = max_items - len(self._queue)
-            if deadline_s > loop.time() and not self._outstanding:
-                await self._pull(room, expires_s=deadline_s - loop.time())
-            while len(self._queue) < target and loop.time() < deadline_s and not self._closed:
-                await self._wait(deadline_s - loop.time())
-        count = min(max_items, len(self._queue))
-        batch = [self._queue.popleft() for _ in range(count)]
-        for _ in range(count):
-            self._arrivals.popleft()
-        return batch
+
+    async def pull_until(self, room: int, until_s: float) -> None:
+        """Ask for up to `room` messages arriving until `until_s` (loop clock), unless a
+        request is still outstanding or the time has passed."""
+        remaining_s = until_s - asyncio.get_running_loop().time()
+        if room > 0 and remaining_s > 0 and not self._outstanding and not self._closed:
+            await self._pull(room, expires_s=remaining_s)
+
+    async def wait_delivery(self, until_s: float) -> None:
+        """Wait until the next delivery, the end of the outstanding request, or `until_s`."""
+        await self._wait(until_s - asyncio.get_running_loop().time())
+
+    def hand_over(self, count: int) -> list[Delivery]:
+        """The oldest `count` messages held (fewer if fewer are held), in arrival order."""
+        count = min(count, len(self._queue))
+        return [Delivery(self._queue.popleft(), self._arrivals.popleft()) for _ in range(count)]
 
     # -- acknowledgements --------------------------------------------------------------------
 

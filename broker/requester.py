@@ -19,19 +19,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.errors
-import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker import codec
-from broker.subjects import COUNT, DEADLINE_NS, FINAL, REPLY_TO, STATUS, Subjects
-from natron.errors import DeadlineExceeded, InternalError, NatronError, PayloadTooLarge, Unavailable
+from broker import codec, reply
+from broker.subjects import DEADLINE_NS, REPLY_TO, Subjects
+from natron.errors import DeadlineExceeded, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
-_NO_RESPONDERS = "503"
 # NATS/1.0 line, Natron-Reply-To with an inbox of a few tokens, Natron-Deadline-Ns: well under.
 _HEADER_ALLOWANCE_BYTES = 256
 
@@ -111,13 +109,13 @@ class Requester:
         """
         payload = self._payload(request)
         token = str(next(self._counter))
-        reply = f"{self._inbox}.{token}"
+        reply_to = f"{self._inbox}.{token}"
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future(), request.model, version)
         self._pending[token] = pending
         try:
-            await self._publish(request, version, payload, reply, deadline_ns, headers)
+            await self._publish(request, version, payload, reply_to, deadline_ns, headers)
             # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
             timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
             try:
@@ -146,13 +144,13 @@ class Requester:
         """
         payload = self._payload(request)
         token = str(next(self._counter))
-        reply = f"{self._inbox}.{token}"
+        reply_to = f"{self._inbox}.{token}"
         state = _Stream(asyncio.Queue(), request.model, version)
         self._streams[token] = state
         finished = False
         try:
             deadline_ns = time.time_ns() + int(idle_timeout_s * 1e9)
-            await self._publish(request, version, payload, reply, deadline_ns, headers)
+            await self._publish(request, version, payload, reply_to, deadline_ns, headers)
             while True:
                 try:
                     item, final = await asyncio.wait_for(state.queue.get(), idle_timeout_s)
@@ -178,19 +176,19 @@ class Requester:
         self,
         request: InferRequest,
         version: str,
-        payload: bytes,
-        reply: str,
+        payload: bytes | memoryview,
+        reply_to: str,
         deadline_ns: int,
         headers: dict[str, str] | None,
     ) -> None:
-        """Into the work queue; JetStream acknowledges to `<reply>.a`, the worker answers to
-        `reply` (a header, since JetStream owns the message's reply subject)."""
+        """Into the work queue; JetStream acknowledges to `<reply_to>.a`, the worker answers to
+        `reply_to` (a header, since JetStream owns the message's reply subject)."""
         try:
             await self._nc.publish(
                 self._subjects.infer(request.model, version),
-                payload,
-                reply=reply + ".a",
-                headers={REPLY_TO: reply, DEADLINE_NS: str(deadline_ns), **(headers or {})},
+                payload,  # type: ignore[arg-type]  # nats-py sends any buffer
+                reply=reply_to + ".a",
+                headers={REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})},
             )
         except nats.errors.Error as exc:  # closed connection, full reconnect buffer
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
@@ -201,7 +199,7 @@ class Requester:
         except Exception:  # best effort: the deadline still bounds the work
             pass
 
-    def _payload(self, request: InferRequest) -> bytes:
+    def _payload(self, request: InferRequest) -> bytes | memoryview:
         payload = codec.encode_request(request)
         # The server counts headers against max_payload too, and closes the connection (every
         # request in flight on it) over the limit: keep room for this request's headers.
@@ -235,63 +233,25 @@ class Requester:
         if pending is None or pending.future.done():
             return  # the caller gave up (deadline) or the answer was already decided
         if is_ack:
-            self._on_publish_ack(pending, msg)
+            error = reply.publish_ack_error(msg, pending.model, pending.version)
+            if error is not None:
+                pending.future.set_exception(error)
+            else:
+                pending.queued = True
             return
-        headers = msg.headers or {}
-        status = int(headers.get(STATUS, "200"))
-        if status == 200:
-            try:
-                pending.future.set_result(codec.decode_response(msg.data))
-            except Exception as exc:  # a worker's malformed answer must still end the wait
-                pending.future.set_exception(InternalError(f"undecodable response: {exc}"))
+        # An ordinary request has one answer: the message's first (and only) one.
+        answer, _ = reply.decode_reply(msg)[0]
+        if isinstance(answer, NatronError):
+            pending.future.set_exception(answer)
         else:
-            pending.future.set_exception(codec.decode_error(status, msg.data))
+            pending.future.set_result(answer)
 
     @staticmethod
     def _on_stream_message(stream: _Stream, msg: Msg, is_ack: bool) -> None:
-        headers = msg.headers or {}
         if is_ack:
-            error = _publish_ack_error(msg, stream.model, stream.version)
+            error = reply.publish_ack_error(msg, stream.model, stream.version)
             if error is not None:
                 stream.queue.put_nowait((error, True))
             return
-        status = int(headers.get(STATUS, "200"))
-        final = headers.get(FINAL) == "1"
-        if status != 200:
-            stream.queue.put_nowait((codec.decode_error(status, msg.data), True))
-            return
-        try:
-            if COUNT in headers:
-                answers = codec.decode_responses(msg.data)
-                for position, answer in enumerate(answers):
-                    stream.queue.put_nowait((answer, final and position == len(answers) - 1))
-            else:
-                stream.queue.put_nowait((codec.decode_response(msg.data), final))
-        except Exception as exc:  # a malformed answer still ends the stream
-            stream.queue.put_nowait((InternalError(f"undecodable response: {exc}"), True))
-
-    @staticmethod
-    def _on_publish_ack(pending: _Pending, msg: Msg) -> None:
-        error = _publish_ack_error(msg, pending.model, pending.version)
-        if error is not None:
-            pending.future.set_exception(error)
-        else:
-            pending.queued = True
-
-
-def _publish_ack_error(msg: Msg, model: str, version: str) -> NatronError | None:
-    """The error in JetStream's answer to a publish, or None when the request is queued."""
-    headers = msg.headers or {}
-    if headers.get("Status") == _NO_RESPONDERS:
-        return Unavailable(f"no inference queue for model '{model}': is the router running?")
-    try:
-        ack = orjson.loads(msg.data)
-    except orjson.JSONDecodeError:
-        return InternalError("undecodable JetStream publish acknowledgement")
-    error = ack.get("error") if isinstance(ack, dict) else None
-    if error:
-        description = error.get("description", "") if isinstance(error, dict) else str(error)
-        return Unavailable(
-            f"queue of model '{model}' version {version} is full or unavailable: {description}"
-        )
-    return None
+        for answer in reply.decode_reply(msg):
+            stream.queue.put_nowait(answer)

@@ -135,8 +135,23 @@ def to_raw(array: npt.NDArray[np.generic], datatype: str) -> bytes:
     """A tensor's raw little-endian bytes in C order (BYTES: the length-prefixed layout)."""
     if datatype == BYTES:
         return serialize_bytes(array)  # type: ignore[arg-type]
+    return np.ascontiguousarray(array, dtype=to_numpy_dtype(datatype)).tobytes()
+
+
+def raw_view(array: npt.NDArray[np.generic], datatype: str) -> bytes | memoryview:
+    """The bytes of `to_raw`, as a view of the array's own memory where it already has the
+    wire's layout (contiguous, little-endian): an encoder that copies them into its message
+    then makes the only copy. Otherwise (a strided view, another byte order or dtype) numpy
+    makes the one contiguous copy first. BYTES: the length-prefixed layout, built anew."""
+    if datatype == BYTES:
+        return serialize_bytes(array)  # type: ignore[arg-type]
     dtype = to_numpy_dtype(datatype)
-    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+    if array.dtype == dtype and array.flags.c_contiguous and array.size and datatype != "BF16":
+        # The quick way for the common case; numpy cannot export BF16 (ml_dtypes) buffers.
+        return array.data.cast("B")
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    # A uint8 view exports a plain byte buffer, whatever the element type.
+    return memoryview(contiguous.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # a buffer on 3.11
 
 
 def from_raw(data: bytes | memoryview, datatype: str, shape: tuple[int, ...]) -> npt.NDArray[np.generic]:

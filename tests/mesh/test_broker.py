@@ -18,6 +18,7 @@ from broker.server import EmbeddedNatsServer
 from broker.subjects import Subjects
 from natron.errors import DeadlineExceeded, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, Tensor
+from workers.batcher import Batcher, BatchPolicy
 
 
 @pytest.fixture
@@ -83,8 +84,9 @@ async def test_a_puller_takes_no_more_than_its_capacity(nc: Client, subjects: Su
         await js.publish(subjects.infer("m", "1"), str(i).encode())
     puller = CapacityPuller(nc, subjects.stream, consumer, capacity=4)
     await puller.start()
+    batcher = Batcher(puller, BatchPolicy(max_items=4, enough=4, max_queue_delay_s=0.0, max_rows=4))
     try:
-        batch = await puller.take(max_items=4)
+        batch = [d.msg for d in await batcher.next()]
         assert 1 <= len(batch) <= 4
         await asyncio.sleep(0.3)  # let any over-delivery arrive, were there any
         info = await js.consumer_info(subjects.stream, consumer)
@@ -96,7 +98,7 @@ async def test_a_puller_takes_no_more_than_its_capacity(nc: Client, subjects: Su
         # Everything is eventually taken, in order, each message once.
         seen = [int(m.data) for m in batch]
         while len(seen) < 20:
-            more = await asyncio.wait_for(puller.take(max_items=4), 5)
+            more = [d.msg for d in await asyncio.wait_for(batcher.next(), 5)]
             for msg in more:
                 await puller.ack(msg)
             seen += [int(m.data) for m in more]
@@ -105,29 +107,38 @@ async def test_a_puller_takes_no_more_than_its_capacity(nc: Client, subjects: Su
         await puller.close()
 
 
-async def test_a_closed_puller_hands_prefetched_messages_back(nc: Client, subjects: Subjects) -> None:
+async def test_a_closed_puller_hands_back_what_it_was_delivered_but_did_not_hand_over(
+    nc: Client, subjects: Subjects
+) -> None:
     js = nc.jetstream()
-    policy = jetstream.QueuePolicy()
+    # Redelivery after the ack wait would take 30 s: only a NAK brings the messages back within
+    # the few seconds the second puller waits.
+    policy = jetstream.QueuePolicy(ack_wait_s=30.0)
     await jetstream.ensure_stream(js, subjects, policy)
     consumer = await jetstream.ensure_consumer(js, subjects, "m", "1", policy)
-    for i in range(6):
+    for i in range(3):
         await js.publish(subjects.infer("m", "1"), str(i).encode())
-    first = CapacityPuller(nc, subjects.stream, consumer, capacity=4)
+    first = CapacityPuller(nc, subjects.stream, consumer, capacity=8)
     await first.start()
-    batch = await first.take(max_items=1)
-    await first.ack(batch[0])
-    await asyncio.sleep(0.2)
-    await first.close()  # NAKs what it prefetched
+    # The long-poll brings the first message, and a pull for those it says wait brings the rest:
+    # all three delivered to the first puller, none handed over to an instance.
+    assert await first.wait_first()
+    await first.collect_waiting(8)
+    assert first.held == 3
+    info = await js.consumer_info(subjects.stream, consumer)
+    assert (info.num_pending, info.num_ack_pending) == (0, 3)
+    await first.close()
     second = CapacityPuller(nc, subjects.stream, consumer, capacity=8)
     await second.start()
+    batcher = Batcher(second, BatchPolicy(max_items=8, enough=8, max_queue_delay_s=0.0, max_rows=8))
     try:
         seen: list[int] = []
-        while len(seen) < 5:
-            msgs = await asyncio.wait_for(second.take(max_items=8), 5)
-            seen += [int(m.data) for m in msgs]
-            for msg in msgs:
-                await second.ack(msg)
-        assert sorted(seen) == [1, 2, 3, 4, 5]
+        while len(seen) < 3:
+            deliveries = await asyncio.wait_for(batcher.next(), 5)
+            seen += [int(d.msg.data) for d in deliveries]
+            for delivery in deliveries:
+                await second.ack(delivery.msg)
+        assert sorted(seen) == [0, 1, 2]
     finally:
         await second.close()
 

@@ -1,6 +1,6 @@
 """Model backends. Each loads one instance of one model version.
 
-Two shapes of backend exist, and `workers.instance` serves both:
+Three shapes of backend exist, each served by its runner in `workers.runners`:
 
 * `Backend` runs whole batches: the instance concatenates the inputs of the requests it
   batches, calls `execute` once, and splits the outputs back (ONNX Runtime, PyTorch, TensorRT).
@@ -10,7 +10,8 @@ Two shapes of backend exist, and `workers.instance` serves both:
   after `execute_requests` has returned and from any thread.
 
 `execute` and `execute_requests` block and are called from the instance's thread, never on the
-event loop (quick batches aside, see `ModelInstance._run_backend`).
+event loop (quick batches aside, see `workers.runners.BatchRunner`). An `AsyncBackend` (ensembles)
+runs on the loop.
 """
 
 from __future__ import annotations
