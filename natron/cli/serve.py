@@ -5,12 +5,13 @@ model table once the repository has settled, as Triton does, and stops everythin
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -20,10 +21,22 @@ from rich.table import Table
 from broker import jetstream
 from broker.server import EmbeddedNatsServer, ServerOptions
 from broker.subjects import Subjects, check_name
-from natron.cli.supervisor import Supervisor
+from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
 from natron.errors import InvalidArgument
 from natron.records import LOADING, ModelRecord
-from workers.devices import discover_gpus
+from natron.settings import (
+    SETTINGS_ENV,
+    GatewaySettings,
+    OrchestratorSettings,
+    RoleSettings,
+    RouterSettings,
+    ServeSettings,
+    WorkerSettings,
+    exactly,
+    settings_json,
+)
+from natron.tasks import Stopped, until
+from workers.devices import Device, discover_gpus
 
 log = logging.getLogger(__name__)
 
@@ -97,101 +110,168 @@ def print_table(records: list[ModelRecord], lines: list[str]) -> None:
         console.print(line)
 
 
-async def serve(args: argparse.Namespace, repository: Path, subjects: Subjects, stop: asyncio.Event) -> None:
-    server: EmbeddedNatsServer | None = None
-    nats_url: str = args.nats_url
-    if nats_url is None:
-        server = EmbeddedNatsServer(
-            ServerOptions(
-                port=args.nats_port,
-                host="0.0.0.0" if args.http_address == "0.0.0.0" else "127.0.0.1",
-                max_payload_bytes=args.max_payload_mb * MiB,
-            )
+@dataclass(slots=True, frozen=True)
+class ChildSpec:
+    """One child of `natron serve`: its settings, whole, and what it adds to the environment."""
+
+    name: str
+    settings: RoleSettings
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        """`natron <role> --parent-pid N` and the environment that carries its settings.
+
+        The command line names only the role and the supervisor, so `ps` tells the children
+        apart and a test finds them; every setting travels as JSON, validated by the same
+        model in the child. The environment rather than argv: a NATS URL with credentials
+        stays out of `ps`. A restarted child is spawned from the same pair, so it comes back
+        with the same settings."""
+        args = [self.settings.command]
+        if self.settings.parent_pid is not None:
+            args += ["--parent-pid", str(self.settings.parent_pid)]
+        return args, {**self.env, SETTINGS_ENV: settings_json(self.settings)}
+
+
+def plan_children(
+    settings: ServeSettings, nats_url: str, gpus: list[Device], host: str, parent_pid: int
+) -> list[ChildSpec]:
+    """The children of `natron serve`, in start order: router, workers, orchestrator, gateway.
+
+    Each gets the fields of its own role, from `settings` or the role's defaults, never from
+    this process's NATRON_* variables: those were read once, into `settings`, and a worker
+    must not pick up, say, NATRON_METRICS_PORT meant for the gateway."""
+    common = {
+        "nats_url": nats_url,
+        "prefix": settings.prefix,
+        "log_level": settings.log_level,
+        "parent_pid": parent_pid,
+        "shutdown_timeout_s": settings.shutdown_timeout_s,
+    }
+    queue = {"ack_wait_s": settings.ack_wait_s, "drain_timeout_s": settings.drain_timeout_s}
+    children = [
+        ChildSpec(
+            "router",
+            exactly(
+                RouterSettings,
+                {
+                    **common,
+                    "model_repository": settings.model_repository,
+                    "model_control_mode": settings.model_control_mode,
+                    "repository_poll_secs": settings.repository_poll_secs,
+                    "load_model": settings.load_model,
+                    "upload_dir": settings.upload_dir,
+                },
+            ),
         )
-        await server.start()
-        nats_url = f"nats://127.0.0.1:{server.port}"
-    common = ["--prefix", subjects.prefix, "--log-level", args.log_level, "--parent-pid", str(os.getpid())]
-    supervisor = Supervisor()
-    control = [
-        "--model-control-mode",
-        args.model_control_mode,
-        "--repository-poll-secs",
-        str(args.repository_poll_secs),
     ]
-    for name in args.load_model:
-        control += ["--load-model", name]
-    if args.upload_dir is not None:
-        control += ["--upload-dir", str(args.upload_dir)]
-    supervisor.add("router", ["router", str(repository), "--nats-url", nats_url, *control, *common])
-    tuning = [
-        "--ack-wait-s", str(args.ack_wait_s), "--drain-timeout-s", str(args.drain_timeout_s),
-        "--throttle-ms", str(args.throttle_ms),
-    ]  # fmt: skip
-    host = socket.gethostname()
-    gpus = await asyncio.to_thread(discover_gpus)
+    compute = {**common, **queue, "throttle_ms": settings.throttle_ms}
     if gpus:
         # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
         # its own capacity; the CPU serves only where no GPU is.
         for gpu in gpus:
-            supervisor.add(
-                f"worker-gpu{gpu.index}-{gpu.uuid[-8:]}",
-                ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-{gpu.uuid}",
-                 "--device", f"gpu:{gpu.uuid}", *tuning, *common],
-                env={"CUDA_VISIBLE_DEVICES": gpu.uuid},
-            )  # fmt: skip
+            worker = {"worker_id": f"{host}-{gpu.uuid}", "device": f"gpu:{gpu.uuid}"}
+            children.append(
+                ChildSpec(
+                    f"worker-gpu{gpu.index}-{gpu.uuid[-8:]}",
+                    exactly(WorkerSettings, {**compute, **worker, "cpu_threads": settings.cpu_threads}),
+                    {"CUDA_VISIBLE_DEVICES": gpu.uuid},
+                )
+            )
     else:
         # N CPU workers on one host split its cores, unless told otherwise: N processes that
         # each spread over every core only fight each other.
-        threads = args.cpu_threads or (
-            max(1, (os.cpu_count() or 1) // args.workers) if args.workers > 1 else 0
+        threads = settings.cpu_threads or (
+            max(1, (os.cpu_count() or 1) // settings.workers) if settings.workers > 1 else 0
         )
-        if threads:
-            tuning += ["--cpu-threads", str(threads)]
-        for index in range(args.workers):
-            supervisor.add(
-                f"worker-{index}",
-                ["worker", "--nats-url", nats_url, "--worker-id", f"{host}-cpu-{index}", *tuning, *common],
+        for index in range(settings.workers):
+            worker = {"worker_id": f"{host}-cpu-{index}", "device": "cpu"}
+            children.append(
+                ChildSpec(
+                    f"worker-{index}", exactly(WorkerSettings, {**compute, **worker, "cpu_threads": threads})
+                )
             )
-    supervisor.add(
-        "ensemble",
-        ["ensemble", "--nats-url", nats_url, "--worker-id", f"{host}-ensemble", *tuning, *common],
+    # The orchestrator computes nothing itself: no device, threads or throttle reach it.
+    children.append(
+        ChildSpec(
+            "ensemble", exactly(OrchestratorSettings, {**common, **queue, "worker_id": f"{host}-ensemble"})
+        )
     )
-    supervisor.add(
-        "gateway",
-        [
+    children.append(
+        ChildSpec(
             "gateway",
-            "--nats-url",
-            nats_url,
-            "--http-port",
-            str(args.http_port),
-            "--http-address",
-            args.http_address,
-            "--metrics-port",
-            str(args.metrics_port),
-            "--max-body-mb",
-            str(args.max_payload_mb),
-            *common,
-        ],
+            exactly(
+                GatewaySettings,
+                {
+                    **common,
+                    "http_port": settings.http_port,
+                    "http_address": settings.http_address,
+                    "metrics_port": settings.metrics_port,
+                    "max_body_mb": settings.max_payload_mb,
+                },
+            ),
+        )
     )
+    return children
+
+
+# The embedded nats-server gets this long to stop after the children, then it is killed.
+NATS_STOP_TIMEOUT_S = 3.0
+
+
+def stop_bound_s(shutdown_timeout_s: float) -> float:
+    """How long `natron serve` may take to stop, its children having `shutdown_timeout_s` each:
+    the supervisor's wait, NATS, and a second to spare. Compose and Helm allow longer."""
+    return shutdown_timeout_s + SUPERVISOR_GRACE_S + NATS_STOP_TIMEOUT_S + 1.0
+
+
+async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
+    repository, subjects = settings.model_repository, Subjects(settings.prefix)
+    server: EmbeddedNatsServer | None = None
+    supervisor = Supervisor()
     try:
+        nats_url = settings.nats_url
+        if nats_url is None:
+            server = EmbeddedNatsServer(
+                ServerOptions(
+                    port=settings.nats_port,
+                    host="0.0.0.0" if settings.http_address == "0.0.0.0" else "127.0.0.1",
+                    max_payload_bytes=settings.max_payload_mb * MiB,
+                )
+            )
+            await until(stop, server.start())
+            nats_url = f"nats://127.0.0.1:{server.port}"
+        gpus = await asyncio.to_thread(discover_gpus)
+        for child in plan_children(settings, nats_url, gpus, socket.gethostname(), os.getpid()):
+            args, env = child.command()
+            supervisor.add(child.name, args, env=env)
         await supervisor.start()
-        records = await wait_settled(
-            nats_url, subjects, repository, args.http_port, args.ready_timeout_s, stop
+        records = await until(
+            stop,
+            wait_settled(nats_url, subjects, repository, settings.http_port, settings.ready_timeout_s, stop),
         )
         if records is None and not stop.is_set():
-            log.warning("models did not settle within %.0f s; serving what is ready", args.ready_timeout_s)
-        if records is not None:
+            log.warning(
+                "models did not settle within %.0f s; serving what is ready", settings.ready_timeout_s
+            )
+        elif records is not None:
             print_table(
                 records,
                 [
-                    f"HTTP endpoint:    http://{args.http_address}:{args.http_port}",
-                    f"Metrics endpoint: http://{args.http_address}:{args.metrics_port}/metrics",
+                    f"HTTP endpoint:    http://{settings.http_address}:{settings.http_port}",
+                    f"Metrics endpoint: http://{settings.http_address}:{settings.metrics_port}/metrics",
                     f"NATS:             {nats_url}",
                 ],
             )
         await stop.wait()
+    except Stopped:
+        pass
     finally:
+        # Also after a failed or interrupted startup: no child and no nats-server is left.
         log.info("stopping: gateway, orchestrator, workers, router, then NATS")
-        await supervisor.stop(["gateway", "ensemble", "worker", "router"])
-        if server is not None:
-            await server.stop()
+        try:
+            await supervisor.stop(
+                ["gateway", "ensemble", "worker", "router"], settings.shutdown_timeout_s + SUPERVISOR_GRACE_S
+            )
+        finally:
+            if server is not None:
+                await server.stop(NATS_STOP_TIMEOUT_S)

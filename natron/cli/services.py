@@ -1,124 +1,187 @@
 """Run one service until `stop` is set, in the one shutdown order every process follows:
 stop intake, finish what is in flight within a bound, cancel the rest, drain NATS, close.
+
+The bound is the process's shutdown budget (`--shutdown-timeout-s`, NATRON_SHUTDOWN_TIMEOUT_S,
+default 25 s): requests, batches and streams in flight get the budget less CLOSE_RESERVE_S, the
+reserve closes NATS and the metrics endpoint, and `natron.cli.main` ends the process at the
+budget whatever is still running. A SIGTERM during startup ends the startup at once.
+
+A service whose essential task dies (natron/tasks.py) stops in the same order, then its runner
+raises ServiceFailed: the process exits non-zero and its supervisor restarts it.
+
+Each runner takes its role's settings (natron/settings.py); the one function per role below
+turns them into that service's own options, the only place the two shapes meet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from dataclasses import dataclass
 
 from aiohttp import web
 
 from broker import jetstream
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
-from gateway.app import create_app
+from gateway.app import create_app, essential_tasks
 from gateway.keys import GatewayOptions
 from gateway.stats import create_metrics_app
+from natron.settings import GatewaySettings, OrchestratorSettings, RouterSettings, WorkerSettings
+from natron.tasks import Stopped, until
 from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
-from workers.devices import CPU, pick_device
+from workers.devices import CPU, Device, pick_device
 from workers.metrics import worker_metrics_app
 from workers.service import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+# Of a service's shutdown budget, what closing takes after the drain: NATS (3 s at most, see
+# broker.jetstream.close_connection), the metrics endpoint, releasing models.
+CLOSE_RESERVE_S = 5.0
 
 
-async def run_gateway(
-    options: GatewayOptions, host: str, port: int, metrics_port: int | None, stop: asyncio.Event
-) -> None:
-    app = create_app(options)
-    # shutdown_timeout bounds how long requests in flight may finish after intake stops.
-    # handler_cancellation: a client that closes its connection cancels its request, and the
-    # requester tells the worker to drop it.
-    runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=options.default_timeout_s, handler_cancellation=True
+def drain_budget_s(shutdown_timeout_s: float) -> float:
+    """How long what is in flight may finish on stop, within the shutdown budget."""
+    return max(shutdown_timeout_s - CLOSE_RESERVE_S, shutdown_timeout_s / 2)
+
+
+def gateway_options(settings: GatewaySettings) -> GatewayOptions:
+    return GatewayOptions(
+        nats_url=settings.nats_url,
+        subjects=Subjects(settings.prefix),
+        default_timeout_s=settings.default_timeout_s,
+        max_body_bytes=settings.max_body_mb * MiB,
     )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    await site.start()
-    log.info("gateway listening on http://%s:%d", host, port)
-    metrics_runner: web.AppRunner | None = None
-    if metrics_port:
-        metrics_runner = web.AppRunner(create_metrics_app(app), access_log=None)
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, host, metrics_port, reuse_address=True).start()
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
 
 
-async def run_router(
-    nats_url: str, subjects: Subjects, options: RouterOptions, stop: asyncio.Event, metrics_port: int = 0
-) -> None:
-    nc = await jetstream.connect(nats_url, name="natron-router")
-    router = Router(nc, subjects, options)
-    metrics_runner: web.AppRunner | None = None
-    try:
-        await router.start()
-        if metrics_port:
-            metrics_runner = web.AppRunner(router_metrics_app(router, nc), access_log=None)
-            await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, "0.0.0.0", metrics_port, reuse_address=True).start()
-        await stop.wait()
-    finally:
-        if metrics_runner is not None:
-            await metrics_runner.cleanup()
-        await router.stop()
-        await nc.drain()
+def router_options(settings: RouterSettings) -> RouterOptions:
+    return RouterOptions(
+        repository=settings.model_repository,
+        control_mode=settings.model_control_mode,
+        poll_interval_s=settings.repository_poll_secs,
+        load_models=settings.load_model,
+        upload_dir=settings.upload_dir,
+    )
 
 
-@dataclass(slots=True, frozen=True)
-class WorkerTuning:
-    ack_wait_s: float = 10.0
-    drain_timeout_s: float = 30.0
-    throttle_s: float = 0.0
-    cpu_threads: int = 0
-
-
-async def run_worker(
-    nats_url: str,
-    subjects: Subjects,
-    worker_id: str | None,
-    device_spec: str,
-    tuning: WorkerTuning,
-    stop: asyncio.Event,
-    metrics_port: int = 0,
-    orchestrator: bool = False,
-) -> None:
-    """A worker on `device_spec`, or with `orchestrator` the ensemble orchestrator role."""
-    device = CPU if orchestrator else pick_device(device_spec)
-    worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-    nc = await jetstream.connect(nats_url, name=f"natron-{worker_id}")
-    options = WorkerOptions(
-        worker_id=worker_id,
+def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOptions:
+    """A worker's options; an orchestrator's are a CPU worker's with no compute tuning."""
+    device: Device = CPU
+    throttle_s, cpu_threads = 0.0, 0
+    if isinstance(settings, WorkerSettings):
+        device = pick_device(settings.device)
+        throttle_s, cpu_threads = settings.throttle_ms / 1000, settings.cpu_threads
+    return WorkerOptions(
+        worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
-        nats_url=nats_url,
-        drain_timeout_s=tuning.drain_timeout_s,
-        throttle_s=tuning.throttle_s,
-        cpu_threads=tuning.cpu_threads,
-        queue=jetstream.QueuePolicy(ack_wait_s=tuning.ack_wait_s),
+        nats_url=settings.nats_url,
+        # The drain asked for, within the budget: a longer one would be cut by the exit.
+        drain_timeout_s=min(settings.drain_timeout_s, drain_budget_s(settings.shutdown_timeout_s)),
+        throttle_s=throttle_s,
+        cpu_threads=cpu_threads,
+        queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
     )
-    service: Worker | Orchestrator = (
-        Orchestrator(nc, subjects, options) if orchestrator else Worker(nc, subjects, options)
-    )
-    worker = service.worker if isinstance(service, Orchestrator) else service
+
+
+async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    with contextlib.suppress(Stopped):
+        await _gateway(settings, stop)
+
+
+async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    options = gateway_options(settings)
+    host, port, metrics_port = settings.http_address, settings.http_port, settings.metrics_port
+    drain_s = drain_budget_s(settings.shutdown_timeout_s)
+    app = create_app(options, drain_timeout_s=drain_s)
+    essential = essential_tasks(app)
+    # shutdown_timeout bounds how long requests in flight may finish after intake stops;
+    # open streams end by then too, with a last frame. handler_cancellation: a client that
+    # closes its connection cancels its request, and the requester tells the worker to drop it.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s, handler_cancellation=True)
     metrics_runner: web.AppRunner | None = None
     try:
-        await service.start()
-        log.info("worker %s serving on %s", worker_id, device.name)
+        # Startup (connecting, the cleanup contexts) ends early on SIGTERM; whatever opened
+        # is closed by cleanup() below.
+        await until(stop, runner.setup(), essential)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        log.info("gateway listening on http://%s:%d", host, port)
         if metrics_port:
-            metrics_runner = web.AppRunner(worker_metrics_app(worker, nc), access_log=None)
-            await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, "0.0.0.0", metrics_port, reuse_address=True).start()
-        await stop.wait()
+            metrics_runner = await _serve_metrics(create_metrics_app(app), host, metrics_port)
+        await until(stop, None, essential)
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-        await service.stop()
-        await nc.drain()
+        await runner.cleanup()
+
+
+async def run_router(settings: RouterSettings, stop: asyncio.Event) -> None:
+    with contextlib.suppress(Stopped):
+        await _router(settings, stop)
+
+
+async def _router(settings: RouterSettings, stop: asyncio.Event) -> None:
+    options, metrics_port = router_options(settings), settings.metrics_port
+    nc = await until(stop, jetstream.connect(settings.nats_url, name="natron-router"))
+    try:
+        router = Router(nc, Subjects(settings.prefix), options)
+        metrics_runner: web.AppRunner | None = None
+        try:
+            await until(stop, router.start(), router.essential)
+            if metrics_port:
+                metrics_runner = await _serve_metrics(router_metrics_app(router, nc), "0.0.0.0", metrics_port)
+            await until(stop, None, router.essential)
+        finally:
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+            await router.stop()
+    finally:
+        await jetstream.close_connection(nc)
+
+
+async def run_worker(settings: WorkerSettings | OrchestratorSettings, stop: asyncio.Event) -> None:
+    """A worker, or with OrchestratorSettings the ensemble orchestrator role."""
+    with contextlib.suppress(Stopped):
+        await _worker(settings, stop)
+
+
+async def _worker(settings: WorkerSettings | OrchestratorSettings, stop: asyncio.Event) -> None:
+    options, metrics_port = worker_options(settings), settings.metrics_port
+    orchestrator = isinstance(settings, OrchestratorSettings)
+    worker_id, device, subjects = options.worker_id, options.device, Subjects(settings.prefix)
+    nc = await until(stop, jetstream.connect(settings.nats_url, name=f"natron-{worker_id}"))
+    try:
+        service: Worker | Orchestrator = (
+            Orchestrator(nc, subjects, options) if orchestrator else Worker(nc, subjects, options)
+        )
+        worker = service.worker if isinstance(service, Orchestrator) else service
+        metrics_runner: web.AppRunner | None = None
+        try:
+            await until(stop, service.start(), service.essential)
+            log.info("worker %s serving on %s", worker_id, device.name)
+            if metrics_port:
+                metrics_runner = await _serve_metrics(worker_metrics_app(worker, nc), "0.0.0.0", metrics_port)
+            await until(stop, None, service.essential)
+        finally:
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+            # Unloads and drains, also after a loop died or a partial start.
+            await service.stop()
+    finally:
+        await jetstream.close_connection(nc)
+
+
+async def _serve_metrics(app: web.Application, host: str, port: int) -> web.AppRunner:
+    # A scrape is quick: one still running at shutdown is not worth waiting for long.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

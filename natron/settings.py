@@ -1,0 +1,305 @@
+"""Settings of every `natron` process, parsed and validated once, at the edge.
+
+One model per role (`natron serve`, `gateway`, `router`, `worker`, `ensemble`). A value comes
+from, in order of precedence: the command line, a `NATRON_<FIELD>` environment variable
+(`NATRON_HTTP_PORT=8000`, `NATRON_LOAD_MODEL=a,b`), the default here. A field's name is its
+flag's name (`--repository-poll-secs` is `repository_poll_secs`), so the three spellings of a
+setting never drift apart. Durations and sizes carry their unit in their names.
+
+A child of `natron serve` gets its settings whole, as JSON in `NATRON_SETTINGS_JSON`, validated
+by the same model: a setting reaches it as the value its parent decided, not as a flag rebuilt
+and parsed again, and no field of one role reaches another (an orchestrator has no cpu_threads).
+
+This module is vocabulary: it imports nothing from the services, and reads the environment
+only through pydantic-settings, when the command line asks it to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
+
+from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "NATRON_"
+# How `natron serve` hands a child its settings (see `settings_json`).
+SETTINGS_ENV = "NATRON_SETTINGS_JSON"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# NATS refuses a max_payload above 64 MiB.
+MAX_PAYLOAD_LIMIT_MB = 64
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+ControlMode = Literal["none", "poll", "explicit"]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_DEVICE = re.compile(r"^(cpu|gpu:\S+)$")
+
+
+def _directory(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError("not a directory")
+    return path.resolve()
+
+
+def _name(text: str) -> str:
+    # The prefix is a subject token, a stream name and part of bucket names.
+    if not _NAME.match(text):
+        raise ValueError("use letters, digits, '_' and '-' (at most 128)")
+    return text
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.match(text):
+        raise ValueError("expected 'cpu', 'gpu:N' or 'gpu:<UUID>'")
+    return text
+
+
+# Every model and mixin below carries the same config: pydantic merges the configs of all
+# bases, so a mixin with BaseSettings' own (no prefix) would undo the prefix.
+_CONFIG = SettingsConfigDict(
+    env_prefix=ENV_PREFIX,
+    # A typo in a field name is an error, not a setting silently ignored.
+    extra="forbid",
+    frozen=True,
+    # Compose interpolates an unset `${NATRON_X:-}` to "": that means the default.
+    env_ignore_empty=True,
+    # Triton's names start with "model_" (model_repository, model_control_mode).
+    protected_namespaces=(),
+)
+
+
+class _Base(BaseSettings):
+    """What every process has: the deployment's prefix, the log level, its supervisor."""
+
+    model_config = _CONFIG
+    # The `natron` subcommand this model configures.
+    command: ClassVar[str]
+
+    prefix: Annotated[str, AfterValidator(_name), Field(description="subject prefix of this deployment")] = (
+        "natron"
+    )
+    log_level: Annotated[LogLevel, Field(description="one of debug, info, warning, error")] = "info"
+    parent_pid: Annotated[
+        int | None, Field(gt=0, description="set by natron serve: stop once this process is gone")
+    ] = None
+    # The one shutdown budget (natron/cli/services.py): compose's stop_grace_period and Helm's
+    # terminationGracePeriodSeconds are set longer (tests/mesh/test_deploy.py checks it).
+    shutdown_timeout_s: Annotated[
+        PositiveSeconds,
+        Field(description="after SIGTERM, exit within this long (natron serve: each child's budget)"),
+    ] = 25.0
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        # INFO reads as info; anything else stays as given, so the error quotes it verbatim.
+        if isinstance(value, str) and value.lower() in get_args(LogLevel):
+            return value.lower()
+        return value
+
+
+class CommonSettings(_Base):
+    """A service alone, against a NATS server somewhere."""
+
+    nats_url: Annotated[str, Field(min_length=1, description="the NATS server")] = DEFAULT_NATS_URL
+
+
+class _Repository(BaseSettings):
+    model_config = _CONFIG
+
+    model_repository: Annotated[
+        Path, AfterValidator(_directory), Field(description="the Triton model repository")
+    ]
+    model_control_mode: Annotated[
+        ControlMode, Field(description="none (load all, fixed), poll (follow changes), explicit")
+    ] = "none"
+    repository_poll_secs: Annotated[
+        float, Field(gt=0, description="poll mode: rescan the repository this often (seconds)")
+    ] = 15.0
+    # NoDecode: from the environment this is "a,b", not JSON.
+    load_model: Annotated[
+        tuple[str, ...], NoDecode, Field(description="explicit mode: load at start ('*' for all)")
+    ] = ()
+    upload_dir: Annotated[
+        Path | None, Field(description="where files uploaded with a load request go (default: a temp dir)")
+    ] = None
+
+    @field_validator("load_model", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+
+class _Queue(BaseSettings):
+    model_config = _CONFIG
+
+    ack_wait_s: Annotated[
+        PositiveSeconds, Field(description="redeliver a dead worker's requests after this long")
+    ] = 10.0
+    drain_timeout_s: Annotated[
+        PositiveSeconds,
+        Field(description="on stop, finish what is held for at most this long (within the shutdown budget)"),
+    ] = 20.0
+
+
+class _Compute(BaseSettings):
+    model_config = _CONFIG
+
+    cpu_threads: Annotated[
+        int, Field(ge=0, description="intra-op threads per CPU model instance (0: framework default)")
+    ] = 0
+    throttle_ms: Annotated[
+        float, Field(ge=0, description="testing aid: sleep this long after each batch")
+    ] = 0.0
+
+
+class GatewaySettings(CommonSettings):
+    command: ClassVar[str] = "gateway"
+
+    http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
+    http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
+    metrics_port: Annotated[Port, Field(description="the fleet's Prometheus metrics; 0: none")] = 0
+    default_timeout_s: Annotated[
+        PositiveSeconds, Field(description="a request's deadline when it names none")
+    ] = 60.0
+    max_body_mb: Annotated[
+        int, Field(ge=1, le=1024, description="larger HTTP bodies are refused with 413 (MiB)")
+    ] = 64
+
+
+class RouterSettings(_Repository, CommonSettings):
+    command: ClassVar[str] = "router"
+
+    metrics_port: Annotated[Port, Field(description="the router's own metrics; 0: none")] = 0
+
+
+class WorkerSettings(_Compute, _Queue, CommonSettings):
+    command: ClassVar[str] = "worker"
+
+    worker_id: Annotated[
+        str | None, Field(min_length=1, description="unique in the fleet (default: worker-<random>)")
+    ] = None
+    device: Annotated[
+        str,
+        AfterValidator(_device),
+        Field(description="'cpu', 'gpu:N' or 'gpu:<UUID>' (GPU or MIG slice)"),
+    ] = "cpu"
+    metrics_port: Annotated[Port, Field(description="this worker's own metrics; 0: none")] = 0
+
+
+class OrchestratorSettings(_Queue, CommonSettings):
+    """The ensemble orchestrator: chains other models, computes nothing itself, so it has no
+    device, threads or throttle."""
+
+    command: ClassVar[str] = "ensemble"
+
+    worker_id: Annotated[
+        str | None, Field(min_length=1, description="unique in the fleet (default: worker-<random>)")
+    ] = None
+    metrics_port: Annotated[Port, Field(description="the orchestrator's own metrics; 0: none")] = 0
+
+
+class ServeSettings(_Compute, _Queue, _Repository, _Base):
+    command: ClassVar[str] = "serve"
+
+    nats_url: Annotated[
+        str | None, Field(min_length=1, description="use this NATS server instead of an embedded one")
+    ] = None
+    nats_port: Annotated[Port, Field(description="port of the embedded NATS server")] = 4222
+    max_payload_mb: Annotated[
+        int,
+        Field(ge=1, le=MAX_PAYLOAD_LIMIT_MB, description="NATS max_payload and the largest HTTP body (MiB)"),
+    ] = 16
+    http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
+    http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
+    metrics_port: Annotated[Port, Field(description="Prometheus metrics port")] = 8002
+    workers: Annotated[int, Field(ge=1, le=1024, description="CPU worker processes (without a GPU)")] = 1
+    ready_timeout_s: Annotated[
+        PositiveSeconds, Field(description="print the model table once settled, or after this long")
+    ] = 120.0
+
+
+RoleSettings = GatewaySettings | RouterSettings | WorkerSettings | OrchestratorSettings | ServeSettings
+ROLES: dict[str, type[RoleSettings]] = {
+    model.command: model
+    for model in (ServeSettings, GatewaySettings, RouterSettings, WorkerSettings, OrchestratorSettings)
+}
+
+S = TypeVar("S", bound=_Base)
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names each field, its value and where it can be set."""
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def describe(error: ValidationError) -> str:
+    """One line per invalid field: its name, the value given, why, and its flag and variable."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        where = f"({flag_name(field)} or {env_name(field)})"
+        if item["type"] == "missing":
+            lines.append(f"{field} is required {where}")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"{field}={item['input']!r}: no such setting")
+        else:
+            # pydantic words a ValueError raised here as "Value error, <why>".
+            why = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{field}={item['input']!r}: {why} {where}")
+    return "; ".join(lines)
+
+
+def exactly(model: type[S], values: Mapping[str, Any]) -> S:
+    """`model` from `values` and its defaults alone, never from the environment: every field is
+    given, so no `NATRON_*` variable can fill one in. How a parent builds a child's settings,
+    and how the child reads them back."""
+    given = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+    }
+    given.update(values)
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        raise SettingsError(f"invalid {model.command} settings: {describe(exc)}") from exc
+
+
+def load(model: type[S], flags: Mapping[str, Any], settings_json: str | None = None) -> S:
+    """The settings of one process: `flags` (the command line's, only those given) over
+    `NATRON_*` variables over defaults; or, in a child of `natron serve`, `flags` over the
+    whole settings its parent sent in `settings_json` (the environment then plays no part)."""
+    if settings_json is not None:
+        try:
+            sent = json.loads(settings_json)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{SETTINGS_ENV} is not JSON: {exc}") from exc
+        if not isinstance(sent, dict):
+            raise SettingsError(f"{SETTINGS_ENV} is not a JSON object")
+        return exactly(model, {**sent, **flags})
+    try:
+        return model(**flags)
+    except ValidationError as exc:
+        raise SettingsError(f"invalid {model.command} settings: {describe(exc)}") from exc
+
+
+def settings_json(settings: _Base) -> str:
+    """What a parent puts in `NATRON_SETTINGS_JSON` for a child: every field, explicitly."""
+    return settings.model_dump_json()
