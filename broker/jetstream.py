@@ -5,10 +5,13 @@ Every service calls these idempotent helpers at start, so any of them may come u
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import NoReturn
 
 import nats
 from nats.aio.client import Client
@@ -72,6 +75,73 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
     )
     client.append(nc)
     return nc
+
+
+async def close_connection(nc: Client, timeout_s: float = 3.0) -> None:
+    """Close `nc` whatever its state, within about `timeout_s`; never raises, safe to call twice.
+
+    Connected, it drains: subscriptions finish the messages they hold and what was published
+    is flushed. Reconnecting (nats-py's drain raises then), already draining, or a drain that
+    outlives the bound (a subscriber stuck in its callback), it closes: anything unflushed is
+    lost, which is what a stop with the broker away means anyway."""
+    if nc.is_closed:
+        return
+    if nc.is_connected and not nc.is_draining:
+        # nats-py bounds the subscriptions' part of a drain by this option, then flushes and
+        # closes; the outer bound covers a flush whose PONG never comes.
+        nc.options["drain_timeout"] = timeout_s / 2
+        try:
+            await asyncio.wait_for(nc.drain(), timeout_s)
+        except Exception as exc:  # reconnecting meanwhile, timed out, or closed under us
+            log.debug("drain of %s ended early: %r", nc.options.get("name"), exc)
+    if not nc.is_closed:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout_s)
+
+
+class BrokerStateLost(Exception):
+    """A stream this process relies on is gone or was made anew: the broker restarted without
+    its JetStream state (natron keeps its stream and buckets in memory)."""
+
+
+def bucket_stream(bucket: str) -> str:
+    """The stream that holds KV bucket `bucket`."""
+    return f"KV_{bucket}"
+
+
+async def watch_streams(nc: Client, streams: Sequence[str], poll_s: float = 1.0) -> NoReturn:
+    """Raise BrokerStateLost once any of `streams` is gone or was created anew after a reconnect.
+
+    A KV watch or a durable consumer does not survive its stream: after a broker restart that
+    lost the streams, a process would go on heart-beating while its watchers are silent for
+    ever. Each stream's creation time, read now, is its identity; after every reconnect it is
+    read again. Errors while the broker is still coming back are retried on the next poll; only
+    "not found" or a different creation time end the watch. The poll reads a counter: no
+    request is sent while nothing reconnects."""
+    js = nc.jetstream()
+    created: dict[str, datetime | None] = {}
+    for stream in streams:
+        created[stream] = (await js.stream_info(stream)).created
+    checked = nc.stats["reconnects"]
+    while True:
+        await asyncio.sleep(poll_s)
+        reconnects = nc.stats["reconnects"]
+        if reconnects == checked or not nc.is_connected:
+            continue
+        try:
+            for stream in streams:
+                try:
+                    info = await js.stream_info(stream)
+                except NotFoundError:
+                    raise BrokerStateLost(f"stream {stream} is gone after a broker restart") from None
+                if info.created != created[stream]:
+                    raise BrokerStateLost(f"stream {stream} was created anew after a broker restart")
+        except BrokerStateLost:
+            raise
+        except Exception as exc:  # the broker is still coming back: look again on the next poll
+            log.info("broker state not checked yet after reconnecting: %r", exc)
+            continue
+        checked = reconnects
 
 
 async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:

@@ -5,7 +5,6 @@ restarted gateway or orchestrator knows everything at once and holds no state of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from natron import config as cfg
 from natron.errors import NotFound, Unavailable
 from natron.records import READY, ModelRecord
 from natron.spec import ModelSpec
+from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ class ModelView:
 
 
 class ModelRegistry:
+    """The models by name, from the bucket. Its watch is an essential task (`tasks`): a view
+    that stopped following would answer from a stale picture for ever."""
+
     def __init__(self) -> None:
         self._models: dict[str, ModelView] = {}
         self.synced = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.tasks = EssentialTasks("model view")
 
     def get(self, name: str) -> ModelView:
         view = self._models.get(name)
@@ -71,14 +74,10 @@ class ModelRegistry:
         self._models[record.name] = ModelView(record, spec)
 
     async def start(self, kv: KeyValue) -> None:
-        self._task = asyncio.create_task(self._follow(kv), name="gateway-follow-models")
+        self.tasks.spawn(self._follow(kv), "follow-models")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.tasks.stop()
 
     async def _follow(self, kv: KeyValue) -> None:
         async for change in follow_bucket(kv):

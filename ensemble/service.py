@@ -17,6 +17,7 @@ from broker.subjects import Subjects
 from broker.view import ModelRegistry
 from ensemble.backend import EnsembleMesh, ensemble_loader
 from natron.records import ORCHESTRATOR
+from natron.tasks import EssentialTasks
 from workers.service import Worker, WorkerOptions
 
 
@@ -36,6 +37,12 @@ class Orchestrator:
             dataclasses.replace(options, role=ORCHESTRATOR, loaders={"ensemble": ensemble_loader(mesh)}),
         )
 
+    @property
+    def essential(self) -> tuple[EssentialTasks, ...]:
+        """The worker's loops and the model view's watch: ensembles resolve their steps' versions
+        in that view, so a dead watch would route them by a stale picture."""
+        return (*self.worker.essential, self._registry.tasks)
+
     async def start(self) -> None:
         models_kv = await jetstream.ensure_bucket(self._nc.jetstream(), self._subjects.models_bucket)
         await self._registry.start(models_kv)
@@ -43,7 +50,8 @@ class Orchestrator:
         await self.worker.start()
 
     async def stop(self) -> None:
-        """The worker drains first: its ensembles still send steps while they finish."""
+        """The worker drains first: its ensembles still send steps while they finish. Safe after
+        a partial start."""
         try:
             await self.worker.stop()
         finally:

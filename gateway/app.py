@@ -25,6 +25,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
 from natron import __version__
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable, Unsupported
+from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
 
@@ -150,35 +151,85 @@ async def unload_model(request: web.Request) -> web.Response:
 # -- the app -------------------------------------------------------------------------------
 
 
-async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
+GATEWAY_TASKS: web.AppKey[EssentialTasks] = web.AppKey("gateway-tasks", EssentialTasks)
+
+# Each resource opens in a cleanup context of its own, so a startup that fails partway closes
+# exactly what it opened, in reverse order: requester, broker-state watch, fleet view, model
+# view, connection.
+
+
+async def _connection_ctx(app: web.Application) -> AsyncIterator[None]:
     options = app[OPTIONS]
     nc = await jetstream.connect(options.nats_url, name="natron-gateway")
     app[NATS] = nc
-    js = nc.jetstream()
-    await jetstream.ensure_stream(js, options.subjects, jetstream.QueuePolicy())
-    models_kv = await jetstream.ensure_bucket(js, options.subjects.models_bucket)
-    registry = app[REGISTRY]
-    await registry.start(models_kv)
-    await app[FLEET].start(await jetstream.ensure_bucket(js, options.subjects.workers_bucket))
-    requester = Requester(nc, options.subjects)
+    try:
+        await jetstream.ensure_stream(nc.jetstream(), options.subjects, jetstream.QueuePolicy())
+        yield
+    finally:
+        await jetstream.close_connection(nc)
+
+
+async def _model_view_ctx(app: web.Application) -> AsyncIterator[None]:
+    bucket = app[OPTIONS].subjects.models_bucket
+    await app[REGISTRY].start(await jetstream.ensure_bucket(app[NATS].jetstream(), bucket))
+    try:
+        yield
+    finally:
+        await app[REGISTRY].stop()
+
+
+async def _fleet_view_ctx(app: web.Application) -> AsyncIterator[None]:
+    bucket = app[OPTIONS].subjects.workers_bucket
+    await app[FLEET].start(await jetstream.ensure_bucket(app[NATS].jetstream(), bucket))
+    try:
+        yield
+    finally:
+        await app[FLEET].stop()
+
+
+async def _broker_state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The views' KV watches go silent if the broker comes back without its buckets: watch
+    for that, so the gateway restarts instead of serving a stale picture for ever."""
+    subjects = app[OPTIONS].subjects
+    streams = [
+        subjects.stream,
+        jetstream.bucket_stream(subjects.models_bucket),
+        jetstream.bucket_stream(subjects.workers_bucket),
+    ]
+    app[GATEWAY_TASKS].spawn(jetstream.watch_streams(app[NATS], streams), "gateway-broker-state")
+    try:
+        yield
+    finally:
+        await app[GATEWAY_TASKS].stop()
+
+
+async def _requester_ctx(app: web.Application) -> AsyncIterator[None]:
+    requester = Requester(app[NATS], app[OPTIONS].subjects)
     await requester.start()
     app[REQUESTER] = requester
     try:
         yield
     finally:
         await requester.close()
-        await app[FLEET].stop()
-        await registry.stop()
-        await nc.drain()
 
 
-def create_app(options: GatewayOptions) -> web.Application:
+def essential_tasks(app: web.Application) -> tuple[EssentialTasks, ...]:
+    """What the process's runner watches: a failure here ends the gateway."""
+    return (app[REGISTRY].tasks, app[FLEET].tasks, app[GATEWAY_TASKS])
+
+
+def create_app(options: GatewayOptions, drain_timeout_s: float = 20.0) -> web.Application:
+    """The gateway app; on shutdown, open streams get `drain_timeout_s` to finish their
+    requests before they are closed with a last frame (gateway/streaming.py)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=options.max_body_bytes)
     app[OPTIONS] = options
     app[REGISTRY] = ModelRegistry()
     app[METRICS] = GatewayMetrics()
     app[FLEET] = FleetView()
-    app.cleanup_ctx.append(_broker_ctx)
+    app[GATEWAY_TASKS] = EssentialTasks("gateway")
+    app.cleanup_ctx.extend(
+        [_connection_ctx, _model_view_ctx, _fleet_view_ctx, _broker_state_ctx, _requester_ctx]
+    )
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_metadata)
@@ -191,5 +242,5 @@ def create_app(options: GatewayOptions) -> web.Application:
     app.router.add_post("/v2/repository/models/{model}/load", load_model)
     app.router.add_post("/v2/repository/models/{model}/unload", unload_model)
     stats.add_routes(app)
-    streaming.add_routes(app)
+    streaming.add_routes(app, drain_timeout_s)
     return app

@@ -9,8 +9,6 @@ Prometheus, which `rate()` handles).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -19,6 +17,7 @@ from nats.js.kv import KeyValue
 from broker.jetstream import follow_bucket
 from natron.records import READY, WorkerReport
 from natron.stats import empty_stats, merge
+from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 class FleetView:
     def __init__(self) -> None:
         self._workers: dict[str, WorkerReport] = {}
-        self._task: asyncio.Task[None] | None = None
+        self.tasks = EssentialTasks("fleet view")
 
     @property
     def workers(self) -> list[WorkerReport]:
@@ -50,14 +49,10 @@ class FleetView:
         )
 
     async def start(self, kv: KeyValue) -> None:
-        self._task = asyncio.create_task(self._follow(kv), name="gateway-follow-workers")
+        self.tasks.spawn(self._follow(kv), "follow-workers")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.tasks.stop()
 
     async def _follow(self, kv: KeyValue) -> None:
         async for change in follow_bucket(kv):

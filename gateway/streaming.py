@@ -12,6 +12,11 @@ WebSocket framing (documented in docs/streaming.md):
 - an error is `{"id", "error", "status", "final": true}`; the socket stays open.
 A decoupled model answers 0..N times, the last with `"final": true`; others once.
 Closing the socket cancels everything still running for it.
+
+On shutdown no stream is cut without a last frame: a WebSocket takes no new request (503), its
+requests in flight get the drain time to finish, then it closes with code 1001 (going away); an
+SSE stream still running at the end of the drain time ends with a last event
+`{"error": ..., "status": 503}`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import contextlib
 import logging
 import struct
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import kserve
 from gateway.keys import OPTIONS, REGISTRY, REQUESTER
@@ -36,6 +42,34 @@ from natron.inference import InferResponse
 log = logging.getLogger(__name__)
 
 _LEN = struct.Struct("<I")
+_SHUTTING_DOWN = "the server is shutting down"
+# A client that does not answer our close frame is not waited for longer than this.
+_CLOSE_TIMEOUT_S = 2.0
+
+
+@dataclass(slots=True)
+class _OpenStreams:
+    """The WebSockets and SSE streams open now, so that shutdown can end each with a last frame."""
+
+    drain_timeout_s: float
+    sockets: set[_Socket] = field(default_factory=set)
+    sse: set[asyncio.Timeout] = field(default_factory=set)
+    # Loop time by which streams end; set when shutdown begins.
+    deadline: float | None = None
+
+
+_STREAMS: web.AppKey[_OpenStreams] = web.AppKey("open-streams", _OpenStreams)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    """aiohttp calls this once the listening sockets are closed, before it waits for handlers:
+    each stream learns the deadline here and ends itself by then."""
+    streams = app[_STREAMS]
+    streams.deadline = asyncio.get_running_loop().time() + streams.drain_timeout_s
+    for timeout in streams.sse:
+        timeout.reschedule(streams.deadline)
+    for socket in streams.sockets:
+        socket.shut_down(streams.deadline)
 
 
 async def _answers(
@@ -123,15 +157,25 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     first = await anext(stream, None)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    streams = request.app[_STREAMS]
     try:
-        if first is not None:
-            await response.write(b"data: " + orjson.dumps(_flat_outputs(first)) + b"\n\n")
-        async for answer in stream:
-            await response.write(b"data: " + orjson.dumps(_flat_outputs(answer)) + b"\n\n")
+        # No deadline until shutdown begins; then the stream has until the drain's end.
+        async with asyncio.timeout_at(streams.deadline) as timeout:
+            streams.sse.add(timeout)
+            try:
+                if first is not None:
+                    await response.write(b"data: " + orjson.dumps(_flat_outputs(first)) + b"\n\n")
+                async for answer in stream:
+                    await response.write(b"data: " + orjson.dumps(_flat_outputs(answer)) + b"\n\n")
+            finally:
+                streams.sse.discard(timeout)
+                await stream.aclose()  # a client gone mid-stream cancels the request
     except NatronError as exc:
         await response.write(b"data: " + orjson.dumps({"error": exc.message, "status": exc.status}) + b"\n\n")
-    finally:
-        await stream.aclose()  # a client gone mid-stream cancels the request
+    except TimeoutError:
+        if streams.deadline is None:
+            raise
+        await response.write(b"data: " + orjson.dumps({"error": _SHUTTING_DOWN, "status": 503}) + b"\n\n")
     await response.write_eof()
     return response
 
@@ -145,6 +189,21 @@ class _Socket:
         self._ws = ws
         self._send_lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Set on shutdown: closes the socket once its requests finish or the drain ends. The
+        # handler awaits it before returning.
+        self.closer: asyncio.Task[None] | None = None
+
+    def shut_down(self, deadline: float) -> None:
+        """Take no new request; close with 1001 once those in flight are done, or at `deadline`."""
+        if self.closer is None:
+            self.closer = asyncio.create_task(self._close_when_done(deadline), name="websocket-close")
+
+    async def _close_when_done(self, deadline: float) -> None:
+        running = list(self.tasks.values())
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+        # The handler's loop then ends; requests still running are cancelled there.
+        await self._ws.close(code=WSCloseCode.GOING_AWAY, message=_SHUTTING_DOWN.encode())
 
     async def send_json(self, data: dict[str, Any]) -> None:
         # Answer headers hold numpy arrays for JSON outputs: serialised natively, not as lists.
@@ -177,6 +236,9 @@ class _Socket:
         if request_id in self.tasks:
             error = "a request with this id is still running"
             await self.send_json({"id": request_id, "error": error, "status": 400, "final": True})
+            return
+        if self.closer is not None:
+            await self.send_json({"id": request_id, "error": _SHUTTING_DOWN, "status": 503, "final": True})
             return
         task = asyncio.create_task(self._run(request_id, head, raw, header_length))
         self.tasks[request_id] = task
@@ -223,9 +285,15 @@ class _Socket:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(max_msg_size=request.app[OPTIONS].max_body_bytes, heartbeat=30)
+    ws = web.WebSocketResponse(
+        max_msg_size=request.app[OPTIONS].max_body_bytes, heartbeat=30, timeout=_CLOSE_TIMEOUT_S
+    )
     await ws.prepare(request)
     socket = _Socket(request, ws)
+    streams = request.app[_STREAMS]
+    streams.sockets.add(socket)
+    if streams.deadline is not None:  # opened while shutdown began
+        socket.shut_down(streams.deadline)
     try:
         async for message in ws:
             if message.type == WSMsgType.TEXT:
@@ -246,6 +314,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             elif message.type == WSMsgType.ERROR:
                 break
     finally:
+        streams.sockets.discard(socket)
         # The client is gone: everything still running for it is cancelled.
         tasks = list(socket.tasks.values())
         for task in tasks:
@@ -253,10 +322,16 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if socket.closer is not None:
+            with contextlib.suppress(Exception):
+                await socket.closer
     return ws
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, drain_timeout_s: float = 20.0) -> None:
+    """The streaming routes; on shutdown, open streams end within `drain_timeout_s`."""
+    app[_STREAMS] = _OpenStreams(drain_timeout_s)
+    app.on_shutdown.append(_on_shutdown)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_post(base + "/generate", generate)
         app.router.add_post(base + "/generate_stream", generate_stream)

@@ -3,6 +3,11 @@ runs its instances, and reports what it serves in the workers bucket on every he
 
 A new generation of a model (changed config, files or versions) is loaded next to the old one
 and only then replaces it, so a reload never leaves a gap.
+
+Its loops (following the models, the heartbeat, the keep-alive, the broker-state watch) and its
+model instances are essential tasks (natron/tasks.py): one that dies ends the process, which
+its supervisor restarts. A report that cannot be written while NATS is away is retried by the
+heartbeat instead.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from natron.records import (
 )
 from natron.spec import ModelSpec
 from natron.stats import ModelStats
+from natron.tasks import EssentialTasks, cancel_and_wait
 from workers.backends import LOADERS, AnyBackend, BackendContext, Loader, load_backend
 from workers.devices import Device
 from workers.instance import ModelInstance
@@ -44,6 +50,11 @@ from workers.telemetry import GpuTelemetry
 from workers.warmup import run_warmup
 
 log = logging.getLogger(__name__)
+
+# Each KV write on the way out: the broker may be away, and the stop has a budget.
+_STOP_KV_TIMEOUT_S = 2.0
+# Instances still running at the end of the drain are cancelled; this bounds that too.
+_CANCEL_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,7 +64,9 @@ class WorkerOptions:
     # How model code reaches the mesh (BLS calls from Python models).
     nats_url: str = ""
     heartbeat_interval_s: float = 2.0
-    drain_timeout_s: float = 30.0
+    # On stop, batches in hand finish within this long; the process's shutdown budget holds it
+    # and a few seconds more for closing (natron/cli/services.py).
+    drain_timeout_s: float = 20.0
     # Sleep this long after each batch: makes a worker slower on purpose, to show and measure
     # load balancing by capacity (`natron worker --throttle-ms`). 0 in production.
     throttle_s: float = 0.0
@@ -97,7 +110,7 @@ class Worker:
         # (model, version) -> statistics, kept across reloads of the model.
         self._stats: dict[tuple[str, str], ModelStats] = {}
         self._workers_kv: KeyValue | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = EssentialTasks(f"worker {options.worker_id}")
         self._report_changed = asyncio.Event()
         self._model_lock = asyncio.Lock()
         self._telemetry = GpuTelemetry(options.device)
@@ -113,6 +126,11 @@ class Worker:
         return self._report
 
     @property
+    def essential(self) -> tuple[EssentialTasks, ...]:
+        """What the process's runner watches: a failure here ends the process."""
+        return (self.tasks,)
+
+    @property
     def instances(self) -> list[ModelInstance]:
         return [i for loaded in self._loaded.values() for i in loaded.instances]
 
@@ -122,28 +140,32 @@ class Worker:
         models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         await self._publish_report()
-        self._tasks = [
-            asyncio.create_task(self._follow_models(models_kv), name="worker-follow-models"),
-            asyncio.create_task(self._heartbeat(), name="worker-heartbeat"),
-            asyncio.create_task(self._keep_alive(), name="worker-keep-alive"),
+        streams = [
+            self._subjects.stream,
+            jetstream.bucket_stream(self._subjects.models_bucket),
+            jetstream.bucket_stream(self._subjects.workers_bucket),
         ]
+        self.tasks.spawn(jetstream.watch_streams(self._nc, streams), "worker-broker-state")
+        self.tasks.spawn(self._follow_models(models_kv), "worker-follow-models")
+        self.tasks.spawn(self._heartbeat(), "worker-heartbeat")
+        self.tasks.spawn(self._keep_alive(), "worker-keep-alive")
 
     async def stop(self) -> None:
-        """Drain: stop pulling, finish batches in hand within the bound, then leave."""
+        """Drain: stop pulling, finish batches in hand within the bound, then leave. Works after
+        a partial start and after a loop died (its error was logged when it died)."""
         self._report.stopping = True
-        with contextlib.suppress(Exception):
-            await self._publish_report()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        # With the broker away, writes would only wait out their timeouts: the router drops
+        # this worker when its heartbeat goes stale anyway.
+        connected = self._nc.is_connected
+        if connected:
+            await self._try_publish_report(_STOP_KV_TIMEOUT_S)
+        # A load in progress is cancelled with its loop; its thread finishes on its own.
+        await self.tasks.stop()
         for key in list(self._loaded):
             await self._unload(key, self._options.drain_timeout_s)
-        if self._workers_kv is not None:
+        if self._workers_kv is not None and connected and self._nc.is_connected:
             with contextlib.suppress(Exception):
-                await self._workers_kv.delete(self._options.worker_id)
+                await asyncio.wait_for(self._workers_kv.delete(self._options.worker_id), _STOP_KV_TIMEOUT_S)
         self._telemetry.close()
 
     # -- following the repository ------------------------------------------------------------
@@ -195,7 +217,7 @@ class Worker:
         states = self._report.models.setdefault(record.name, {}).setdefault(record.generation, {})
         for version in record.versions:
             states[version] = VersionState(LOADING)
-        await self._publish_report()
+        await self._try_publish_report()
         config = cfg.config_from_json(record.config)
         loaded_all = True
         for version in record.versions:
@@ -207,7 +229,7 @@ class Worker:
                 log.warning("model '%s' version %s failed to load: %s", record.name, version, reason)
                 states[version] = VersionState(UNAVAILABLE, reason)
                 loaded_all = False
-            await self._publish_report()
+            await self._try_publish_report()
         return loaded_all
 
     async def _load_version(
@@ -228,28 +250,7 @@ class Worker:
             for backend in backends:
                 await asyncio.to_thread(backend.close)
             raise
-        js = self._nc.jetstream()
-        consumer = await jetstream.ensure_consumer(
-            js, self._subjects, record.name, version, self._options.queue
-        )
         loaded = _LoadedVersion()
-        capacity = max(spec.max_batch_size, 1)
-        for index, backend in enumerate(backends):
-            puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
-            await puller.start()
-            name = f"{record.name}-v{version}-{index}"
-            instance = ModelInstance(
-                self._nc,
-                puller,
-                spec,
-                version,
-                backend,
-                name,
-                throttle_s=self._options.throttle_s,
-                stats=self._stats.setdefault((record.name, version), ModelStats()),
-            )
-            loaded.instances.append(instance)
-            loaded.tasks.append(asyncio.create_task(instance.run(), name=name))
 
         # Cancellations (clients gone) reach every instance of the version on this worker.
         async def on_cancel(msg: Msg) -> None:
@@ -257,16 +258,53 @@ class Worker:
             for instance in loaded.instances:
                 instance.cancel(request_id)
 
-        loaded.cancel_sub = await self._nc.subscribe(
-            self._subjects.cancel(record.name, version), cb=on_cancel
-        )
+        try:
+            js = self._nc.jetstream()
+            consumer = await jetstream.ensure_consumer(
+                js, self._subjects, record.name, version, self._options.queue
+            )
+            capacity = max(spec.max_batch_size, 1)
+            for index, backend in enumerate(backends):
+                puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
+                await puller.start()
+                name = f"{record.name}-v{version}-{index}"
+                instance = ModelInstance(
+                    self._nc,
+                    puller,
+                    spec,
+                    version,
+                    backend,
+                    name,
+                    throttle_s=self._options.throttle_s,
+                    stats=self._stats.setdefault((record.name, version), ModelStats()),
+                )
+                loaded.instances.append(instance)
+                task = asyncio.create_task(instance.run(), name=name)
+                loaded.tasks.append(task)
+                # An instance runs until it is unloaded; one whose loop ended otherwise would
+                # leave the version READY in the report with nobody pulling its queue.
+                self.tasks.watch(task)
+            loaded.cancel_sub = await self._nc.subscribe(
+                self._subjects.cancel(record.name, version), cb=on_cancel
+            )
+        except BaseException:
+            # A version that did not come up (the broker away, a stop) leaves nothing running:
+            # its instances stop, and the models not yet in one are closed.
+            await self._retire(loaded, 0.0)
+            for backend in backends[len(loaded.instances) :]:
+                await asyncio.to_thread(backend.close)
+            raise
         self._loaded[(record.name, record.generation, version)] = loaded
         log.info("model '%s' version %s ready with %d instance(s)", record.name, version, count)
 
     async def _unload(self, key: tuple[str, str, str], timeout_s: float) -> None:
         loaded = self._loaded.pop(key, None)
-        if loaded is None:
-            return
+        if loaded is not None:
+            await self._retire(loaded, timeout_s)
+
+    async def _retire(self, loaded: _LoadedVersion, timeout_s: float) -> None:
+        """Stop a version's instances: batches in hand get `timeout_s`, then the models go."""
+        self.tasks.unwatch(loaded.tasks)
         if loaded.cancel_sub is not None:
             with contextlib.suppress(Exception):
                 await loaded.cancel_sub.unsubscribe()
@@ -278,11 +316,10 @@ class Worker:
         pending: set[asyncio.Task[None]] = set()
         if loaded.tasks:
             _, pending = await asyncio.wait(loaded.tasks, timeout=timeout_s)
-        for task in pending:
-            task.cancel("drain timeout: batch abandoned, its messages will be redelivered")
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if pending:
+            await cancel_and_wait(
+                pending, _CANCEL_TIMEOUT_S, "drain timeout: batch abandoned, its messages will be redelivered"
+            )
         for instance in loaded.instances:
             await asyncio.to_thread(instance.release)
 
@@ -297,6 +334,17 @@ class Worker:
         }
         if self._workers_kv is not None:
             await self._workers_kv.put(self._options.worker_id, self._report.to_json())
+
+    async def _try_publish_report(self, timeout_s: float = 5.0) -> bool:
+        """Publish the report now if the broker takes it; otherwise the heartbeat retries (a
+        KV put fails while NATS reconnects: that must not end the loop that asked)."""
+        try:
+            await asyncio.wait_for(self._publish_report(), timeout_s)
+            return True
+        except Exception as exc:
+            log.warning("report not published, the heartbeat retries: %r", exc)
+            self._report_changed.set()
+            return False
 
     async def _keep_alive(self) -> None:
         """Tell the broker every third of the ack wait that requests in hand are still being
@@ -318,6 +366,10 @@ class Worker:
                 await asyncio.wait_for(self._report_changed.wait(), interval_s)
             self._report_changed.clear()
             try:
-                await self._publish_report()
-            except Exception as exc:  # broker briefly away: the next beat retries
-                log.warning("heartbeat not published: %s", exc)
+                await asyncio.wait_for(self._publish_report(), interval_s * 2)
+            except Exception as exc:
+                # The broker is briefly away: the next beat retries, one interval later even if
+                # the report changed meanwhile. A broker that came back without its buckets is
+                # the broker-state watch's to report.
+                log.warning("heartbeat not published: %r", exc)
+                self._report_changed.clear()

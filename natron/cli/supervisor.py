@@ -4,19 +4,28 @@ names it (`natron worker ...`), restarted with backoff when it dies, and stopped
 Children run in their own process groups, so a Ctrl-C at the terminal reaches only the
 supervisor, which then stops them in the order that loses nothing: gateway first (no new
 requests), then workers (drain what they hold), then the router, and NATS last.
+
+Each child exits within its shutdown budget; the supervisor waits SUPERVISOR_GRACE_S longer
+(one deadline for the whole ordered stop), then kills what is left, so `natron serve` itself
+ends within `stop_bound_s(budget)`. A child that exits non-zero (an essential task died) is
+restarted like one that crashed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass, field
 
+from natron.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
+
+# The supervisor waits this much longer than a child's budget before it kills the child.
+SUPERVISOR_GRACE_S = 5.0
 
 
 @dataclass(slots=True)
@@ -71,16 +80,17 @@ class Supervisor:
                 return
             await self._spawn(child)
 
-    async def stop(self, order: list[str], timeout_s: float = 30.0) -> None:
-        """SIGTERM each named group in turn and wait for it; SIGKILL after `timeout_s`."""
+    async def stop(self, order: list[str], timeout_s: float) -> None:
+        """SIGTERM each named group in turn and wait for it, all within `timeout_s` (a child's
+        budget and SUPERVISOR_GRACE_S); SIGKILL what is still running then. Children not named
+        in `order` are stopped last."""
         self._stopping = True
-        for child in self._children:
-            if child.task is not None:
-                child.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await child.task
-        for prefix in order:
-            group = [c for c in self._children if c.name.startswith(prefix)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await cancel_and_wait([c.task for c in self._children if c.task is not None], 2.0)
+        named = [[c for c in self._children if c.name.startswith(prefix)] for prefix in order]
+        rest = [c for c in self._children if not any(c in group for group in named)]
+        for group in [*named, rest]:
             for child in group:
                 if child.process is not None and child.process.returncode is None:
                     child.process.send_signal(signal.SIGTERM)
@@ -88,7 +98,7 @@ class Supervisor:
                 if child.process is None:
                     continue
                 try:
-                    await asyncio.wait_for(child.process.wait(), timeout_s)
+                    await asyncio.wait_for(child.process.wait(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
                     log.warning("%s did not stop within %.0f s; killing it", child.name, timeout_s)
                     child.process.kill()

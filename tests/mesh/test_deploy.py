@@ -35,6 +35,16 @@ from ruamel.yaml import YAML
 from broker.server import find_nats_server, free_port
 from broker.subjects import Subjects
 from natron.cli.main import build_parser
+from natron.cli.serve import NATS_STOP_TIMEOUT_S, stop_bound_s
+from natron.cli.services import CLOSE_RESERVE_S, drain_budget_s
+from natron.cli.supervisor import SUPERVISOR_GRACE_S
+from natron.settings import (
+    GatewaySettings,
+    OrchestratorSettings,
+    RouterSettings,
+    ServeSettings,
+    WorkerSettings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -660,6 +670,58 @@ def test_every_natron_command_in_the_chart_parses_with_the_natron_command_line(
             assert parsed.prefix == values["prefix"], name
             assert parsed.nats_url == "nats://natron-nats:4222", name
     assert commands == {"router", "gateway", "worker", "ensemble"}
+
+
+# -- one shutdown budget ---------------------------------------------------------------------
+
+
+def seconds(text: Any) -> float:
+    """A compose duration ("35s", "1m30s") in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", str(text))
+    assert parts and any(parts.groups()), text
+    return int(parts[1] or 0) * 60 + float(parts[2] or 0)
+
+
+def test_the_shutdown_budgets_of_serve_compose_and_helm_fit_inside_each_other(
+    compose: dict[str, Any], values: dict[str, Any]
+) -> None:
+    """Inside out: a worker's drain and the close that follows it fit in a service's budget; a
+    supervisor (natron serve) waits a little longer than its children's budget; compose's
+    stop_grace_period and Helm's terminationGracePeriodSeconds are longer still, so nobody
+    kills a process that keeps its budget."""
+    budget_s = WorkerSettings.model_fields["shutdown_timeout_s"].default
+    for role in (GatewaySettings, RouterSettings, WorkerSettings, OrchestratorSettings, ServeSettings):
+        assert role.model_fields["shutdown_timeout_s"].default == budget_s, role
+    drain_s = WorkerSettings.model_fields["drain_timeout_s"].default
+    assert drain_s + CLOSE_RESERVE_S <= budget_s
+    assert drain_budget_s(budget_s) + CLOSE_RESERVE_S <= budget_s  # the gateway's drain
+    assert stop_bound_s(budget_s) >= budget_s + SUPERVISOR_GRACE_S + NATS_STOP_TIMEOUT_S
+
+    for name, service in natron_services(compose).items():
+        command = [str(part) for part in service["command"]]
+        service_budget_s = float(
+            option(command, "--shutdown-timeout-s")
+            or service.get("environment", {}).get("NATRON_SHUTDOWN_TIMEOUT_S")
+            or budget_s
+        )
+        assert float(option(command, "--drain-timeout-s") or drain_s) + CLOSE_RESERVE_S <= service_budget_s, (
+            name
+        )
+        assert seconds(service["stop_grace_period"]) > service_budget_s + SUPERVISOR_GRACE_S, name
+
+    chart_budget_s = float(values["shutdownTimeoutS"])
+    assert float(values["worker"]["drainTimeoutS"]) + CLOSE_RESERVE_S <= chart_budget_s
+    for name in ("gateway.yaml", "router.yaml", "worker.yaml", "ensemble.yaml"):
+        text = chart_templates()[name]
+        (args,) = list(chart_args(text, values))
+        assert float(option(args, "--shutdown-timeout-s") or 0) == chart_budget_s, name
+        if "--drain-timeout-s" in args:
+            assert float(option(args, "--drain-timeout-s") or 0) + CLOSE_RESERVE_S <= chart_budget_s, name
+        grace = re.search(
+            r"terminationGracePeriodSeconds: \{\{ add \.Values\.shutdownTimeoutS (\d+) \}\}", text
+        )
+        assert grace, f"{name}: terminationGracePeriodSeconds is not derived from shutdownTimeoutS"
+        assert int(grace[1]) > SUPERVISOR_GRACE_S, name
 
 
 # -- the edge as a leaf node -----------------------------------------------------------------

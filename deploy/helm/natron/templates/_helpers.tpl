@@ -120,4 +120,7 @@ prometheus.io/path: /metrics
 {{- if not (has .Values.modelRepository.source (list "image" "persistentVolumeClaim" "configMap")) }}
 {{- fail (printf "modelRepository.source must be image, persistentVolumeClaim or configMap, not %q" .Values.modelRepository.source) }}
 {{- end }}
+{{- if gt (addf .Values.worker.drainTimeoutS 5) (float64 .Values.shutdownTimeoutS) }}
+{{- fail (printf "worker.drainTimeoutS (%v) must leave 5 s of shutdownTimeoutS (%v) for closing" .Values.worker.drainTimeoutS .Values.shutdownTimeoutS) }}
+{{- end }}
 {{- end }}
