@@ -5,19 +5,24 @@ and for tests: one real broker process, started on a chosen or free port, stoppe
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_LIMIT_BYTES = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Loaded here, not in the forked child, where loading a library is not safe.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def find_nats_server() -> str:
@@ -31,10 +36,27 @@ def find_nats_server() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, the kernel kills nats-server when its parent dies,
+    even by SIGKILL, so no embedded server outlives `natron serve` or a test. (The signal
+    follows the thread that started it: start the server from the event loop's thread.)"""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all bound at once, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,6 +67,38 @@ class ServerOptions:
     max_payload_bytes: int = 16 * 1024 * 1024
     jetstream_max_memory_bytes: int = 1024 * 1024 * 1024
     store_dir: Path | None = None  # None: a temporary directory removed on stop
+
+
+def _check_max_payload(options: ServerOptions) -> None:
+    if not 0 < options.max_payload_bytes <= MAX_PAYLOAD_LIMIT_BYTES:
+        raise ValueError(
+            f"max_payload_bytes={options.max_payload_bytes}: must be in 1..{MAX_PAYLOAD_LIMIT_BYTES}"
+        )
+
+
+def config_text(options: ServerOptions, store_dir: Path) -> str:
+    """nats-server's configuration file for `options`, JetStream storing under `store_dir`.
+
+    The one place natron's broker settings are spelled, so that a test harness starting its own
+    nats-server process configures it as `natron serve` does. `options.port` must be chosen
+    (not 0): in a config file 0 means nats-server's default port, not a free one.
+    """
+    _check_max_payload(options)
+    if options.port == 0:
+        raise ValueError("config_text needs a chosen port, not 0")
+    lines = [
+        f'listen: "{options.host}:{options.port}"',
+        f"max_payload: {options.max_payload_bytes}",
+        # The pending buffer of a connection must hold a few maximal messages.
+        f"max_pending: {max(64 * 1024 * 1024, 4 * options.max_payload_bytes)}",
+        "jetstream {",
+        f'  store_dir: "{store_dir}"',
+        f"  max_memory_store: {options.jetstream_max_memory_bytes}",
+        "}",
+    ]
+    if options.monitor_port is not None:
+        lines.append(f"http_port: {options.monitor_port}")
+    return "\n".join(lines) + "\n"
 
 
 class EmbeddedNatsServer:
@@ -62,27 +116,12 @@ class EmbeddedNatsServer:
 
     async def start(self, ready_timeout_s: float = 15.0) -> None:
         opts = self._options
-        if not 0 < opts.max_payload_bytes <= MAX_PAYLOAD_LIMIT_BYTES:
-            raise ValueError(
-                f"max_payload_bytes={opts.max_payload_bytes}: must be in 1..{MAX_PAYLOAD_LIMIT_BYTES}"
-            )
+        _check_max_payload(opts)
         self.port = opts.port or free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="natron-nats-")
         store_dir = opts.store_dir or Path(self._tmp.name) / "js"
         conf = Path(self._tmp.name) / "nats.conf"
-        lines = [
-            f'listen: "{opts.host}:{self.port}"',
-            f"max_payload: {opts.max_payload_bytes}",
-            # The pending buffer of a connection must hold a few maximal messages.
-            f"max_pending: {max(64 * 1024 * 1024, 4 * opts.max_payload_bytes)}",
-            "jetstream {",
-            f'  store_dir: "{store_dir}"',
-            f"  max_memory_store: {opts.jetstream_max_memory_bytes}",
-            "}",
-        ]
-        if opts.monitor_port is not None:
-            lines.append(f"http_port: {opts.monitor_port}")
-        conf.write_text("\n".join(lines) + "\n")
+        conf.write_text(config_text(replace(opts, port=self.port), store_dir))
         self._process = await asyncio.create_subprocess_exec(
             find_nats_server(),
             "-c",
@@ -92,8 +131,13 @@ class EmbeddedNatsServer:
             # Its own process group, so a Ctrl-C meant for natron reaches it only through us,
             # in the shutdown order natron chooses (NATS last).
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
-        await self._wait_ready(ready_timeout_s)
+        try:
+            await self._wait_ready(ready_timeout_s)
+        except BaseException:  # failed or cancelled (a stop during startup): no server left
+            await self.stop()
+            raise
         log.info("nats-server listening on %s (pid %d)", self.url, self._process.pid)
 
     async def _wait_ready(self, timeout_s: float) -> None:
@@ -115,23 +159,28 @@ class EmbeddedNatsServer:
                 return
             except OSError:
                 await asyncio.sleep(0.05)
-        await self.stop()
         raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout_s} s")
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, SIGKILL after `timeout_s`; safe to call twice and after a failed start."""
         process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            # SIGTERM lets nats-server close client connections cleanly (lame-duck not needed
-            # for an embedded single node).
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout_s)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        try:
+            if process is not None and process.returncode is None:
+                # SIGTERM lets nats-server close client connections cleanly (lame-duck not
+                # needed for an embedded single node).
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), timeout_s)
+                except TimeoutError:
+                    log.warning("nats-server %d still running after %.0f s: killed", process.pid, timeout_s)
+                    process.kill()
+                    await process.wait()
+        finally:
+            if process is not None and process.returncode is None:
+                process.kill()  # stop() itself was cancelled: leave no server behind
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     async def __aenter__(self) -> EmbeddedNatsServer:
         await self.start()

@@ -8,7 +8,6 @@ holds the PyTorch models only when torch is installed, and `simple` for the BLS 
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from broker import jetstream
 from broker.requester import Requester
 from broker.subjects import Subjects
 from examples import build_backend_models, build_models, build_text_models
-from tests.conftest import Served, natron_serve
+from tests.harness import Served, natron_serve, wait_until
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -102,15 +101,12 @@ def repository_state(backend_served: Served) -> Callable[[str], dict[str, Any]]:
     """`repository_state(model)`: the model's repository index entry once it left LOADING."""
 
     def state(model: str, timeout_s: float = 60.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        entry: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+        def settled() -> dict[str, Any] | None:
             index = requests.post(f"{backend_served.url}/v2/repository/index", timeout=5).json()
             entries = [e for e in index if e["name"] == model]
-            if entries and entries[0]["state"] != "LOADING":
-                return dict(entries[0])
-            entry = entries[0] if entries else {}
-            time.sleep(0.2)
-        raise AssertionError(f"model '{model}' still {entry} after {timeout_s} s")
+            return dict(entries[0]) if entries and entries[0]["state"] != "LOADING" else None
+
+        result: dict[str, Any] = wait_until(settled, timeout_s, f"model '{model}' out of LOADING", 0.2)
+        return result
 
     return state

@@ -1,43 +1,88 @@
 """The one test harness: `natron serve` as users run it (`natron_serve`), a mesh of separately
 started processes (`Mesh`: nats-server, router, workers, gateway, each killable on its own), and
-`wait_until`, the one polling loop for conditions no event announces (another process's state).
+`wait_until` / `wait_until_async`, the one polling loop for conditions no event announces
+(another process's state).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from broker.server import find_nats_server, free_port
+from broker.server import ServerOptions, config_text, find_nats_server, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_until(predicate: Callable[[], Any], timeout_s: float = 30, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns a truthy value (returned); errors count as not yet."""
+class GiveUp(Exception):
+    """Raised by a `wait_until` predicate when the condition can no longer come true (the
+    process it waits for has exited): the wait ends at once instead of at its timeout."""
+
+
+def _timed_out(what: str, timeout_s: float, last_error: Exception | None) -> AssertionError:
+    return AssertionError(f"{what} not reached within {timeout_s} s (last error: {last_error!r})")
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout_s: float = 30, what: str = "condition", interval_s: float = 0.05
+) -> Any:
+    """Poll `predicate` until it returns a truthy value (returned); errors count as not yet,
+    except `GiveUp`, which ends the wait."""
     deadline = time.monotonic() + timeout_s
     last_error: Exception | None = None
-    while time.monotonic() < deadline:
+    while True:
         try:
             value = predicate()
             if value:
                 return value
+        except GiveUp:
+            raise
         except Exception as exc:  # not there yet (no bucket, no key, no listener)
             last_error = exc
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s} s (last error: {last_error!r})")
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout_s, last_error)
+        time.sleep(interval_s)
+
+
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[Any] | Any],
+    timeout_s: float = 30,
+    what: str = "condition",
+    interval_s: float = 0.05,
+) -> Any:
+    """`wait_until` for a test running on the event loop: the predicate may be a coroutine
+    function, and the pauses yield to the loop instead of blocking it."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if inspect.isawaitable(value):
+                value = await asyncio.wait_for(value, max(deadline - time.monotonic(), interval_s))
+            if value:
+                return value
+        except GiveUp:
+            raise
+        except Exception as exc:  # not there yet
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout_s, last_error)
+        await asyncio.sleep(interval_s)
 
 
 @dataclass(frozen=True)
@@ -51,24 +96,24 @@ class Served:
 
 
 def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    """Until the server and every model of `models` answer ready; a model once ready is not
+    asked again. Ends at once if `natron serve` exits."""
     pending = list(models)
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if process.poll() is not None:
-            raise RuntimeError(f"natron serve exited with {process.returncode}")
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                pending = [
-                    m
-                    for m in pending
-                    if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
-                ]
-                if not pending:
-                    return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"natron serve not ready within {timeout_s} s; waiting for {pending}")
+            raise GiveUp(f"natron serve exited with {process.returncode}")
+        if requests.get(f"{url}/v2/health/ready", timeout=1).status_code != 200:
+            return False
+        pending[:] = [
+            m for m in pending if requests.get(f"{url}/v2/models/{m}/ready", timeout=1).status_code != 200
+        ]
+        return not pending
+
+    try:
+        wait_until(ready, timeout_s, "natron serve ready", 0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; models not ready: {pending}") from None
 
 
 @contextlib.contextmanager
@@ -77,7 +122,7 @@ def natron_serve(
 ) -> Iterator[Served]:
     """`natron serve` as users run it (embedded NATS, router, gateway, worker, orchestrator) on
     free ports, until `ready` models answer ready; stopped with Ctrl-C (SIGINT) afterwards."""
-    http_port, metrics_port, nats_port = free_port(), free_port(), free_port()
+    http_port, metrics_port, nats_port = free_ports(3)
     output = log_dir / "serve.log"
     with output.open("wb") as log:
         process = subprocess.Popen(
@@ -137,21 +182,19 @@ class Mesh:
         return process
 
     def start_nats(self) -> None:
-        store = self.logs / "js"
-        self._spawn(
-            "nats",
-            [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(self.nats_port), "-sd", str(store)],
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                import socket
+        """nats-server configured as `natron serve` configures it (broker.server.config_text:
+        max_payload, max_pending, JetStream limits), in a process of its own that a test can kill."""
+        conf = self.logs / "nats.conf"
+        conf.write_text(config_text(ServerOptions(port=self.nats_port), self.logs / "js"))
+        process = self._spawn("nats", [find_nats_server(), "-c", str(conf)])
 
-                with socket.create_connection(("127.0.0.1", self.nats_port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        def listening() -> bool:
+            if process.poll() is not None:
+                raise GiveUp(f"nats-server exited with {process.returncode}: {self.log('nats')[-2000:]}")
+            with socket.create_connection(("127.0.0.1", self.nats_port), timeout=0.5):
+                return True
+
+        wait_until(listening, 10, "nats-server listening")
 
     def natron(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         return self._spawn(name, [sys.executable, "-m", "natron", *args, "--log-level", "info"])
@@ -197,18 +240,14 @@ class Mesh:
 
     def wait_ready(self, model: str, version: str = "", timeout_s: float = 60) -> None:
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(self.url + path, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{model} not ready within {timeout_s} s; logs in {self.logs}")
+        self.wait_until(
+            lambda: requests.get(self.url + path, timeout=2).status_code == 200,
+            timeout_s,
+            f"{model} ready",
+        )
 
-    def wait_until(self, predicate: Any, timeout_s: float = 30, what: str = "condition") -> None:
-        wait_until(predicate, timeout_s, f"{what} (logs in {self.logs})")
+    def wait_until(self, predicate: Callable[[], Any], timeout_s: float = 30, what: str = "condition") -> Any:
+        return wait_until(predicate, timeout_s, f"{what} (logs in {self.logs})")
 
     def index(self) -> list[dict[str, Any]]:
         response = requests.post(self.url + "/v2/repository/index", timeout=10)

@@ -33,7 +33,7 @@ from natron import datatypes
 from natron.errors import NatronError
 from natron.inference import InferRequest, InferResponse, Tensor
 from pystub.process import complete_config
-from tests.harness import Served
+from tests.harness import Served, wait_until, wait_until_async
 from workers.backends import BackendContext
 from workers.backends.python import PythonBackend
 from workers.devices import CPU
@@ -298,7 +298,7 @@ def test_a_cancelled_stream_reaches_the_models_is_cancelled_and_it_stops_early(t
     )
     try:
         backend.execute_requests([request], sink)
-        time.sleep(0.3)
+        wait_until(lambda: len(answers) >= 2, 10, "the stream under way")
         backend.cancel("to-cancel")
         assert finished.wait(10)
         assert 1 < len(answers) < 50
@@ -375,17 +375,34 @@ async def test_a_response_that_is_not_made_of_tensors_is_an_error(backend_reques
 
 
 async def test_a_killed_stub_fails_its_request_at_once_and_a_new_stub_serves_the_next(
-    backend_requester: Requester,
+    backend_requester: Requester, backend_nc: Client
 ) -> None:
+    subjects = Subjects()
+    js = backend_nc.jetstream()
+
+    async def in_worker(count: int) -> bool:
+        """Nothing waits in the consumer and `count` requests are delivered, not yet answered."""
+        info = await js.consumer_info(subjects.stream, subjects.consumer("py_faults", "1"))
+        return info.num_pending == 0 and info.num_ack_pending == count
+
     first = await infer(backend_requester, faults(0))
     pid = int(first.outputs[0].data[0])
+    # The answer can arrive before its acknowledgement: wait for that, so the count below is
+    # the slow request's alone.
+    await wait_until_async(lambda: in_worker(0), ANSWER_TIMEOUT_S, "the first request acknowledged")
     slow = asyncio.create_task(infer(backend_requester, faults(7)))  # sleeps 60 s in the model
-    await asyncio.sleep(1.0)  # let the stub take it
-    started = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    with pytest.raises(NatronError) as caught:
-        await slow
-    assert time.monotonic() - started < 10
+    try:
+        # Delivered to the worker, which hands it to its stub in the same breath (a thread
+        # hop): the delivery is what can be observed from here.
+        await wait_until_async(lambda: in_worker(1), ANSWER_TIMEOUT_S, "the slow request delivered")
+        started = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(NatronError) as caught:
+            await slow
+        assert time.monotonic() - started < 10
+    finally:
+        slow.cancel()  # a no-op once it ended; else no task outlives the test
+        await asyncio.gather(slow, return_exceptions=True)
     assert caught.value.status == 500
     assert "killed by SIGKILL" in caught.value.message
     assert f"pid {pid}" in caught.value.message

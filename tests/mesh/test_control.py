@@ -8,7 +8,6 @@ import base64
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from broker.subjects import Subjects
 from examples.build_models import build
-from tests.harness import Mesh, Served
+from tests.harness import Mesh, Served, wait_until
 
 
 def start_mesh(repository: Path, router_args: list[str], workers: int = 1) -> Mesh:
@@ -79,9 +78,7 @@ def test_load_answers_once_the_model_is_ready_and_unload_once_it_is_gone(
         return states[("tiny", "1")]
 
     # The gateway's view follows the router's last word (UNLOADING -> UNAVAILABLE) within moments.
-    deadline = time.monotonic() + 10
-    while tiny_state()["state"] != "UNAVAILABLE" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: tiny_state()["state"] == "UNAVAILABLE", 10, "tiny UNAVAILABLE in the index")
     assert tiny_state() == {"name": "tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
 
 

@@ -13,17 +13,14 @@ import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import Served
+from tests.harness import Served, wait_until
 
 
 @pytest.fixture(scope="module")
 def client(served: Served) -> httpclient.InferenceServerClient:
     client = httpclient.InferenceServerClient(served.host_port)
     for model in ("ensemble_simple", "ensemble_parallel", "ensemble_nested"):
-        for _ in range(300):
-            if client.is_model_ready(model):
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        wait_until(lambda model=model: client.is_model_ready(model), 30, f"{model} ready")
     return client
 
 

@@ -7,7 +7,7 @@ import asyncio
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +18,7 @@ import requests
 
 from broker.server import free_port
 from broker.subjects import Subjects
-from natron.records import ModelRecord, WorkerReport
+from natron.records import LOADING, READY, ModelRecord, VersionState, WorkerReport
 from tests.harness import Mesh
 
 
@@ -56,12 +56,30 @@ def served_by(mesh: Mesh, model_version: str) -> dict[str, int]:
     }
 
 
-async def drive(url: str, count: int, concurrency: int, timeout_s: float = 30) -> dict[str, int]:
-    """`count` distinct tiny requests; tally answers: right, wrong, and by error status."""
+def ready_on(mesh: Mesh, model: str, version: str = "1") -> set[str]:
+    """Workers whose last report has `model` `version` READY: loaded, and pulling its requests."""
+    reports = asyncio.run(_kv(mesh.nats_url, Subjects().workers_bucket))
+    return {
+        worker
+        for worker, raw in reports.items()
+        if any(
+            states.get(version, VersionState(LOADING)).state == READY
+            for states in WorkerReport.from_json(raw).models.get(model, {}).values()
+        )
+    }
+
+
+async def drive(
+    url: str, count: int, concurrency: int, timeout_s: float = 30, under_way: asyncio.Event | None = None
+) -> dict[str, int]:
+    """`count` distinct tiny requests; tally answers: right, wrong, and by error status.
+    `under_way` is set once a sixth of them have their answer, the rest being in flight."""
     tally = {"ok": 0, "wrong": 0}
+    answered = 0
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal answered
         body = {
             "id": str(i),
             "inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [i] * 16}],
@@ -78,6 +96,9 @@ async def drive(url: str, count: int, concurrency: int, timeout_s: float = 30) -
                         tally["wrong"] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 tally[type(exc).__name__] = tally.get(type(exc).__name__, 0) + 1
+            answered += 1
+            if under_way is not None and answered >= count // 6:
+                under_way.set()
 
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(
@@ -87,13 +108,32 @@ async def drive(url: str, count: int, concurrency: int, timeout_s: float = 30) -
     return tally
 
 
+def under_load(mesh: Mesh, count: int, concurrency: int, action: Callable[[], None]) -> dict[str, int]:
+    """Drive `count` requests and, once they are under way, run `action` (a kill, a restart)
+    while the rest are in flight; the tally of all of them."""
+
+    async def scenario() -> dict[str, int]:
+        under_way = asyncio.Event()
+        load = asyncio.create_task(drive(mesh.url, count, concurrency, under_way=under_way))
+        try:
+            await asyncio.wait_for(under_way.wait(), 30)
+            assert not load.done()
+            action()
+            return await load
+        finally:
+            load.cancel()  # a no-op once it ended
+            await asyncio.gather(load, return_exceptions=True)
+
+    return asyncio.run(scenario())
+
+
 def test_a_worker_that_joins_later_receives_its_share(mesh: Mesh) -> None:
     mesh.start_worker("first")
     mesh.wait_ready("tiny")
     assert placement(mesh, "tiny") == {"first": 1}
     mesh.start_worker("second")
     mesh.wait_until(lambda: placement(mesh, "tiny") == {"first": 1, "second": 1}, what="second placed")
-    mesh.wait_until(lambda: "model 'tiny' version 1 ready" in mesh.log("second"), what="second loaded tiny")
+    mesh.wait_until(lambda: "second" in ready_on(mesh, "tiny"), what="second serving tiny")
 
 
 def test_a_worker_killed_mid_load_loses_no_request(mesh: Mesh) -> None:
@@ -101,17 +141,9 @@ def test_a_worker_killed_mid_load_loses_no_request(mesh: Mesh) -> None:
     # brings the dead worker's requests back to the survivor quickly.
     for worker in ("a", "b"):
         mesh.start_worker(worker, "--throttle-ms", "20", "--ack-wait-s", "1")
-    mesh.wait_until(lambda: placement(mesh, "tiny") == {"a": 1, "b": 1}, what="both placed")
-    mesh.wait_ready("tiny")
-    time.sleep(1)  # both instances pulling
-
-    async def scenario() -> dict[str, int]:
-        load = asyncio.create_task(drive(mesh.url, count=600, concurrency=64))
-        await asyncio.sleep(1.0)
-        mesh.signal("a", signal.SIGKILL)
-        return await load
-
-    tally = asyncio.run(scenario())
+    mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a", "b"}, what="both workers serving tiny")
+    mesh.wait_ready("tiny")  # and the gateway knows it
+    tally = under_load(mesh, 600, 64, lambda: mesh.signal("a", signal.SIGKILL))
     assert tally == {"ok": 600, "wrong": 0}, tally
     assert mesh.wait_exit("a") == -signal.SIGKILL
 
@@ -119,17 +151,9 @@ def test_a_worker_killed_mid_load_loses_no_request(mesh: Mesh) -> None:
 def test_sigterm_drains_a_worker_without_failing_a_request(mesh: Mesh) -> None:
     for worker in ("a", "b"):
         mesh.start_worker(worker, "--throttle-ms", "10")
-    mesh.wait_until(lambda: placement(mesh, "tiny") == {"a": 1, "b": 1}, what="both placed")
-    mesh.wait_ready("tiny")
-    time.sleep(1)
-
-    async def scenario() -> dict[str, int]:
-        load = asyncio.create_task(drive(mesh.url, count=500, concurrency=32))
-        await asyncio.sleep(0.8)
-        mesh.signal("a", signal.SIGTERM)
-        return await load
-
-    tally = asyncio.run(scenario())
+    mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a", "b"}, what="both workers serving tiny")
+    mesh.wait_ready("tiny")  # and the gateway knows it
+    tally = under_load(mesh, 500, 32, lambda: mesh.signal("a", signal.SIGTERM))
     assert tally == {"ok": 500, "wrong": 0}, tally
     assert mesh.wait_exit("a") == 0
     assert "unexpected" not in mesh.log("a").lower()
@@ -138,9 +162,8 @@ def test_sigterm_drains_a_worker_without_failing_a_request(mesh: Mesh) -> None:
 def test_a_faster_worker_serves_proportionally_more(mesh: Mesh) -> None:
     mesh.start_worker("fast")
     mesh.start_worker("slow", "--throttle-ms", "30")
-    mesh.wait_until(lambda: placement(mesh, "tiny") == {"fast": 1, "slow": 1}, what="both placed")
-    mesh.wait_ready("tiny")
-    time.sleep(1)
+    mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"fast", "slow"}, what="both workers serving tiny")
+    mesh.wait_ready("tiny")  # and the gateway knows it
     tally = asyncio.run(drive(mesh.url, count=1500, concurrency=64))
     assert tally == {"ok": 1500, "wrong": 0}, tally
     # Statistics travel with heartbeats (every 2 s).
@@ -153,15 +176,12 @@ def test_a_restarted_router_and_gateway_do_not_disturb_traffic(mesh: Mesh) -> No
     mesh.start_worker("a")
     mesh.wait_ready("tiny")
 
-    async def scenario() -> dict[str, int]:
-        load = asyncio.create_task(drive(mesh.url, count=400, concurrency=8))
-        await asyncio.sleep(0.3)
+    def restart_router() -> None:
         mesh.signal("router", signal.SIGKILL)
         mesh.wait_exit("router")
         mesh.start_router()
-        return await load
 
-    tally = asyncio.run(scenario())
+    tally = under_load(mesh, 400, 8, restart_router)
     assert tally == {"ok": 400, "wrong": 0}, tally
     index = {m["name"]: m for m in mesh.index()}
     assert index["tiny"]["state"] == "READY"

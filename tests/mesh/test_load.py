@@ -12,7 +12,7 @@ import orjson
 
 from broker.subjects import Subjects
 from natron.records import WorkerReport
-from tests.harness import Served
+from tests.harness import Served, wait_until_async
 
 REQUESTS = 600
 CONCURRENCY = 200
@@ -65,11 +65,11 @@ async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(
     assert mismatches == []
 
     # Worker statistics travel with the heartbeat: wait for the beat that covers this run.
-    for _ in range(50):
-        executions, inferences = await _batch_stats(served.nats_url, "tiny/1")
-        if inferences - before[1] >= REQUESTS:
-            break
-        await asyncio.sleep(0.2)
+    async def covered() -> tuple[int, int] | None:
+        stats = await _batch_stats(served.nats_url, "tiny/1")
+        return stats if stats[1] - before[1] >= REQUESTS else None
+
+    executions, inferences = await wait_until_async(covered, 15, "a heartbeat covering this run", 0.2)
     # `before` may predate a heartbeat that still counted earlier tests' last requests, so
     # the counts can exceed this test's own; batching shows as fewer executions than rows.
     ran = inferences - before[1]

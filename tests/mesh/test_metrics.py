@@ -1,12 +1,9 @@
-"""Triton's metrics and statistics, summed over the fleet, after known traffic; GPU telemetry
-with pynvml absent and with a fake device."""
+"""Triton's metrics and statistics, summed over the fleet, after known traffic. (Rendering and
+GPU telemetry alone: tests/unit/test_prometheus.py.)"""
 
 from __future__ import annotations
 
 import re
-import sys
-import time
-import types
 from typing import Any
 
 import numpy as np
@@ -15,11 +12,7 @@ import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from natron.prometheus import render_fleet
-from natron.records import WorkerReport
-from tests.harness import Served
-from workers.devices import CPU, Device
-from workers.telemetry import GpuTelemetry
+from tests.harness import Served, wait_until
 
 
 def scrape(served: Served) -> dict[str, float]:
@@ -45,13 +38,6 @@ def simple_inputs(rows: int) -> list[httpclient.InferInput]:
     return inputs
 
 
-def wait_for(check: Any, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "statistics did not arrive with the heartbeats"
-        time.sleep(0.2)
-
-
 def test_metrics_and_statistics_count_known_traffic(served: Served) -> None:
     client = httpclient.InferenceServerClient(served.host_port)
     key = 'model="simple",version="1"'
@@ -70,7 +56,7 @@ def test_metrics_and_statistics_count_known_traffic(served: Served) -> None:
             and now["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] >= 2
         )
 
-    wait_for(arrived)
+    wait_until(arrived, 15, "statistics arriving with the heartbeats")
     after = stats_of(served, "simple")
     assert after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 3
     assert after["inference_stats"]["fail"]["count"] - before["inference_stats"]["fail"]["count"] == 2
@@ -119,55 +105,3 @@ def test_statistics_of_all_models_and_unknown_ones(served: Served) -> None:
     assert {"tiny", "simple"} <= {entry["name"] for entry in every}
     assert requests.get(f"{served.url}/v2/models/nope/stats", timeout=10).status_code == 404
     assert requests.get(f"{served.url}/v2/models/simple/versions/9/stats", timeout=10).status_code == 404
-
-
-def _gpu_worker(telemetry: dict[str, float]) -> WorkerReport:
-    device = {"kind": "GPU", "uuid": "GPU-1234", "telemetry": telemetry}
-    return WorkerReport(id="g", host="h", pid=1, devices=[device])
-
-
-def test_gpu_metrics_appear_only_for_gpu_workers() -> None:
-    cpu = WorkerReport(id="c", host="h", pid=1, devices=[CPU.describe()])
-    assert "nv_gpu" not in render_fleet([], {}, {}, {}, [cpu], True)
-    text = render_fleet(
-        [],
-        {},
-        {},
-        {},
-        [cpu, _gpu_worker({"utilization": 0.5, "memory_used_bytes": 1024, "energy_j": 12.5})],
-        True,
-    )
-    assert 'nv_gpu_utilization{gpu_uuid="GPU-1234"} 0.5' in text
-    assert 'nv_gpu_memory_used_bytes{gpu_uuid="GPU-1234"} 1024' in text
-    assert "# TYPE nv_energy_consumption counter" in text
-    assert "nv_gpu_power_usage" not in text  # not reported: not invented
-
-
-def test_gpu_telemetry_without_pynvml_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    assert GpuTelemetry(Device("GPU", 0, "GPU-x")).sample() == {}
-    assert GpuTelemetry(CPU).sample() == {}
-
-
-def test_gpu_telemetry_reads_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    nvml = types.ModuleType("pynvml")
-    energy = iter([5_000, 7_500])
-    nvml.nvmlInit = lambda: None  # type: ignore[attr-defined]
-    nvml.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: uuid  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=40)  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(total=80, used=20)  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetPowerUsage = lambda h: 250_000  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetEnforcedPowerLimit = lambda h: 700_000  # type: ignore[attr-defined]
-    nvml.nvmlDeviceGetTotalEnergyConsumption = lambda h: next(energy)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    telemetry = GpuTelemetry(Device("GPU", 0, "GPU-x"))
-    assert telemetry.sample() == {
-        "utilization": 0.4,
-        "memory_total_bytes": 80,
-        "memory_used_bytes": 20,
-        "power_usage_w": 250.0,
-        "power_limit_w": 700.0,
-        "energy_j": 0.0,
-    }
-    assert telemetry.sample()["energy_j"] == 2.5

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.harness import Served
+from tests.harness import Served, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +25,13 @@ def test_server_is_live_ready_and_describes_itself(client: httpclient.InferenceS
 
 
 def test_serve_prints_the_model_table_and_endpoints(served: Served) -> None:
+    def printed() -> str:
+        text = served.output.read_text(errors="replace")
+        return text if "NATS:" in text else ""
+
     # The table comes once every model has settled, which may be just after the fixture's
     # readiness check: give it a bounded while.
-    deadline = time.monotonic() + 30
-    output = ""
-    while time.monotonic() < deadline and "NATS:" not in output:
-        time.sleep(0.1)
-        output = served.output.read_text(errors="replace")
+    output = wait_until(printed, 30, "the model table and endpoints printed")
     assert "natron models" in output
     assert "broken" in output and "UNAVAILABLE" in output
     assert f"HTTP endpoint:    http://127.0.0.1:{served.url.rsplit(':', 1)[1]}" in output

@@ -1,4 +1,7 @@
-"""gateway.kserve: Triton's KServe v2 infer bodies, JSON and binary, both directions."""
+"""gateway.kserve: Triton's KServe v2 infer bodies, JSON and binary, both directions.
+
+The properties take their example counts from the Hypothesis profile (tests/conftest.py):
+`NATRON_HYPOTHESIS_PROFILE=thorough` runs them ten times longer."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import numpy.typing as npt
 import orjson
 import pytest
 import tritonclient.http as triton_http
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -925,20 +928,17 @@ def _parse_or_invalid(body: bytes, header_length: int | None) -> None:
         event("accepted")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.binary(max_size=200), header_length=st.none() | st.integers(min_value=-5, max_value=250))
 def test_arbitrary_bytes_only_ever_raise_invalid_argument(body: bytes, header_length: int | None) -> None:
     _parse_or_invalid(body, header_length)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=_JSON, tail=st.binary(max_size=40), cut=st.none() | st.integers(min_value=-2, max_value=400))
 def test_arbitrary_json_only_ever_raises_invalid_argument(doc: Any, tail: bytes, cut: int | None) -> None:
     header = orjson.dumps(doc)
     _parse_or_invalid(header + tail, cut if cut is not None else (len(header) if tail else None))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request=_near_valid_requests())
 def test_damaged_requests_only_ever_raise_invalid_argument(request: tuple[bytes, int | None]) -> None:
     _parse_or_invalid(*request)
@@ -971,7 +971,6 @@ def _tensor_lists() -> st.SearchStrategy[list[Tensor]]:
     )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tensors=_tensor_lists())
 def test_binary_encoding_then_parsing_is_lossless(tensors: list[Tensor]) -> None:
     body, header_length = encode_infer_response(response(*tensors), parsed_for(binary_default=True), "")
@@ -985,7 +984,6 @@ def test_binary_encoding_then_parsing_is_lossless(tensors: list[Tensor]) -> None
         assert_same(tensor.data, original.data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tensors=_tensor_lists())
 def test_json_encoding_then_parsing_keeps_every_value(tensors: list[Tensor]) -> None:
     # Whatever JSON cannot carry (FP16, BF16, NaN, invalid UTF-8) falls back to binary, so

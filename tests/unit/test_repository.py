@@ -1,17 +1,14 @@
-"""Model repository scan, config parsing and completion, version policies, state aggregation."""
+"""Model repository scan, config parsing and completion, version policies."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from natron import config as cfg
 from natron.errors import InvalidArgument
-from natron.records import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from router.aggregate import aggregate
-from router.placement import place
+from natron.records import LOADING, UNAVAILABLE, VersionState
 from router.repository import scan_model, scan_repository
 
 ONNX_CONFIG = """
@@ -109,98 +106,3 @@ def test_preferred_batch_sizes_over_the_maximum_are_refused() -> None:
     )
     with pytest.raises(cfg.ConfigError, match="preferred_batch_size 8"):
         cfg.fill_defaults(config)
-
-
-def _record() -> ModelRecord:
-    record = ModelRecord(name="m", path="/x", config={}, versions={"2": VersionState(LOADING)})
-    record.generation = record.compute_generation()
-    record.placement = {"a": 1, "b": 1, "d": 1, "o": 1}
-    return record
-
-
-def _worker(name: str, record: ModelRecord, state: VersionState, stopping: bool = False) -> WorkerReport:
-    return WorkerReport(
-        id=name,
-        host="h",
-        pid=1,
-        devices=[],
-        models={"m": {record.generation: {"2": state}}},
-        stopping=stopping,
-    )
-
-
-def test_a_version_is_ready_when_any_placed_worker_serves_it() -> None:
-    record = _record()
-    workers = [
-        _worker("a", record, VersionState(UNAVAILABLE, "out of memory")),
-        _worker("b", record, VersionState(READY)),
-    ]
-    assert aggregate(record, workers) == {"2": VersionState(READY)}
-
-
-def test_a_version_every_worker_failed_is_unavailable_with_the_reason() -> None:
-    record = _record()
-    states = aggregate(record, [_worker("a", record, VersionState(UNAVAILABLE, "bad file"))])
-    assert states == {"2": VersionState(UNAVAILABLE, "bad file")}
-
-
-def test_draining_workers_and_unplaced_workers_do_not_count() -> None:
-    record = _record()
-    draining = _worker("d", record, VersionState(READY), stopping=True)
-    stranger = _worker("x", record, VersionState(READY))
-    assert aggregate(record, [draining, stranger]) == {
-        "2": VersionState(UNAVAILABLE, "no live worker serves this model")
-    }
-
-
-def test_an_older_generation_keeps_a_version_ready_during_and_after_a_failed_reload() -> None:
-    record = _record()
-    both = {"old": {"2": VersionState(READY)}, record.generation: {"2": VersionState(LOADING)}}
-    reloading = WorkerReport(id="a", host="h", pid=1, devices=[], models={"m": both})
-    assert aggregate(record, [reloading]) == {"2": VersionState(READY)}
-    both[record.generation]["2"] = VersionState(UNAVAILABLE, "bad file")
-    state = aggregate(record, [reloading])["2"]
-    assert state.state == READY
-    assert "reload failed" in state.reason and "bad file" in state.reason
-
-
-def test_a_model_without_placement_is_unavailable_with_the_placement_reason() -> None:
-    record = _record()
-    record.placement = {}
-    record.placement_reason = "no GPU worker has joined"
-    assert aggregate(record, []) == {"2": VersionState(UNAVAILABLE, "no GPU worker has joined")}
-
-
-def _fleet_worker(worker_id: str, kind: str, index: int = 0, memory: int = 0) -> WorkerReport:
-    device = {"kind": kind, "index": index, "memory_total_bytes": memory, "memory_free_bytes": memory}
-    return WorkerReport(id=worker_id, host="h", pid=1, devices=[device])
-
-
-def _placed(
-    groups: list[dict[str, Any]], workers: list[WorkerReport], size: int = 0
-) -> tuple[dict[str, int], str]:
-    record = ModelRecord(
-        name="m", path="/x", config={"instance_group": groups}, versions={"1": VersionState(LOADING)}
-    )
-    return place([record], workers, {"m": size})["m"]
-
-
-def test_instances_are_placed_on_every_matching_worker_count_times() -> None:
-    fleet = [_fleet_worker("c1", "CPU"), _fleet_worker("c2", "CPU"), _fleet_worker("g0", "GPU", 0, 10**9)]
-    assert _placed([{"kind": "KIND_CPU", "count": 2}], fleet) == ({"c1": 2, "c2": 2}, "")
-    assert _placed([{"kind": "KIND_GPU", "count": 1}], fleet) == ({"g0": 1}, "")
-    assert _placed([{"kind": "KIND_AUTO", "count": 1}], fleet) == ({"g0": 1}, "")
-    assert _placed([{"kind": "KIND_AUTO", "count": 3}], fleet[:2]) == ({"c1": 3, "c2": 3}, "")
-
-
-def test_gpu_placement_honours_the_gpus_list_and_free_memory() -> None:
-    fleet = [_fleet_worker("g0", "GPU", 0, 10**9), _fleet_worker("g1", "GPU", 1, 10**6)]
-    assert _placed([{"kind": "KIND_GPU", "gpus": [1]}], fleet) == ({"g1": 1}, "")
-    assert _placed([{"kind": "KIND_GPU"}], fleet, size=10**7) == ({"g0": 1}, "")
-    placement, reason = _placed([{"kind": "KIND_GPU"}], fleet, size=10**10)
-    assert placement == {} and "device memory" in reason
-
-
-def test_a_gpu_model_without_gpu_workers_says_so() -> None:
-    placement, reason = _placed([{"kind": "KIND_GPU"}], [_fleet_worker("c1", "CPU")])
-    assert placement == {} and "GPU" in reason
