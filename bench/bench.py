@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from typing import Any, Final
 
 from rich.console import Console
 from rich.table import Table
+
+from broker.server import free_port
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 BENCH_DIR: Final = REPO_ROOT / "bench"
@@ -68,13 +69,6 @@ console = Console(width=None if sys.stdout.isatty() else 132)
 
 
 # --- small helpers ---
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_status(url: str, *, body: bytes | None = None, timeout_s: float = 5.0) -> tuple[int | None, bytes]:

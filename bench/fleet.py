@@ -66,7 +66,7 @@ from bench.bench import (
     run_wrk,
     write_json,
 )
-from broker.server import find_nats_server
+from broker.server import ServerOptions, config_text, find_nats_server, free_ports
 from broker.subjects import Subjects
 from natron.records import READY, ModelRecord, WorkerReport
 
@@ -159,17 +159,6 @@ class Fleet:
         self.stop()
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (all bound at once, so the OS cannot hand one out twice)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [
-            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)
-        ]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-
-
 def wait_tcp(port: int, fleet: Fleet, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -205,9 +194,10 @@ def start_mesh(
     base_url = f"http://127.0.0.1:{http_port}"
     # natron services stop on their own when this script dies without stopping them.
     common = ["--nats-url", nats_url, "--parent-pid", str(os.getpid())]
-    fleet.start(
-        "nats", [find_nats_server(), "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(store)]
-    )
+    # Configured as `natron serve` configures its embedded server (max_payload, JetStream limits).
+    conf = store.with_suffix(".conf")
+    conf.write_text(config_text(ServerOptions(port=nats_port), store))
+    fleet.start("nats", [find_nats_server(), "-c", str(conf)])
     wait_tcp(nats_port, fleet, NATS_READY_TIMEOUT_S)
     fleet.start("router", [*natron_command(), "router", str(repo), *common])
     for worker, extra in workers.items():

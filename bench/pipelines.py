@@ -58,8 +58,9 @@ from bench.bench import (
     run_wrk,
     write_json,
 )
-from bench.fleet import _interrupt, _signals_held, free_ports
+from bench.fleet import _interrupt, _signals_held
 from broker.requester import Requester
+from broker.server import free_ports
 from broker.subjects import Subjects
 from natron.errors import NatronError
 from natron.inference import InferRequest, Tensor

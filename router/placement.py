@@ -69,10 +69,14 @@ def place(
     live = [w for w in live if w.role != ORCHESTRATOR]
     gpu_workers = [w for w in live if _device(w).get("kind") == "GPU"]
     cpu_workers = [w for w in live if _device(w).get("kind") != "GPU"]
+    # Device memory not yet promised, per GPU worker; absent when the device does not say (then
+    # nothing is held back), and never confused with 0 bytes left.
     free: dict[str, int] = {}
     for worker in gpu_workers:
         device = _device(worker)
-        free[worker.id] = int(device.get("memory_free_bytes") or device.get("memory_total_bytes") or 0)
+        known = int(device.get("memory_free_bytes") or device.get("memory_total_bytes") or 0)
+        if known:
+            free[worker.id] = known
     result: dict[str, tuple[dict[str, int], str]] = {}
     # Largest first: a small model can fit the gaps a big one leaves.
     for record in sorted(records, key=lambda r: -sizes.get(r.name, 0)):
@@ -99,14 +103,15 @@ def place(
                     index = int(_device(worker).get("index", 0) or 0)
                     if group.gpus and index not in group.gpus:
                         continue
-                    if free.get(worker.id, 0) and size > free[worker.id] and worker.id not in placement:
+                    left = free.get(worker.id)
+                    if left is not None and size > left and worker.id not in placement:
                         continue
                     placement[worker.id] = placement.get(worker.id, 0) + group.count
             else:
                 for worker in cpu_workers or live:
                     placement[worker.id] = placement.get(worker.id, 0) + group.count
         for worker_id in placement:
-            if free.get(worker_id):
+            if worker_id in free:
                 free[worker_id] -= size
         reason = ""
         if not placement:

@@ -5,6 +5,10 @@ the workers report, and serves Triton's model control (modes none, poll and expl
 A worker counts while its heartbeat (its key in the workers bucket, rewritten every few
 seconds) is fresh; freshness is judged by this process's monotonic clock at receipt, so clock
 skew between hosts cannot make a dead worker look alive.
+
+Its loops (watching and reaping workers, polling, retrying publishes, the broker-state watch)
+are essential tasks (natron/tasks.py): one that dies ends the process, which its supervisor
+restarts. A record that cannot be written while NATS is away is retried with backoff.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from nats.js.kv import KeyValue
 
 from broker import jetstream
 from broker.subjects import Subjects, check_name
-from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unsupported
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 from natron.records import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
+from natron.tasks import EssentialTasks
 from router import uploads
 from router.aggregate import aggregate, gate_ensembles, generation_states, placed_workers
 from router.placement import model_size_bytes, place
@@ -36,6 +41,9 @@ log = logging.getLogger(__name__)
 
 CONTROL_MODES = ("none", "poll", "explicit")
 UNLOADED = "unloaded"
+# Retrying records the broker did not take: from the first delay, doubling, up to the last.
+_REPUBLISH_FIRST_S = 0.5
+_REPUBLISH_MAX_S = 5.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,6 +64,19 @@ class RouterOptions:
             )
 
 
+def placement_inputs_changed(before: WorkerReport, after: WorkerReport) -> bool:
+    """Whether a worker's new report changes what placement and state aggregation read from it:
+    its role, whether it is stopping, its devices (less their telemetry, which moves on every
+    beat) and the states of the model versions it runs. Statistics are not among them."""
+    if before.stopping != after.stopping or before.role != after.role or before.models != after.models:
+        return True
+    return _devices_sans_telemetry(before) != _devices_sans_telemetry(after)
+
+
+def _devices_sans_telemetry(report: WorkerReport) -> list[dict[str, Any]]:
+    return [{k: v for k, v in device.items() if k != "telemetry"} for device in report.devices]
+
+
 class Router:
     def __init__(self, nc: Client, subjects: Subjects, options: RouterOptions) -> None:
         self._nc = nc
@@ -68,7 +89,8 @@ class Router:
         self._last_seen_s: dict[str, float] = {}
         self._models_kv: KeyValue | None = None
         self._workers_kv: KeyValue | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = EssentialTasks("router")
+        self._unpublished = asyncio.Event()
         self._subs: list[Subscription] = []
         self._changed = asyncio.Condition()
         self._workers_synced = asyncio.Event()
@@ -83,6 +105,11 @@ class Router:
     def live_workers(self) -> int:
         return sum(1 for w in self._workers.values() if not w.stopping)
 
+    @property
+    def essential(self) -> tuple[EssentialTasks, ...]:
+        """What the process's runner watches: a failure here ends the process."""
+        return (self.tasks,)
+
     # -- life cycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -92,9 +119,15 @@ class Router:
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         if self._options.upload_dir is None:
             self._upload_tmp = tempfile.TemporaryDirectory(prefix="natron-uploads-")
+        streams = [
+            self._subjects.stream,
+            jetstream.bucket_stream(self._subjects.models_bucket),
+            jetstream.bucket_stream(self._subjects.workers_bucket),
+        ]
+        self.tasks.spawn(jetstream.watch_streams(self._nc, streams), "router-broker-state")
         # Know the fleet before publishing anything: a restarted router must not flash
         # "no live worker" over models that are being served.
-        self._tasks.append(asyncio.create_task(self._watch_workers(), name="router-watch-workers"))
+        self.tasks.spawn(self._watch_workers(), "router-watch-workers")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._workers_synced.wait(), 10)
         previous = await self._read_published()
@@ -110,10 +143,11 @@ class Router:
             if name not in self._records and name in loaded:
                 self._records[name] = record
         self._sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in records})
+        self.tasks.spawn(self._republish(), "router-republish")
         await self._publish(delete_others=True)
-        self._tasks.append(asyncio.create_task(self._reap_workers(), name="router-reap-workers"))
+        self.tasks.spawn(self._reap_workers(), "router-reap-workers")
         if self._options.control_mode == "poll":
-            self._tasks.append(asyncio.create_task(self._poll(), name="router-poll"))
+            self.tasks.spawn(self._poll(), "router-poll")
         for verb, handler in (("load", self._on_load), ("unload", self._on_unload)):
             self._subs.append(await self._nc.subscribe(self._subjects.ctl(verb), "natron-router", cb=handler))
         log.info(
@@ -125,18 +159,17 @@ class Router:
         )
 
     async def stop(self) -> None:
-        for sub in self._subs:
+        """Stop taking control requests (one in flight is answered 503), then the loops. Safe
+        after a partial start and after a loop died (its error was logged when it died)."""
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            # Unsubscribing cancels a handler still waiting for a load to settle; it answers.
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        self._subs = []
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.tasks.stop()
         if self._upload_tmp is not None:
             self._upload_tmp.cleanup()
+            self._upload_tmp = None
 
     def _initially_loaded(self, names: set[str], previous: dict[str, ModelRecord]) -> set[str]:
         if self._options.control_mode != "explicit":
@@ -199,7 +232,16 @@ class Router:
                 )
             document = record.to_json()
             if self._published.get(name) != document:
-                await self._models_kv.put(name, document)
+                try:
+                    await self._models_kv.put(name, document)
+                except Exception as exc:
+                    # NATS reconnecting: the retry loop writes it once the broker takes it.
+                    # Never raise here: the loop that called (the fleet watch, the reaper)
+                    # must live on.
+                    if not self._unpublished.is_set():
+                        log.warning("model '%s' not published, retrying: %r", name, exc)
+                    self._unpublished.set()
+                    continue
                 self._published[name] = document
         if delete_others:
             with contextlib.suppress(Exception):
@@ -207,6 +249,21 @@ class Router:
                     await self._models_kv.delete(key)
         async with self._changed:
             self._changed.notify_all()
+
+    async def _republish(self) -> None:
+        """Write the records the broker did not take, with backoff, until it takes them all."""
+        delay_s = _REPUBLISH_FIRST_S
+        while True:
+            await self._unpublished.wait()
+            await asyncio.sleep(delay_s)
+            self._unpublished.clear()
+            async with self._lock:
+                await self._publish()
+            if self._unpublished.is_set():
+                delay_s = min(delay_s * 2, _REPUBLISH_MAX_S)
+            else:
+                log.info("model records published again")
+                delay_s = _REPUBLISH_FIRST_S
 
     async def _remove(self, name: str) -> None:
         assert self._models_kv is not None
@@ -238,11 +295,17 @@ class Router:
                 self._last_seen_s.pop(change.key, None)
             else:
                 try:
-                    self._workers[change.key] = WorkerReport.from_json(change.value)
+                    report = WorkerReport.from_json(change.value)
                 except (KeyError, ValueError, TypeError) as exc:
                     log.warning("ignoring malformed report of worker %s: %s", change.key, exc)
                     continue
+                previous = self._workers.get(change.key)
+                self._workers[change.key] = report
                 self._last_seen_s[change.key] = loop.time()
+                if previous is not None and not placement_inputs_changed(previous, report):
+                    # Most reports are heartbeats that only refresh the worker's freshness and
+                    # statistics: nothing to place or aggregate again.
+                    continue
             if self._workers_synced.is_set() and self._published:
                 async with self._lock:
                     await self._publish()
@@ -309,6 +372,9 @@ class Router:
             await self._reply(msg, None)
         except NatronError as exc:
             await self._reply(msg, exc)
+        except asyncio.CancelledError:
+            await self._reply_stopping(msg)
+            raise
         except Exception as exc:
             log.exception("load failed")
             await self._reply(msg, NatronError(f"load failed: {type(exc).__name__}: {exc}"))
@@ -320,9 +386,21 @@ class Router:
             await self._reply(msg, None)
         except NatronError as exc:
             await self._reply(msg, exc)
+        except asyncio.CancelledError:
+            await self._reply_stopping(msg)
+            raise
         except Exception as exc:
             log.exception("unload failed")
             await self._reply(msg, NatronError(f"unload failed: {type(exc).__name__}: {exc}"))
+
+    async def _reply_stopping(self, msg: Msg) -> None:
+        """The router stops with a load or unload in flight: its caller learns it at once
+        rather than at its timeout. A bounded wait, as the stop is under way."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                self._reply(msg, Unavailable("the router is stopping; the request may have been applied")),
+                1.0,
+            )
 
     def _require_explicit(self) -> None:
         if self._options.control_mode != "explicit":
