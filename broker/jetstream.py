@@ -30,6 +30,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from broker.subjects import Subjects
+from natron.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ async def watch_streams(nc: Client, streams: Sequence[str], poll_s: float = 1.0)
         checked = reconnects
 
 
-async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:
-    config = StreamConfig(
+def _stream_config(subjects: Subjects, policy: QueuePolicy) -> StreamConfig:
+    return StreamConfig(
         name=subjects.stream,
         subjects=[subjects.infer_all],
         retention=RetentionPolicy.WORK_QUEUE,
@@ -156,6 +157,16 @@ async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueueP
         max_age=policy.max_age_s,
         num_replicas=1,
     )
+
+
+# The queues have one owner, the router: it configures the stream and every consumer with its
+# QueuePolicy, so one policy holds fleet-wide. Everyone else only makes sure the stream exists
+# (any service may come up first) and binds to the consumers the router made.
+
+
+async def configure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:
+    """The router's: create the inference stream, or bring an existing one to `policy`."""
+    config = _stream_config(subjects, policy)
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -163,10 +174,20 @@ async def ensure_stream(js: JetStreamContext, subjects: Subjects, policy: QueueP
         await js.update_stream(config)
 
 
-async def ensure_consumer(
+async def ensure_stream(js: JetStreamContext, subjects: Subjects) -> None:
+    """Anyone else's: create the stream with the default policy when it is missing, and leave an
+    existing one as its owner configured it."""
+    try:
+        await js.add_stream(_stream_config(subjects, QueuePolicy()))
+    except BadRequestError:
+        pass  # exists, configured otherwise by the router: that is its to decide
+
+
+async def configure_consumer(
     js: JetStreamContext, subjects: Subjects, model: str, version: str, policy: QueuePolicy
 ) -> str:
-    """The durable pull consumer every instance of `model` `version` shares; returns its name."""
+    """The router's: the durable pull consumer every instance of `model` `version` shares,
+    created or updated to `policy` (the server updates an existing durable's ack wait)."""
     name = subjects.consumer(model, version)
     config = ConsumerConfig(
         durable_name=name,
@@ -181,6 +202,41 @@ async def ensure_consumer(
     )
     await js.add_consumer(subjects.stream, config)
     return name
+
+
+@dataclass(slots=True, frozen=True)
+class Queue:
+    """A consumer a worker binds to: its name, and the ack wait its owner chose (the worker
+    tells the broker it is still working on a request every third of it)."""
+
+    consumer: str
+    ack_wait_s: float
+
+
+async def bind_consumer(
+    js: JetStreamContext, subjects: Subjects, model: str, version: str, timeout_s: float
+) -> Queue:
+    """A worker's: the consumer the router made for `model` `version`. The router configures it
+    before it places the version, so it is normally there at once; a worker that is quicker
+    than a lagging router waits for it, up to `timeout_s`, then raises Unavailable."""
+    name = subjects.consumer(model, version)
+    loop = asyncio.get_running_loop()
+    deadline_s = loop.time() + timeout_s
+    delay_s = 0.05
+    while True:
+        try:
+            info = await js.consumer_info(subjects.stream, name, timeout=min(2.0, timeout_s))
+        except NotFoundError:
+            if loop.time() + delay_s > deadline_s:
+                raise Unavailable(
+                    f"no queue for model '{model}' version {version} within {timeout_s:.0f} s: "
+                    "the router configures it"
+                ) from None
+            await asyncio.sleep(delay_s)
+            delay_s = min(1.0, delay_s * 2)
+            continue
+        ack_wait_s = float(info.config.ack_wait or QueuePolicy().ack_wait_s)
+        return Queue(name, ack_wait_s)
 
 
 async def delete_consumer(js: JetStreamContext, subjects: Subjects, model: str, version: str) -> None:

@@ -163,7 +163,7 @@ async def _connection_ctx(app: web.Application) -> AsyncIterator[None]:
     nc = await jetstream.connect(options.nats_url, name="natron-gateway")
     app[NATS] = nc
     try:
-        await jetstream.ensure_stream(nc.jetstream(), options.subjects, jetstream.QueuePolicy())
+        await jetstream.ensure_stream(nc.jetstream(), options.subjects)
         yield
     finally:
         await jetstream.close_connection(nc)

@@ -139,12 +139,20 @@ class _Repository(BaseSettings):
         return value
 
 
-class _Queue(BaseSettings):
+class _Queues(BaseSettings):
+    """The inference queues' policy: the router alone configures the stream and the consumers,
+    so one value holds fleet-wide instead of the last worker started winning."""
+
     model_config = _CONFIG
 
     ack_wait_s: Annotated[
         PositiveSeconds, Field(description="redeliver a dead worker's requests after this long")
     ] = 10.0
+
+
+class _Drain(BaseSettings):
+    model_config = _CONFIG
+
     drain_timeout_s: Annotated[
         PositiveSeconds,
         Field(description="on stop, finish what is held for at most this long (within the shutdown budget)"),
@@ -176,13 +184,13 @@ class GatewaySettings(CommonSettings):
     ] = 64
 
 
-class RouterSettings(_Repository, CommonSettings):
+class RouterSettings(_Queues, _Repository, CommonSettings):
     command: ClassVar[str] = "router"
 
     metrics_port: Annotated[Port, Field(description="the router's own metrics; 0: none")] = 0
 
 
-class WorkerSettings(_Compute, _Queue, CommonSettings):
+class WorkerSettings(_Compute, _Drain, CommonSettings):
     command: ClassVar[str] = "worker"
 
     worker_id: Annotated[
@@ -196,7 +204,7 @@ class WorkerSettings(_Compute, _Queue, CommonSettings):
     metrics_port: Annotated[Port, Field(description="this worker's own metrics; 0: none")] = 0
 
 
-class OrchestratorSettings(_Queue, CommonSettings):
+class OrchestratorSettings(_Drain, CommonSettings):
     """The ensemble orchestrator: chains other models, computes nothing itself, so it has no
     device, threads or throttle."""
 
@@ -208,7 +216,7 @@ class OrchestratorSettings(_Queue, CommonSettings):
     metrics_port: Annotated[Port, Field(description="the orchestrator's own metrics; 0: none")] = 0
 
 
-class ServeSettings(_Compute, _Queue, _Repository, _Base):
+class ServeSettings(_Compute, _Drain, _Queues, _Repository, _Base):
     command: ClassVar[str] = "serve"
 
     nats_url: Annotated[

@@ -86,7 +86,7 @@ class Mesh:
         if self._registry is not None:
             await self._registry.stop()
         if self._nc is not None:
-            await self._nc.drain()
+            await jetstream.close_connection(self._nc)
 
     async def _connected(self) -> tuple[Client, Requester, ModelRegistry]:
         if self._connecting is None:

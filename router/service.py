@@ -85,6 +85,8 @@ class Router:
         self._records: dict[str, ModelRecord] = {}
         self._sizes: dict[str, int] = {}
         self._published: dict[str, bytes] = {}
+        # (model, version) whose consumer this router has configured.
+        self._queues: set[tuple[str, str]] = set()
         self._workers: dict[str, WorkerReport] = {}
         self._last_seen_s: dict[str, float] = {}
         self._models_kv: KeyValue | None = None
@@ -114,7 +116,7 @@ class Router:
 
     async def start(self) -> None:
         js = self._nc.jetstream()
-        await jetstream.ensure_stream(js, self._subjects, self._options.queue)
+        await jetstream.configure_stream(js, self._subjects, self._options.queue)
         self._models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         if self._options.upload_dir is None:
@@ -233,6 +235,8 @@ class Router:
             document = record.to_json()
             if self._published.get(name) != document:
                 try:
+                    # The consumers first: a worker that sees its placement binds to them.
+                    await self._configure_queues(record)
                     await self._models_kv.put(name, document)
                 except Exception as exc:
                     # NATS reconnecting: the retry loop writes it once the broker takes it.
@@ -274,11 +278,25 @@ class Router:
         if record is not None:
             await self._drop_queues(name, list(record.versions))
 
+    async def _configure_queues(self, record: ModelRecord) -> None:
+        """The consumer of each version a placed model serves, with this router's queue policy:
+        the router is the queues' one owner, so workers with other settings cannot disagree."""
+        if not record.placement or record.reason:
+            return
+        js = self._nc.jetstream()
+        for version in record.versions:
+            if (record.name, version) not in self._queues:
+                await jetstream.configure_consumer(
+                    js, self._subjects, record.name, version, self._options.queue
+                )
+                self._queues.add((record.name, version))
+
     async def _drop_queues(self, name: str, versions: list[str]) -> None:
         """A model version no longer served needs no consumer: delete it with whatever it still
         held (nobody can publish to it any more), so the stream does not keep dead consumers."""
         js = self._nc.jetstream()
         for version in versions:
+            self._queues.discard((name, version))
             with contextlib.suppress(Exception):  # already gone, or the broker is away
                 await jetstream.delete_consumer(js, self._subjects, name, version)
 

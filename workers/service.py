@@ -51,6 +51,9 @@ from workers.warmup import run_warmup
 
 log = logging.getLogger(__name__)
 
+# Keep-alives go no more often than this, whatever ack wait a consumer has.
+_MIN_KEEP_ALIVE_S = 0.1
+
 # Each KV write on the way out: the broker may be away, and the stop has a budget.
 _STOP_KV_TIMEOUT_S = 2.0
 # Instances still running at the end of the drain are cancelled; this bounds that too.
@@ -71,7 +74,8 @@ class WorkerOptions:
     # load balancing by capacity (`natron worker --throttle-ms`). 0 in production.
     throttle_s: float = 0.0
     cpu_threads: int = 0  # intra-op threads per CPU instance; 0: the framework's default
-    queue: jetstream.QueuePolicy = jetstream.QueuePolicy()
+    # How long to wait for the router to configure a placed version's consumer.
+    bind_timeout_s: float = 30.0
     # WORKER, or ORCHESTRATOR for `natron ensemble` (placement sends ensembles there only).
     role: str = WORKER
     # platform/backend -> loader; an orchestrator's are the ensemble loader alone.
@@ -80,6 +84,8 @@ class WorkerOptions:
 
 @dataclass(slots=True)
 class _LoadedVersion:
+    # The consumer's ack wait, as the router configured it: keep-alives go every third of it.
+    ack_wait_s: float = jetstream.QueuePolicy().ack_wait_s
     instances: list[ModelInstance] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     cancel_sub: Subscription | None = None
@@ -136,7 +142,7 @@ class Worker:
 
     async def start(self) -> None:
         js = self._nc.jetstream()
-        await jetstream.ensure_stream(js, self._subjects, self._options.queue)
+        await jetstream.ensure_stream(js, self._subjects)
         models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         await self._publish_report()
@@ -260,9 +266,10 @@ class Worker:
 
         try:
             js = self._nc.jetstream()
-            consumer = await jetstream.ensure_consumer(
-                js, self._subjects, record.name, version, self._options.queue
+            queue = await jetstream.bind_consumer(
+                js, self._subjects, record.name, version, self._options.bind_timeout_s
             )
+            consumer, loaded.ack_wait_s = queue.consumer, queue.ack_wait_s
             capacity = max(spec.max_batch_size, 1)
             for index, backend in enumerate(backends):
                 puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
@@ -349,15 +356,18 @@ class Worker:
     async def _keep_alive(self) -> None:
         """Tell the broker every third of the ack wait that requests in hand are still being
         worked on, so a long batch is not delivered again while it runs, and the ack wait can
-        stay short enough that a dead worker's requests come back quickly."""
-        interval_s = self._options.queue.ack_wait_s / 3
+        stay short enough that a dead worker's requests come back quickly. Each version's
+        consumer has its own ack wait (the router's setting when it configured it)."""
+        idle_interval_s = jetstream.QueuePolicy().ack_wait_s / 3
         while True:
-            await asyncio.sleep(interval_s)
-            for instance in self.instances:
-                try:
-                    await instance.keep_alive(older_than_s=interval_s)
-                except Exception as exc:  # disconnected: redelivery after ack wait is the fallback
-                    log.warning("keep-alive not sent: %s", exc)
+            thirds = [loaded.ack_wait_s / 3 for loaded in self._loaded.values()]
+            await asyncio.sleep(max(_MIN_KEEP_ALIVE_S, min(thirds, default=idle_interval_s)))
+            for loaded in list(self._loaded.values()):
+                for instance in loaded.instances:
+                    try:
+                        await instance.keep_alive(older_than_s=loaded.ack_wait_s / 3)
+                    except Exception as exc:  # disconnected: redelivery after ack wait is the fallback
+                        log.warning("keep-alive not sent: %s", exc)
 
     async def _heartbeat(self) -> None:
         interval_s = self._options.heartbeat_interval_s

@@ -147,7 +147,7 @@ def plan_children(
         "parent_pid": parent_pid,
         "shutdown_timeout_s": settings.shutdown_timeout_s,
     }
-    queue = {"ack_wait_s": settings.ack_wait_s, "drain_timeout_s": settings.drain_timeout_s}
+    drain = {"drain_timeout_s": settings.drain_timeout_s}
     children = [
         ChildSpec(
             "router",
@@ -160,11 +160,12 @@ def plan_children(
                     "repository_poll_secs": settings.repository_poll_secs,
                     "load_model": settings.load_model,
                     "upload_dir": settings.upload_dir,
+                    "ack_wait_s": settings.ack_wait_s,
                 },
             ),
         )
     ]
-    compute = {**common, **queue, "throttle_ms": settings.throttle_ms}
+    compute = {**common, **drain, "throttle_ms": settings.throttle_ms}
     if gpus:
         # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
         # its own capacity; the CPU serves only where no GPU is.
@@ -193,7 +194,7 @@ def plan_children(
     # The orchestrator computes nothing itself: no device, threads or throttle reach it.
     children.append(
         ChildSpec(
-            "ensemble", exactly(OrchestratorSettings, {**common, **queue, "worker_id": f"{host}-ensemble"})
+            "ensemble", exactly(OrchestratorSettings, {**common, **drain, "worker_id": f"{host}-ensemble"})
         )
     )
     children.append(

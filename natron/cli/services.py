@@ -65,6 +65,7 @@ def router_options(settings: RouterSettings) -> RouterOptions:
         poll_interval_s=settings.repository_poll_secs,
         load_models=settings.load_model,
         upload_dir=settings.upload_dir,
+        queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
     )
 
 
@@ -83,7 +84,6 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         drain_timeout_s=min(settings.drain_timeout_s, drain_budget_s(settings.shutdown_timeout_s)),
         throttle_s=throttle_s,
         cpu_threads=cpu_threads,
-        queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
     )
 
 

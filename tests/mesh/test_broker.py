@@ -41,7 +41,7 @@ def request(i: int, size: int = 4) -> InferRequest:
 
 async def test_a_full_queue_is_refused_at_once_with_503(nc: Client, subjects: Subjects) -> None:
     js = nc.jetstream()
-    await jetstream.ensure_stream(js, subjects, jetstream.QueuePolicy(max_queued_per_version=2))
+    await jetstream.configure_stream(js, subjects, jetstream.QueuePolicy(max_queued_per_version=2))
     async with Requester(nc, subjects) as requester:
         # Two requests fill the queue (nobody consumes); they stay waiting for an answer.
         waiting = [asyncio.create_task(requester.infer(request(i), "1", 30.0)) for i in range(2)]
@@ -61,7 +61,7 @@ async def test_a_request_without_a_stream_is_503(nc: Client, subjects: Subjects)
 
 
 async def test_a_request_nobody_takes_ends_at_its_deadline(nc: Client, subjects: Subjects) -> None:
-    await jetstream.ensure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
+    await jetstream.configure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
     async with Requester(nc, subjects) as requester:
         with pytest.raises(DeadlineExceeded, match="timed out"):
             await requester.infer(request(1), "1", 0.3)
@@ -78,8 +78,8 @@ async def test_a_request_over_max_payload_is_413_before_publishing(nc: Client, s
 async def test_a_puller_takes_no_more_than_its_capacity(nc: Client, subjects: Subjects) -> None:
     js = nc.jetstream()
     policy = jetstream.QueuePolicy()
-    await jetstream.ensure_stream(js, subjects, policy)
-    consumer = await jetstream.ensure_consumer(js, subjects, "m", "1", policy)
+    await jetstream.configure_stream(js, subjects, policy)
+    consumer = await jetstream.configure_consumer(js, subjects, "m", "1", policy)
     for i in range(20):
         await js.publish(subjects.infer("m", "1"), str(i).encode())
     puller = CapacityPuller(nc, subjects.stream, consumer, capacity=4)
@@ -114,8 +114,8 @@ async def test_a_closed_puller_hands_back_what_it_was_delivered_but_did_not_hand
     # Redelivery after the ack wait would take 30 s: only a NAK brings the messages back within
     # the few seconds the second puller waits.
     policy = jetstream.QueuePolicy(ack_wait_s=30.0)
-    await jetstream.ensure_stream(js, subjects, policy)
-    consumer = await jetstream.ensure_consumer(js, subjects, "m", "1", policy)
+    await jetstream.configure_stream(js, subjects, policy)
+    consumer = await jetstream.configure_consumer(js, subjects, "m", "1", policy)
     for i in range(3):
         await js.publish(subjects.infer("m", "1"), str(i).encode())
     first = CapacityPuller(nc, subjects.stream, consumer, capacity=8)
@@ -144,7 +144,7 @@ async def test_a_closed_puller_hands_back_what_it_was_delivered_but_did_not_hand
 
 
 async def test_a_caller_that_goes_away_cancels_its_request(nc: Client, subjects: Subjects) -> None:
-    await jetstream.ensure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
+    await jetstream.configure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
     cancellations = await nc.subscribe(subjects.cancel("m", "1"))
     async with Requester(nc, subjects) as requester:
         waiting = asyncio.create_task(requester.infer(request(7), "1", 30.0))

@@ -25,11 +25,11 @@ from tests.harness import Mesh, Served, wait_until
 
 
 def start_mesh(repository: Path, router_args: list[str], workers: int = 1) -> Mesh:
-    mesh = Mesh(repository, router_args)
+    mesh = Mesh(repository, [*router_args, "--ack-wait-s", "2"])
     mesh.start_nats()
     mesh.start_router()
     for index in range(workers):
-        mesh.start_worker(f"w{index}", "--ack-wait-s", "2")
+        mesh.start_worker(f"w{index}")
     mesh.start_gateway()
     return mesh
 

@@ -24,7 +24,8 @@ from tests.harness import Mesh
 
 @pytest.fixture
 def mesh(model_repository: Path) -> Iterator[Mesh]:
-    mesh = Mesh(model_repository)
+    # The router owns the queues: a 1 s ack wait brings a dead worker's requests back quickly.
+    mesh = Mesh(model_repository, ["--ack-wait-s", "1"])
     mesh.start_nats()
     mesh.start_router()
     mesh.start_gateway()
@@ -136,11 +137,33 @@ def test_a_worker_that_joins_later_receives_its_share(mesh: Mesh) -> None:
     mesh.wait_until(lambda: "second" in ready_on(mesh, "tiny"), what="second serving tiny")
 
 
+async def _ack_wait_s(nats_url: str, model: str, version: str) -> float:
+    nc = await nats.connect(nats_url)
+    try:
+        subjects = Subjects()
+        info = await nc.jetstream().consumer_info(subjects.stream, subjects.consumer(model, version))
+        return float(info.config.ack_wait or 0)
+    finally:
+        await nc.close()
+
+
+def test_the_router_alone_configures_the_queues_whatever_the_workers_start_with(mesh: Mesh) -> None:
+    # The router was started with a 1 s ack wait; this worker's own default would be 10 s, and
+    # before the router owned the queues, the last process started wrote its own.
+    mesh.start_worker("a", "--drain-timeout-s", "3")
+    mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a"}, what="a serving tiny")
+    assert asyncio.run(_ack_wait_s(mesh.nats_url, "tiny", "1")) == 1.0
+    mesh.start_worker("b")
+    mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a", "b"}, what="both serving tiny")
+    assert asyncio.run(_ack_wait_s(mesh.nats_url, "tiny", "1")) == 1.0
+    assert mesh.infer_tiny(2.0).status_code == 200
+
+
 def test_a_worker_killed_mid_load_loses_no_request(mesh: Mesh) -> None:
-    # Slow workers (20 ms per batch) keep requests in flight when one dies; a 1 s ack wait
-    # brings the dead worker's requests back to the survivor quickly.
+    # Slow workers (20 ms per batch) keep requests in flight when one dies; the router's 1 s
+    # ack wait brings the dead worker's requests back to the survivor quickly.
     for worker in ("a", "b"):
-        mesh.start_worker(worker, "--throttle-ms", "20", "--ack-wait-s", "1")
+        mesh.start_worker(worker, "--throttle-ms", "20")
     mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a", "b"}, what="both workers serving tiny")
     mesh.wait_ready("tiny")  # and the gateway knows it
     tally = under_load(mesh, 600, 64, lambda: mesh.signal("a", signal.SIGKILL))

@@ -43,13 +43,13 @@ def test_a_flag_wins_over_its_natron_variable_which_wins_over_the_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert isinstance(worker := parse(["worker"]), WorkerSettings)
-    assert worker.ack_wait_s == 10.0 and worker.nats_url == "nats://127.0.0.1:4222"
-    monkeypatch.setenv("NATRON_ACK_WAIT_S", "3")
+    assert worker.drain_timeout_s == 20.0 and worker.nats_url == "nats://127.0.0.1:4222"
+    monkeypatch.setenv("NATRON_DRAIN_TIMEOUT_S", "3")
     monkeypatch.setenv("NATRON_NATS_URL", "nats://nats:4222")
     assert isinstance(worker := parse(["worker"]), WorkerSettings)
-    assert worker.ack_wait_s == 3.0 and worker.nats_url == "nats://nats:4222"
-    assert isinstance(worker := parse(["worker", "--ack-wait-s", "5"]), WorkerSettings)
-    assert worker.ack_wait_s == 5.0 and worker.nats_url == "nats://nats:4222"
+    assert worker.drain_timeout_s == 3.0 and worker.nats_url == "nats://nats:4222"
+    assert isinstance(worker := parse(["worker", "--drain-timeout-s", "5"]), WorkerSettings)
+    assert worker.drain_timeout_s == 5.0 and worker.nats_url == "nats://nats:4222"
 
 
 def test_a_list_reads_comma_separated_from_its_variable_and_repeated_from_its_flag(
@@ -77,7 +77,8 @@ def test_the_model_repository_flag_wins_over_the_positional_one(tmp_path: Path) 
         (ServeSettings, "http_port", "70000"),
         (ServeSettings, "model_control_mode", "sometimes"),
         (ServeSettings, "repository_poll_secs", "0"),
-        (WorkerSettings, "ack_wait_s", "-1"),
+        (RouterSettings, "ack_wait_s", "-1"),
+        (WorkerSettings, "drain_timeout_s", "0"),
         (WorkerSettings, "device", "tpu:0"),
         (WorkerSettings, "prefix", "a.b"),
         (WorkerSettings, "log_level", "loud"),
@@ -86,7 +87,9 @@ def test_the_model_repository_flag_wins_over_the_positional_one(tmp_path: Path) 
 def test_a_bad_value_from_a_flag_or_a_variable_names_the_field_and_the_value(
     monkeypatch: pytest.MonkeyPatch, repository: Path, model: type[ServeSettings], field: str, value: str
 ) -> None:
-    flags: dict[str, object] = {"model_repository": repository} if model is ServeSettings else {}
+    flags: dict[str, object] = (
+        {"model_repository": repository} if model in (ServeSettings, RouterSettings) else {}
+    )
     with pytest.raises(SettingsError) as from_flag:
         load(model, {**flags, field: value})
     monkeypatch.setenv(f"NATRON_{field.upper()}", value)
@@ -153,6 +156,7 @@ def test_serve_hands_each_child_its_settings_whole_and_the_child_reads_them_back
     # Variables a child inherits play no part: its parent already read them, once.
     monkeypatch.setenv("NATRON_METRICS_PORT", "1234")
     monkeypatch.setenv("NATRON_ACK_WAIT_S", "99")
+    monkeypatch.setenv("NATRON_DRAIN_TIMEOUT_S", "1")
     for child in children:
         args, env = child.command()
         assert args == [child.settings.command, "--parent-pid", "4242"]
@@ -161,9 +165,12 @@ def test_serve_hands_each_child_its_settings_whole_and_the_child_reads_them_back
         assert child.settings.nats_url == "nats://127.0.0.1:4333"
     router, worker, _, ensemble, gateway = (c.settings for c in children)
     assert isinstance(router, RouterSettings) and router.load_model == ("tiny",)
+    # The router configures the queues: the ack wait is its setting alone.
+    assert router.ack_wait_s == 2.0
     assert isinstance(worker, WorkerSettings) and worker.worker_id == "box-cpu-0" and worker.metrics_port == 0
-    assert worker.ack_wait_s == 2.0 and worker.throttle_ms == 5.0
-    assert isinstance(ensemble, OrchestratorSettings) and ensemble.ack_wait_s == 2.0
+    assert worker.drain_timeout_s == settings.drain_timeout_s and worker.throttle_ms == 5.0
+    assert not hasattr(worker, "ack_wait_s")
+    assert isinstance(ensemble, OrchestratorSettings) and not hasattr(ensemble, "ack_wait_s")
     assert isinstance(gateway, GatewaySettings) and gateway.max_body_mb == settings.max_payload_mb
     assert gateway.http_port == 9000 and gateway.metrics_port == 9002
 
