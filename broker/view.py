@@ -4,13 +4,12 @@ restarted gateway or orchestrator knows everything at once and holds no state of
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
-from broker.jetstream import follow_bucket
+from broker.mirror import BucketMirror
 from natron import config as cfg
 from natron.errors import NotFound, Unavailable
 from natron.records import READY, ModelRecord
@@ -51,8 +50,9 @@ class ModelRegistry:
     that stopped following would answer from a stale picture for ever."""
 
     def __init__(self) -> None:
-        self._models: dict[str, ModelView] = {}
-        self.synced = asyncio.Event()
+        self._mirror = BucketMirror("model record", lambda data: self._view(ModelRecord.from_json(data)))
+        self._models = self._mirror.values
+        self.synced = self._mirror.synced
         self.tasks = EssentialTasks("model view")
 
     def get(self, name: str) -> ModelView:
@@ -65,28 +65,20 @@ class ModelRegistry:
         return [self._models[name] for name in sorted(self._models)]
 
     def put(self, record: ModelRecord) -> None:
+        self._models[record.name] = self._view(record)
+
+    @staticmethod
+    def _view(record: ModelRecord) -> ModelView:
         spec = None
         if record.config is not None:
             try:
                 spec = ModelSpec.from_config(cfg.config_from_json(record.config))
             except Exception as exc:  # the router validated it; a newer router may differ
                 log.warning("model '%s' config unusable here: %s", record.name, exc)
-        self._models[record.name] = ModelView(record, spec)
+        return ModelView(record, spec)
 
     async def start(self, kv: KeyValue) -> None:
-        self.tasks.spawn(self._follow(kv), "follow-models")
+        self.tasks.spawn(self._mirror.follow(kv), "follow-models")
 
     async def stop(self) -> None:
         await self.tasks.stop()
-
-    async def _follow(self, kv: KeyValue) -> None:
-        async for change in follow_bucket(kv):
-            if change is None:
-                self.synced.set()
-            elif change.value is None:
-                self._models.pop(change.key, None)
-            else:
-                try:
-                    self.put(ModelRecord.from_json(change.value))
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.warning("ignoring malformed model record %s: %s", change.key, exc)

@@ -14,7 +14,7 @@ from typing import Any
 
 from nats.js.kv import KeyValue
 
-from broker.jetstream import follow_bucket
+from broker.mirror import BucketMirror
 from natron.records import READY, WorkerReport
 from natron.stats import empty_stats, merge
 from natron.tasks import EssentialTasks
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 class FleetView:
     def __init__(self) -> None:
-        self._workers: dict[str, WorkerReport] = {}
+        self._mirror = BucketMirror("worker report", WorkerReport.from_json)
+        self._workers = self._mirror.values
         self.tasks = EssentialTasks("fleet view")
 
     @property
@@ -49,19 +50,7 @@ class FleetView:
         )
 
     async def start(self, kv: KeyValue) -> None:
-        self.tasks.spawn(self._follow(kv), "follow-workers")
+        self.tasks.spawn(self._mirror.follow(kv), "follow-workers")
 
     async def stop(self) -> None:
         await self.tasks.stop()
-
-    async def _follow(self, kv: KeyValue) -> None:
-        async for change in follow_bucket(kv):
-            if change is None:
-                continue
-            if change.value is None:
-                self._workers.pop(change.key, None)
-                continue
-            try:
-                self._workers[change.key] = WorkerReport.from_json(change.value)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("ignoring malformed report of worker %s: %s", change.key, exc)

@@ -28,6 +28,7 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from broker import jetstream
+from broker.mirror import BucketMirror
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 from natron.records import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
@@ -87,7 +88,9 @@ class Router:
         self._published: dict[str, bytes] = {}
         # (model, version) whose consumer this router has configured.
         self._queues: set[tuple[str, str]] = set()
-        self._workers: dict[str, WorkerReport] = {}
+        # The workers bucket: each worker's last report.
+        self._fleet = BucketMirror("worker report", WorkerReport.from_json)
+        self._workers = self._fleet.values
         self._last_seen_s: dict[str, float] = {}
         self._models_kv: KeyValue | None = None
         self._workers_kv: KeyValue | None = None
@@ -95,7 +98,6 @@ class Router:
         self._unpublished = asyncio.Event()
         self._subs: list[Subscription] = []
         self._changed = asyncio.Condition()
-        self._workers_synced = asyncio.Event()
         self._lock = asyncio.Lock()
         self._upload_tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -131,7 +133,7 @@ class Router:
         # "no live worker" over models that are being served.
         self.tasks.spawn(self._watch_workers(), "router-watch-workers")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._workers_synced.wait(), 10)
+            await asyncio.wait_for(self._fleet.synced.wait(), 10)
         previous = await self._read_published()
         records = await asyncio.to_thread(scan_repository, self._options.repository)
         loaded = self._initially_loaded({r.name for r in records}, previous)
@@ -304,29 +306,22 @@ class Router:
 
     async def _watch_workers(self) -> None:
         assert self._workers_kv is not None
-        loop = asyncio.get_running_loop()
-        async for change in jetstream.follow_bucket(self._workers_kv):
-            if change is None:  # the current reports are in
-                self._workers_synced.set()
-            elif change.value is None:
-                self._workers.pop(change.key, None)
-                self._last_seen_s.pop(change.key, None)
-            else:
-                try:
-                    report = WorkerReport.from_json(change.value)
-                except (KeyError, ValueError, TypeError) as exc:
-                    log.warning("ignoring malformed report of worker %s: %s", change.key, exc)
-                    continue
-                previous = self._workers.get(change.key)
-                self._workers[change.key] = report
-                self._last_seen_s[change.key] = loop.time()
-                if previous is not None and not placement_inputs_changed(previous, report):
-                    # Most reports are heartbeats that only refresh the worker's freshness and
-                    # statistics: nothing to place or aggregate again.
-                    continue
-            if self._workers_synced.is_set() and self._published:
-                async with self._lock:
-                    await self._publish()
+        await self._fleet.follow(self._workers_kv, self._on_report)
+
+    async def _on_report(
+        self, worker_id: str, before: WorkerReport | None, after: WorkerReport | None
+    ) -> None:
+        if after is None:
+            self._last_seen_s.pop(worker_id, None)
+        else:
+            self._last_seen_s[worker_id] = asyncio.get_running_loop().time()
+            if before is not None and not placement_inputs_changed(before, after):
+                # Most reports are heartbeats that only refresh the worker's freshness and
+                # statistics: nothing to place or aggregate again.
+                return
+        if self._fleet.synced.is_set() and self._published:
+            async with self._lock:
+                await self._publish()
 
     async def _reap_workers(self) -> None:
         assert self._workers_kv is not None

@@ -27,6 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from broker import jetstream
+from broker.mirror import BucketMirror
 from broker.puller import CapacityPuller
 from broker.subjects import Subjects
 from natron import config as cfg
@@ -111,6 +112,8 @@ class Worker:
         )
         # (model, generation, version) -> running instances
         self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
+        # The models bucket: what the router placed and where.
+        self._models = BucketMirror("model record", ModelRecord.from_json)
         self._generation: dict[str, str] = {}
         self._good_generation: dict[str, str] = {}
         # (model, version) -> statistics, kept across reloads of the model.
@@ -177,18 +180,10 @@ class Worker:
     # -- following the repository ------------------------------------------------------------
 
     async def _follow_models(self, models_kv: KeyValue) -> None:
-        async for change in jetstream.follow_bucket(models_kv):
-            if change is None:
-                continue
-            if change.value is None:
-                await self._apply(change.key, None)
-                continue
-            try:
-                record = ModelRecord.from_json(change.value)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("ignoring malformed model record %s: %s", change.key, exc)
-                continue
-            await self._apply(change.key, record)
+        await self._models.follow(models_kv, self._on_record)
+
+    async def _on_record(self, name: str, before: ModelRecord | None, after: ModelRecord | None) -> None:
+        await self._apply(name, after)
 
     async def _apply(self, name: str, record: ModelRecord | None) -> None:
         async with self._model_lock:
