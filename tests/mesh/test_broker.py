@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from broker import jetstream
 from broker.puller import CapacityPuller
@@ -18,6 +19,7 @@ from broker.server import EmbeddedNatsServer
 from broker.subjects import Subjects
 from natron.errors import DeadlineExceeded, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, Tensor
+from tests.harness import wait_until_async
 from workers.batcher import Batcher, BatchPolicy
 
 
@@ -39,13 +41,17 @@ def request(i: int, size: int = 4) -> InferRequest:
     return InferRequest(str(i), "m", "1", [Tensor("INPUT0", "FP32", (1, size), data)])
 
 
+async def _queued(js: JetStreamContext, subjects: Subjects, count: int) -> bool:
+    return (await js.stream_info(subjects.stream)).state.messages == count
+
+
 async def test_a_full_queue_is_refused_at_once_with_503(nc: Client, subjects: Subjects) -> None:
     js = nc.jetstream()
     await jetstream.configure_stream(js, subjects, jetstream.QueuePolicy(max_queued_per_version=2))
     async with Requester(nc, subjects) as requester:
         # Two requests fill the queue (nobody consumes); they stay waiting for an answer.
         waiting = [asyncio.create_task(requester.infer(request(i), "1", 30.0)) for i in range(2)]
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: _queued(js, subjects, 2), 5, "both requests queued")
         with pytest.raises(Unavailable, match="full"):
             await requester.infer(request(3), "1", 30.0)
         for task in waiting:
@@ -148,7 +154,7 @@ async def test_a_caller_that_goes_away_cancels_its_request(nc: Client, subjects:
     cancellations = await nc.subscribe(subjects.cancel("m", "1"))
     async with Requester(nc, subjects) as requester:
         waiting = asyncio.create_task(requester.infer(request(7), "1", 30.0))
-        await asyncio.sleep(0.2)
+        await wait_until_async(lambda: _queued(nc.jetstream(), subjects, 1), 5, "the request queued")
         waiting.cancel()  # what aiohttp does when the HTTP client closes its connection
         with pytest.raises(asyncio.CancelledError):
             await waiting

@@ -45,6 +45,7 @@ from natron.settings import (
     ServeSettings,
     WorkerSettings,
 )
+from tests.harness import wait_until_async
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -804,14 +805,12 @@ def hub_and_edge(tmp: Path) -> Iterator[dict[str, int]]:
 
 async def wait_for_leaf(monitor_port: int, timeout_s: float = 15.0) -> None:
     url = f"http://127.0.0.1:{monitor_port}/leafz"
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=1).read())
-            if json.loads(body).get("leafnodes"):
-                return
-        await asyncio.sleep(0.1)
-    raise TimeoutError("the edge never connected to the hub as a leaf node")
+
+    async def connected() -> bool:
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=1).read())
+        return bool(json.loads(body).get("leafnodes"))
+
+    await wait_until_async(connected, timeout_s, "the edge connected to the hub as a leaf node")
 
 
 async def test_a_central_worker_serves_an_edge_request_across_the_leaf_connection(tmp_path: Path) -> None:
@@ -900,12 +899,11 @@ async def test_a_central_worker_serves_an_edge_request_across_the_leaf_connectio
             await overflow_kv.put("central-gpu-0", b"heartbeat")
             assert (await workers_kv.get("central-gpu-0")).value == b"heartbeat"
 
-            for _ in range(50):
+            async def settled() -> bool:
                 state = await edge_js.consumer_info(subjects.stream, consumer)
-                if state.num_ack_pending == 0:
-                    break
-                await asyncio.sleep(0.1)
-            assert state.num_pending == 0 and state.num_ack_pending == 0
+                return state.num_pending == 0 and state.num_ack_pending == 0
+
+            await wait_until_async(settled, 5, "the edge's consumer acknowledged and empty")
         finally:
             for client in (edge, central, overflow):
                 await client.close()

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
 
 from broker.server import free_port
 from examples.build_models import build
+from tests.harness import wait_until
 
 
 def children_of(pid: int) -> dict[int, str]:
@@ -32,15 +32,11 @@ def children_of(pid: int) -> dict[int, str]:
 
 
 def wait_ready(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/v2/models/tiny/ready", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("tiny not ready")
+    wait_until(
+        lambda: requests.get(f"{url}/v2/models/tiny/ready", timeout=1).status_code == 200,
+        timeout_s,
+        "tiny ready",
+    )
 
 
 def test_a_crashed_worker_is_restarted_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
@@ -64,13 +60,12 @@ def test_a_crashed_worker_is_restarted_and_ctrl_c_stops_everything(tmp_path: Pat
         ]
         worker = next(pid for pid, cmd in children.items() if " natron worker " in cmd)
         os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        replacement = None
-        while replacement is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+
+        def replacement() -> int | None:
             workers = [pid for pid, cmd in children_of(serve.pid).items() if " natron worker " in cmd]
-            replacement = next((pid for pid in workers if pid != worker), None)
-        assert replacement is not None, "the supervisor did not restart the worker"
+            return next((pid for pid in workers if pid != worker), None)
+
+        wait_until(replacement, 30, "the supervisor restarting the worker")
         wait_ready(url)
         body = {"inputs": [{"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}]}
         # The replacement worker serves (the first answers may wait for the old worker's
