@@ -19,7 +19,9 @@ from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-MAX_PAYLOAD_LIMIT_BYTES = 64 * 1024 * 1024  # nats-server refuses a larger max_payload
+MAX_PAYLOAD_LIMIT_BYTES = 64 * 1024 * 1024
+# nats-server's log levels that reach natron's log as warnings; the rest goes to debug.
+_LOUD_TAGS = ("[ERR]", "[FTL]", "[WRN]")  # nats-server refuses a larger max_payload
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Loaded here, not in the forked child, where loading a library is not safe.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -108,6 +110,7 @@ class EmbeddedNatsServer:
         self._options = options or ServerOptions()
         self._process: asyncio.subprocess.Process | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._relay: asyncio.Task[None] | None = None
         self.port = 0
 
     @property
@@ -139,6 +142,21 @@ class EmbeddedNatsServer:
             await self.stop()
             raise
         log.info("nats-server listening on %s (pid %d)", self.url, self._process.pid)
+        # Its log must be read for as long as it runs: a pipe nobody reads fills up (64 KiB on
+        # Linux), and then the server blocks on its next log line, connections and all.
+        self._relay = asyncio.create_task(self._relay_log(self._process), name="nats-server-log")
+
+    @staticmethod
+    async def _relay_log(process: asyncio.subprocess.Process) -> None:
+        """nats-server's log lines into ours: errors and warnings as warnings, the rest at debug."""
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            level = logging.WARNING if any(tag in text for tag in _LOUD_TAGS) else logging.DEBUG
+            log.log(level, "nats-server: %s", text)
+        code = await process.wait()
+        if code not in (0, -signal.SIGTERM, -signal.SIGKILL):
+            log.warning("nats-server exited with code %s", code)
 
     async def _wait_ready(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -164,6 +182,7 @@ class EmbeddedNatsServer:
     async def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, SIGKILL after `timeout_s`; safe to call twice and after a failed start."""
         process, self._process = self._process, None
+        relay, self._relay = self._relay, None
         try:
             if process is not None and process.returncode is None:
                 # SIGTERM lets nats-server close client connections cleanly (lame-duck not
@@ -178,6 +197,12 @@ class EmbeddedNatsServer:
         finally:
             if process is not None and process.returncode is None:
                 process.kill()  # stop() itself was cancelled: leave no server behind
+            if relay is not None:
+                # It ends on its own at the server's exit (end of its log); a stop cut short
+                # leaves it nothing to read either way.
+                relay.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None

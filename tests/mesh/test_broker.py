@@ -4,6 +4,7 @@ by capacity."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -161,3 +162,28 @@ async def test_a_caller_that_goes_away_cancels_its_request(nc: Client, subjects:
         message = await cancellations.next_msg(timeout=5)
         assert message.data == b"7"
         assert requester.in_flight == 0
+
+
+async def test_an_embedded_server_whose_log_outgrows_a_pipe_keeps_serving_and_stops_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each garbage connection makes nats-server log an [ERR] line of about 170 bytes: 1,500 of
+    # them are several times the 64 KiB a pipe holds. Unread, the server would block on its
+    # next log line; at the latest its shutdown would, and stop() would have to kill it.
+    caplog.set_level(logging.DEBUG, logger="broker.server")
+    server = EmbeddedNatsServer()
+    await server.start()
+    try:
+        for _ in range(1500):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GARBAGE\r\n")
+            await writer.drain()
+            writer.close()
+        client = await jetstream.connect(server.url, name="after-the-flood")
+        await asyncio.wait_for(client.flush(), 5)
+        await jetstream.close_connection(client)
+    finally:
+        await server.stop()
+    messages = [record.getMessage() for record in caplog.records if record.name == "broker.server"]
+    assert not any("killed" in message for message in messages), messages[-3:]
+    assert any("[ERR]" in message and "parser ERROR" in message for message in messages)
