@@ -20,8 +20,11 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_LIMIT_BYTES = 64 * 1024 * 1024
-# nats-server's log levels that reach natron's log as warnings; the rest goes to debug.
-_LOUD_TAGS = ("[ERR]", "[FTL]", "[WRN]")  # nats-server refuses a larger max_payload
+# nats-server's log levels that reach natron's log as warnings, and as info (its warnings include
+# advice natron's own settings trigger on purpose, such as a max_payload over 8 MB); the rest
+# goes to debug.
+_ERROR_TAGS = ("[ERR]", "[FTL]")
+_WARNING_TAG = "[WRN]"  # nats-server refuses a larger max_payload
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Loaded here, not in the forked child, where loading a library is not safe.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -148,11 +151,15 @@ class EmbeddedNatsServer:
 
     @staticmethod
     async def _relay_log(process: asyncio.subprocess.Process) -> None:
-        """nats-server's log lines into ours: errors and warnings as warnings, the rest at debug."""
+        """nats-server's log lines into ours: errors as warnings, warnings as info, the rest at
+        debug."""
         assert process.stderr is not None
         while line := await process.stderr.readline():
             text = line.decode(errors="replace").rstrip()
-            level = logging.WARNING if any(tag in text for tag in _LOUD_TAGS) else logging.DEBUG
+            if any(tag in text for tag in _ERROR_TAGS):
+                level = logging.WARNING
+            else:
+                level = logging.INFO if _WARNING_TAG in text else logging.DEBUG
             log.log(level, "nats-server: %s", text)
         code = await process.wait()
         if code not in (0, -signal.SIGTERM, -signal.SIGKILL):
