@@ -217,8 +217,10 @@ async def bind_consumer(
     js: JetStreamContext, subjects: Subjects, model: str, version: str, timeout_s: float
 ) -> Queue:
     """A worker's: the consumer the router made for `model` `version`. The router configures it
-    before it places the version, so it is normally there at once; a worker that is quicker
-    than a lagging router waits for it, up to `timeout_s`, then raises Unavailable."""
+    before it places the version, so it is normally there at once. A worker that is quicker than
+    a lagging router, or that asks while NATS reconnects, asks again until `timeout_s`, then
+    raises Unavailable with the last reason: a brief outage must not leave the version
+    UNAVAILABLE until its record changes."""
     name = subjects.consumer(model, version)
     loop = asyncio.get_running_loop()
     deadline_s = loop.time() + timeout_s
@@ -226,17 +228,17 @@ async def bind_consumer(
     while True:
         try:
             info = await js.consumer_info(subjects.stream, name, timeout=min(2.0, timeout_s))
+            return Queue(name, float(info.config.ack_wait or QueuePolicy().ack_wait_s))
         except NotFoundError:
-            if loop.time() + delay_s > deadline_s:
-                raise Unavailable(
-                    f"no queue for model '{model}' version {version} within {timeout_s:.0f} s: "
-                    "the router configures it"
-                ) from None
-            await asyncio.sleep(delay_s)
-            delay_s = min(1.0, delay_s * 2)
-            continue
-        ack_wait_s = float(info.config.ack_wait or QueuePolicy().ack_wait_s)
-        return Queue(name, ack_wait_s)
+            reason = "the router has not configured it"
+        except (nats.errors.Error, TimeoutError) as exc:  # reconnecting, no responders, timed out
+            reason = f"the broker did not answer: {type(exc).__name__}"
+        if loop.time() + delay_s > deadline_s:
+            raise Unavailable(
+                f"no queue for model '{model}' version {version} within {timeout_s:.0f} s: {reason}"
+            )
+        await asyncio.sleep(delay_s)
+        delay_s = min(1.0, delay_s * 2)
 
 
 async def delete_consumer(js: JetStreamContext, subjects: Subjects, model: str, version: str) -> None:

@@ -187,3 +187,27 @@ async def test_an_embedded_server_whose_log_outgrows_a_pipe_keeps_serving_and_st
     messages = [record.getMessage() for record in caplog.records if record.name == "broker.server"]
     assert not any("killed" in message for message in messages), messages[-3:]
     assert any("[ERR]" in message and "parser ERROR" in message for message in messages)
+
+
+async def test_a_worker_binds_to_a_consumer_the_router_configures_after_it_asked(
+    nc: Client, subjects: Subjects
+) -> None:
+    js = nc.jetstream()
+    policy = jetstream.QueuePolicy(ack_wait_s=7.0)
+    await jetstream.configure_stream(js, subjects, policy)
+    binding = asyncio.create_task(jetstream.bind_consumer(js, subjects, "m", "1", timeout_s=10))
+    # A pause to prove something does not happen: the bind asks several times (50, 100, 200 ms
+    # apart) and finds nothing, and neither returns nor gives up.
+    await asyncio.sleep(0.4)
+    assert not binding.done()
+    await jetstream.configure_consumer(js, subjects, "m", "1", policy)
+    queue = await asyncio.wait_for(binding, 10)
+    assert queue == jetstream.Queue(subjects.consumer("m", "1"), 7.0)
+
+
+async def test_a_consumer_nobody_configures_is_unavailable_after_the_bind_timeout(
+    nc: Client, subjects: Subjects
+) -> None:
+    await jetstream.configure_stream(nc.jetstream(), subjects, jetstream.QueuePolicy())
+    with pytest.raises(Unavailable, match=r"no queue for model 'm' version 1 .* not configured it"):
+        await jetstream.bind_consumer(nc.jetstream(), subjects, "m", "1", timeout_s=0.5)
