@@ -40,7 +40,7 @@ from typing import Any, Final
 from rich.console import Console
 from rich.table import Table
 
-from broker.server import free_port
+from broker.server import free_port, free_ports
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 BENCH_DIR: Final = REPO_ROOT / "bench"
@@ -673,10 +673,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             assert repo is not None
             served_repo = bench_repo(repo, args.models, tmp_dir / "repo")
-            http_port = free_port()
-            metrics_port = free_port()
-            while metrics_port == http_port:  # the OS may hand the just-released port back
-                metrics_port = free_port()
+            # All at once: the OS may hand a just-released port back to the next free_port().
+            http_port, metrics_port = free_ports(2)
             base_url = f"http://127.0.0.1:{http_port}"
             command = [
                 *natron_command(), "serve", str(served_repo),

@@ -24,7 +24,7 @@ from typing import Any
 
 import requests
 
-from broker.server import ServerOptions, config_text, find_nats_server, free_port, free_ports
+from broker.server import ServerOptions, config_text, find_nats_server, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,8 +163,9 @@ class Mesh:
     def __init__(self, repository: Path, router_args: list[str] | None = None) -> None:
         self.repository = repository
         self.router_args = router_args or []
-        self.nats_port = free_port()
-        self.http_port = free_port()
+        # All at once: consecutive free_port() calls may hand the same just-released port back.
+        # A third, for a test that gives a service a metrics port.
+        self.nats_port, self.http_port, self.spare_port = free_ports(3)
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -32,7 +32,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from ruamel.yaml import YAML
 
-from broker.server import find_nats_server, free_port
+from broker.server import find_nats_server, free_ports
 from broker.subjects import Subjects
 from natron.cli.main import build_parser
 from natron.cli.serve import NATS_STOP_TIMEOUT_S, stop_bound_s
@@ -767,7 +767,8 @@ def test_the_edge_and_central_nats_configurations_are_accepted_by_nats_server(tm
 
 @contextlib.contextmanager
 def hub_and_edge(tmp: Path) -> Iterator[dict[str, int]]:
-    ports = {name: free_port() for name in ("hub", "hub_monitor", "hub_leaf", "edge", "edge_monitor")}
+    names = ("hub", "hub_monitor", "hub_leaf", "edge", "edge_monitor")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     env = {
         **os.environ,
         **LEAF_ENV,

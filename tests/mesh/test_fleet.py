@@ -16,7 +16,6 @@ import orjson
 import pytest
 import requests
 
-from broker.server import free_port
 from broker.subjects import Subjects
 from natron.records import LOADING, READY, ModelRecord, VersionState, WorkerReport
 from tests.harness import Mesh
@@ -231,8 +230,9 @@ def test_a_dead_worker_is_dropped_and_its_models_shown_unavailable(mesh: Mesh) -
 
 
 def test_the_router_serves_its_own_metrics(model_repository: Path) -> None:
-    port = free_port()
-    mesh = Mesh(model_repository, ["--metrics-port", str(port)])
+    mesh = Mesh(model_repository)
+    port = mesh.spare_port
+    mesh.router_args = ["--metrics-port", str(port)]
     mesh.start_nats()
     mesh.start_router()
     mesh.start_worker("a")

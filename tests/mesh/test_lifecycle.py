@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import requests
 
-from broker.server import free_port
+from broker.server import free_ports
 from examples.build_models import build
 from natron.cli.serve import stop_bound_s
 from tests.harness import ROOT, Mesh, natron_serve, wait_until
@@ -290,14 +290,14 @@ def stop_serve_once(repo: Path, log_path: Path, moment: str, rng: random.Random,
     """Start `natron serve`, SIGTERM it at `moment`, and check it exits within its bound and
     leaves no process: every descendant seen while it ran, and any process naming it as parent."""
     bound_s = stop_bound_s(SERVE_BUDGET_S)
-    http_port = free_port()
+    http_port, metrics_port, nats_port = free_ports(3)
     url = f"http://127.0.0.1:{http_port}"
     with log_path.open("ab") as log:
         log.write(f"\n==== {context}\n".encode())
         log.flush()
         serve = subprocess.Popen(
             [sys.executable, "-m", "natron", "serve", str(repo), "--http-port", str(http_port),
-             "--metrics-port", str(free_port()), "--nats-port", str(free_port()),
+             "--metrics-port", str(metrics_port), "--nats-port", str(nats_port),
              "--http-address", "127.0.0.1", "--shutdown-timeout-s", str(SERVE_BUDGET_S)],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from broker.server import free_port
+from broker.server import free_ports
 from examples.build_models import build
 from tests.harness import wait_until
 
@@ -41,11 +41,11 @@ def wait_ready(url: str, timeout_s: float = 60) -> None:
 
 def test_a_crashed_worker_is_restarted_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     build(tmp_path / "repo", ["tiny"])
-    port = free_port()
+    port, metrics_port, nats_port = free_ports(3)
     log = (tmp_path / "serve.log").open("wb")
     serve = subprocess.Popen(
         [sys.executable, "-m", "natron", "serve", str(tmp_path / "repo"), "--http-port", str(port),
-         "--metrics-port", str(free_port()), "--nats-port", str(free_port()), "--http-address", "127.0.0.1"],
+         "--metrics-port", str(metrics_port), "--nats-port", str(nats_port), "--http-address", "127.0.0.1"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
