@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn
@@ -105,13 +105,9 @@ class BrokerStateLost(Exception):
     its JetStream state (natron keeps its stream and buckets in memory)."""
 
 
-def bucket_stream(bucket: str) -> str:
-    """The stream that holds KV bucket `bucket`."""
-    return f"KV_{bucket}"
-
-
-async def watch_streams(nc: Client, streams: Sequence[str], poll_s: float = 1.0) -> NoReturn:
-    """Raise BrokerStateLost once any of `streams` is gone or was created anew after a reconnect.
+async def watch_state(nc: Client, subjects: Subjects, poll_s: float = 1.0) -> NoReturn:
+    """Raise BrokerStateLost once any of the mesh's state streams (`subjects.state_streams`) is
+    gone or was created anew after a reconnect.
 
     A KV watch or a durable consumer does not survive its stream: after a broker restart that
     lost the streams, a process would go on heart-beating while its watchers are silent for
@@ -120,6 +116,7 @@ async def watch_streams(nc: Client, streams: Sequence[str], poll_s: float = 1.0)
     "not found" or a different creation time end the watch. The poll reads a counter: no
     request is sent while nothing reconnects."""
     js = nc.jetstream()
+    streams = subjects.state_streams
     created: dict[str, datetime | None] = {}
     for stream in streams:
         created[stream] = (await js.stream_info(stream)).created

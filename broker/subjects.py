@@ -84,5 +84,12 @@ class Subjects:
         """KV: worker id -> its devices, loaded model versions and heartbeat."""
         return f"{self.prefix}_workers"
 
+    @property
+    def state_streams(self) -> tuple[str, ...]:
+        """The JetStream streams the mesh's state lives in: the inference queue and the streams
+        behind the two KV buckets (JetStream names a bucket's stream `KV_<bucket>`). A broker
+        that comes back without them has lost that state (see broker.jetstream.watch_state)."""
+        return (self.stream, f"KV_{self.models_bucket}", f"KV_{self.workers_bucket}")
+
     def ctl(self, verb: str) -> str:
         return f"{self.prefix}.ctl.{verb}"

@@ -191,12 +191,7 @@ async def _broker_state_ctx(app: web.Application) -> AsyncIterator[None]:
     """The views' KV watches go silent if the broker comes back without its buckets: watch
     for that, so the gateway restarts instead of serving a stale picture for ever."""
     subjects = app[OPTIONS].subjects
-    streams = [
-        subjects.stream,
-        jetstream.bucket_stream(subjects.models_bucket),
-        jetstream.bucket_stream(subjects.workers_bucket),
-    ]
-    app[GATEWAY_TASKS].spawn(jetstream.watch_streams(app[NATS], streams), "gateway-broker-state")
+    app[GATEWAY_TASKS].spawn(jetstream.watch_state(app[NATS], subjects), "gateway-broker-state")
     try:
         yield
     finally:

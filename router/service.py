@@ -123,12 +123,7 @@ class Router:
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         if self._options.upload_dir is None:
             self._upload_tmp = tempfile.TemporaryDirectory(prefix="natron-uploads-")
-        streams = [
-            self._subjects.stream,
-            jetstream.bucket_stream(self._subjects.models_bucket),
-            jetstream.bucket_stream(self._subjects.workers_bucket),
-        ]
-        self.tasks.spawn(jetstream.watch_streams(self._nc, streams), "router-broker-state")
+        self.tasks.spawn(jetstream.watch_state(self._nc, self._subjects), "router-broker-state")
         # Know the fleet before publishing anything: a restarted router must not flash
         # "no live worker" over models that are being served.
         self.tasks.spawn(self._watch_workers(), "router-watch-workers")

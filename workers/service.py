@@ -149,12 +149,7 @@ class Worker:
         models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
         await self._publish_report()
-        streams = [
-            self._subjects.stream,
-            jetstream.bucket_stream(self._subjects.models_bucket),
-            jetstream.bucket_stream(self._subjects.workers_bucket),
-        ]
-        self.tasks.spawn(jetstream.watch_streams(self._nc, streams), "worker-broker-state")
+        self.tasks.spawn(jetstream.watch_state(self._nc, self._subjects), "worker-broker-state")
         self.tasks.spawn(self._follow_models(models_kv), "worker-follow-models")
         self.tasks.spawn(self._heartbeat(), "worker-heartbeat")
         self.tasks.spawn(self._keep_alive(), "worker-keep-alive")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import jetstream
+from broker.mirror import BucketMirror
 from broker.server import EmbeddedNatsServer, ServerOptions
 from broker.subjects import Subjects, check_name
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
@@ -35,7 +36,7 @@ from natron.settings import (
     exactly,
     settings_json,
 )
-from natron.tasks import Stopped, until
+from natron.tasks import Stopped, cancel_and_wait, until
 from workers.devices import Device, discover_gpus
 
 log = logging.getLogger(__name__)
@@ -60,26 +61,25 @@ async def wait_settled(
     deadline = loop.time() + timeout_s
     expected = expected_models(repository)
     nc = await jetstream.connect(nats_url, name="natron-serve")
+    # The models bucket followed as every service follows it, not read whole on every check.
+    records = BucketMirror("model record", ModelRecord.from_json)
+    follow: asyncio.Task[None] | None = None
     try:
         kv = await jetstream.ensure_bucket(nc.jetstream(), subjects.models_bucket)
+        follow = asyncio.create_task(records.follow(kv), name="serve-follow-models")
         async with aiohttp.ClientSession() as http:
-            while loop.time() < deadline and not stop.is_set():
-                records: list[ModelRecord] = []
-                with contextlib.suppress(Exception):  # NoKeysError while the router starts
-                    for key in await kv.keys():
-                        entry = await kv.get(key)
-                        if entry.value:
-                            records.append(ModelRecord.from_json(entry.value))
-                names = {r.name for r in records}
-                settled = expected <= names and not any(
-                    s.state == LOADING for r in records for s in r.versions.values()
+            while loop.time() < deadline and not stop.is_set() and not follow.done():
+                settled = expected <= records.values.keys() and not any(
+                    s.state == LOADING for r in records.values.values() for s in r.versions.values()
                 )
                 if settled and await _gateway_ready(http, http_port):
-                    return sorted(records, key=lambda r: r.name)
+                    return sorted(records.values.values(), key=lambda r: r.name)
                 await asyncio.sleep(0.2)
         return None
     finally:
-        await nc.close()
+        if follow is not None:
+            await cancel_and_wait([follow], 1.0)
+        await jetstream.close_connection(nc)
 
 
 async def _gateway_ready(http: aiohttp.ClientSession, port: int) -> bool:
