@@ -77,10 +77,6 @@ def check_graph(config: pb.ModelConfig) -> list[Step]:
     return steps
 
 
-def composing_models(config: pb.ModelConfig) -> list[str]:
-    return sorted({s.model_name for s in config.ensemble_scheduling.step})
-
-
 class EnsembleBackend:
     def __init__(self, config: pb.ModelConfig, steps: list[Step], mesh: EnsembleMesh) -> None:
         self._name = config.name

@@ -20,7 +20,17 @@ from broker.subjects import check_name
 from broker.view import ModelRegistry, ModelView
 from gateway import infer, stats, streaming
 from gateway.fleet import FleetView
-from gateway.keys import FLEET, METRICS, NATS, OPTIONS, REGISTRY, REQUESTER, GatewayOptions, model_view
+from gateway.keys import (
+    FLEET,
+    GATEWAY_TASKS,
+    METRICS,
+    NATS,
+    OPTIONS,
+    REGISTRY,
+    REQUESTER,
+    GatewayOptions,
+    model_view,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
 from natron import __version__
@@ -150,8 +160,6 @@ async def unload_model(request: web.Request) -> web.Response:
 
 # -- the app -------------------------------------------------------------------------------
 
-
-GATEWAY_TASKS: web.AppKey[EssentialTasks] = web.AppKey("gateway-tasks", EssentialTasks)
 
 # Each resource opens in a cleanup context of its own, so a startup that fails partway closes
 # exactly what it opened, in reverse order: requester, broker-state watch, fleet view, model

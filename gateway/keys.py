@@ -13,6 +13,7 @@ from broker.subjects import Subjects
 from broker.view import ModelRegistry, ModelView
 from gateway.fleet import FleetView
 from gateway.metrics import GatewayMetrics
+from natron.tasks import EssentialTasks
 
 
 @dataclass(slots=True, frozen=True)
@@ -32,6 +33,8 @@ REGISTRY: web.AppKey[ModelRegistry] = web.AppKey("registry", ModelRegistry)
 OPTIONS: web.AppKey[GatewayOptions] = web.AppKey("options", GatewayOptions)
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
 FLEET: web.AppKey[FleetView] = web.AppKey("fleet", FleetView)
+# The gateway's own essential loops (the broker-state watch); the views own theirs.
+GATEWAY_TASKS: web.AppKey[EssentialTasks] = web.AppKey("gateway-tasks", EssentialTasks)
 
 
 def model_view(request: web.Request) -> tuple[ModelView, str]:
