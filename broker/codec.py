@@ -9,6 +9,12 @@ response {"v": 1, "id": str, "model": str, "version": str,
           "outputs": [{"name", "datatype", "shape", "data"}], "parameters": {}}
 error    {"v": 1, "id": str, "error": str}
 
+Coalesced (docs/wire-format.md, "coalesced messages"): several requests for one model version in
+one message, and several of their answers in one answer message:
+
+batch    {"v": 1, "requests": [request map + {"deadline_ns": int, "trace": {str: str}}, ...]}
+answers  {"v": 1, "answers": [{"i": int, "status": int} + response or error map, ...]}
+
 The response's status travels in the `Natron-Status` header (HTTP numbering, 200 for success),
 so a reader knows an error from a result before decoding the body. BYTES tensor data uses
 Triton's 4-byte-length-prefixed layout. Decoding turns any malformed message into
@@ -24,6 +30,8 @@ into its inputs copies them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -33,6 +41,9 @@ from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferRequest, InferResponse, Tensor
 
 WIRE_VERSION = 1
+# Requests in one coalesced message, and answers in one answer message: a bound on what one
+# message may cost a worker to decode, whoever published it.
+MAX_BATCH_ENTRIES = 1024
 
 
 # Room for a message's keys, names, shapes and parameters beside its tensor data.
@@ -131,18 +142,7 @@ def _parameters(body: dict[str, Any]) -> dict[str, Any]:
 
 def encode_request(request: InferRequest) -> bytes | memoryview:
     inputs = [_pack_tensor(t) for t in request.inputs]
-    return _pack_view(
-        {
-            "v": WIRE_VERSION,
-            "id": request.id,
-            "model": request.model,
-            "version": request.version,
-            "inputs": inputs,
-            "outputs": request.outputs,
-            "parameters": request.parameters,
-        },
-        inputs,
-    )
+    return _pack_view(_request_map(request, inputs), inputs)
 
 
 def decode_request(data: bytes | memoryview) -> InferRequest:
@@ -232,3 +232,152 @@ def decode_error(status: int, data: bytes | memoryview) -> NatronError:
     except InvalidArgument as exc:
         message = f"undecodable error response (status {status}): {exc.message}"
     return NatronError.from_status(status, message)
+
+
+# -- coalesced messages --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BatchEntry:
+    """One request of a coalesced message: decoded, or the reason it could not be (answered
+    to its index alone; the message's other requests are unaffected)."""
+
+    request: InferRequest | None
+    error: InvalidArgument | None = None
+    request_id: str = ""
+    deadline_ns: int = 0  # absolute, unix ns; 0: none given
+    trace: dict[str, str] = field(default_factory=dict)
+
+
+def _request_map(request: InferRequest, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "v": WIRE_VERSION,
+        "id": request.id,
+        "model": request.model,
+        "version": request.version,
+        "inputs": inputs,
+        "outputs": request.outputs,
+        "parameters": request.parameters,
+    }
+
+
+def encode_batch(entries: Sequence[tuple[InferRequest, int, dict[str, str] | None]]) -> bytes | memoryview:
+    """Several requests for one model version in one message: (request, deadline_ns, trace
+    headers or None) each, in order; an answer names its request by that position."""
+    if not 0 < len(entries) <= MAX_BATCH_ENTRIES:
+        raise ValueError(f"a coalesced message holds 1..{MAX_BATCH_ENTRIES} requests, got {len(entries)}")
+    tensors: list[dict[str, Any]] = []
+    maps: list[dict[str, Any]] = []
+    for request, deadline_ns, trace in entries:
+        inputs = [_pack_tensor(t) for t in request.inputs]
+        tensors.extend(inputs)
+        one = _request_map(request, inputs)
+        del one["v"]
+        one["deadline_ns"] = deadline_ns
+        if trace:
+            one["trace"] = trace
+        maps.append(one)
+    return _pack_view({"v": WIRE_VERSION, "requests": maps}, tensors)
+
+
+def _entry(raw: Any) -> BatchEntry:
+    request_id = ""
+    try:
+        if not isinstance(raw, dict):
+            raise InvalidArgument("a coalesced request must be a map")
+        request_id = _str_field(raw, "id", "")
+        deadline_ns = raw.get("deadline_ns", 0)
+        if type(deadline_ns) is not int or deadline_ns < 0:
+            raise InvalidArgument("'deadline_ns' must be a non-negative integer")
+        trace = raw.get("trace", {})
+        if not isinstance(trace, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in trace.items()
+        ):
+            raise InvalidArgument("'trace' must be a map of strings")
+        outputs = raw.get("outputs", [])
+        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
+            raise InvalidArgument("'outputs' must be a list of output names")
+        request = InferRequest(
+            id=request_id,
+            model=_str_field(raw, "model"),
+            version=_str_field(raw, "version", ""),
+            inputs=_tensors(raw, "inputs"),
+            outputs=outputs,
+            parameters=_parameters(raw),
+        )
+    except InvalidArgument as exc:
+        return BatchEntry(None, exc, request_id)
+    return BatchEntry(request, None, request_id, deadline_ns, trace)
+
+
+def decode_batch(data: bytes | memoryview, expected: int) -> list[BatchEntry]:
+    """The requests of a coalesced message whose header announced `expected` of them. A
+    malformed envelope raises InvalidArgument (nothing in it can be answered singly); a
+    malformed request becomes an entry with its error."""
+    body = _unpack_map(data)
+    raw = body.get("requests")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidArgument("'requests' must be a non-empty list")
+    if len(raw) > MAX_BATCH_ENTRIES:
+        raise InvalidArgument(
+            f"a coalesced message holds at most {MAX_BATCH_ENTRIES} requests, got {len(raw)}"
+        )
+    if len(raw) != expected:
+        raise InvalidArgument(f"the message announces {expected} requests but holds {len(raw)}")
+    return [_entry(item) for item in raw]
+
+
+def encode_answers(answers: Sequence[tuple[int, str, InferResponse | NatronError]]) -> bytes | memoryview:
+    """Answers to requests of one coalesced message: (the request's position, its id, the
+    answer) each."""
+    tensors: list[dict[str, Any]] = []
+    maps: list[dict[str, Any]] = []
+    for index, request_id, answer in answers:
+        if isinstance(answer, NatronError):
+            maps.append({"i": index, "status": answer.status, "id": request_id, "error": answer.message})
+            continue
+        outputs = [_pack_tensor(t) for t in answer.outputs]
+        tensors.extend(outputs)
+        maps.append(
+            {
+                "i": index,
+                "status": 200,
+                "id": answer.id,
+                "model": answer.model,
+                "version": answer.version,
+                "outputs": outputs,
+                "parameters": answer.parameters,
+            }
+        )
+    return _pack_view({"v": WIRE_VERSION, "answers": maps}, tensors)
+
+
+def _answer(raw: Any) -> tuple[int, InferResponse | NatronError]:
+    if not isinstance(raw, dict):
+        raise InvalidArgument("an answer must be a map")
+    index = raw.get("i")
+    status = raw.get("status")
+    if type(index) is not int or index < 0 or type(status) is not int:
+        raise InvalidArgument("an answer needs integer 'i' and 'status'")
+    if status != 200:
+        message = raw.get("error")
+        if not isinstance(message, str):
+            message = f"error response without a message (status {status})"
+        return index, NatronError.from_status(status, message)
+    return index, InferResponse(
+        id=_str_field(raw, "id", ""),
+        model=_str_field(raw, "model", ""),
+        version=_str_field(raw, "version", ""),
+        outputs=_tensors(raw, "outputs"),
+        parameters=_parameters(raw),
+    )
+
+
+def decode_answers(data: bytes | memoryview) -> list[tuple[int, InferResponse | NatronError]]:
+    """The answers of one answer message, each with its request's position; InvalidArgument
+    when the message is malformed."""
+    body = _unpack_map(data)
+    raw = body.get("answers")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_BATCH_ENTRIES:
+        raise InvalidArgument(f"'answers' must be a list of 1..{MAX_BATCH_ENTRIES} maps")
+    return [_answer(item) for item in raw]

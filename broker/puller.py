@@ -15,6 +15,10 @@ instance is taking. The batcher asks in three ways, in this order:
    batch lacks, expiring at the linger deadline (`pull_until`), gathers what arrives meanwhile;
    `wait_delivery` wakes the batcher at each arrival.
 
+Capacity is counted in requests: a coalesced message (header `Natron-Batch: k`) holds k of
+them, so a pull asks for as many messages as the room divided by the size of the last message
+delivered, and `hand_over` stops at the room the batch has.
+
 Then it hands the deliveries over (`hand_over`), each with its arrival time. So while a batch
 executes no credit is outstanding, and everything else in the queue stays available to the
 fleet's other instances; the work an instance gets is exactly what it asked for when it was
@@ -35,6 +39,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from broker.codec import MAX_BATCH_ENTRIES
+from broker.subjects import BATCH
+
 log = logging.getLogger(__name__)
 
 _ACK = b"+ACK"
@@ -49,6 +56,20 @@ class Delivery:
 
     msg: Msg
     arrival_s: float
+
+
+def entries_of(msg: Msg) -> int:
+    """How many requests a message holds: its `Natron-Batch` header, else 1 (clamped to what a
+    coalesced message may hold; the decoder checks the body against the header)."""
+    headers = msg.headers
+    if headers:
+        raw = headers.get(BATCH)
+        if raw is not None:
+            try:
+                return min(max(int(raw), 1), MAX_BATCH_ENTRIES)
+            except ValueError:
+                return 1
+    return 1
 
 
 def _metadata(msg: Msg) -> Msg.Metadata | None:
@@ -83,8 +104,11 @@ class CapacityPuller:
         self._capacity = capacity
         self._expires_s = expires_s
         self._queue: collections.deque[Msg] = collections.deque()
-        # Arrival time (loop clock) of each queued message, in step with _queue.
+        # Arrival time (loop clock) and requests of each queued message, in step with _queue.
         self._arrivals: collections.deque[float] = collections.deque()
+        self._entries: collections.deque[int] = collections.deque()
+        self._held_entries = 0
+        self._last_entries = 1  # requests in the last message delivered
         self._event = asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""
@@ -113,6 +137,8 @@ class CapacityPuller:
         while self._queue:
             await self.nak(self._queue.popleft())
         self._arrivals.clear()
+        self._entries.clear()
+        self._held_entries = 0
         self._event.set()
 
     # -- deliveries --------------------------------------------------------------------------
@@ -130,8 +156,11 @@ class CapacityPuller:
         if self._closed:
             await self.nak(msg)
             return
+        entries = self._last_entries = entries_of(msg)
         self._queue.append(msg)
         self._arrivals.append(asyncio.get_running_loop().time())
+        self._entries.append(entries)
+        self._held_entries += entries
         self._event.set()
 
     async def _pull(self, batch: int, *, expires_s: float | None = None, no_wait: bool = False) -> None:
@@ -179,8 +208,12 @@ class CapacityPuller:
 
     @property
     def held(self) -> int:
-        """Messages delivered and not yet handed over."""
-        return len(self._queue)
+        """Requests delivered and not yet handed over (a coalesced message holds several)."""
+        return self._held_entries
+
+    def _messages_for(self, room: int) -> int:
+        """Messages to ask for to fill `room` requests, judged by the last message's size."""
+        return max(1, room // self._last_entries)
 
     @property
     def oldest_arrival_s(self) -> float:
@@ -205,7 +238,7 @@ class CapacityPuller:
         loop = asyncio.get_running_loop()
         await self._settle(loop.time() + _GRACE_S)
         if not self._outstanding:
-            await self._pull(min(room, self._pending), no_wait=True)
+            await self._pull(min(self._messages_for(room), self._pending), no_wait=True)
             await self._settle(loop.time() + _GRACE_S)
 
     async def pull_until(self, room: int, until_s: float) -> None:
@@ -213,16 +246,23 @@ class CapacityPuller:
         request is still outstanding or the time has passed."""
         remaining_s = until_s - asyncio.get_running_loop().time()
         if room > 0 and remaining_s > 0 and not self._outstanding and not self._closed:
-            await self._pull(room, expires_s=remaining_s)
+            await self._pull(self._messages_for(room), expires_s=remaining_s)
 
     async def wait_delivery(self, until_s: float) -> None:
         """Wait until the next delivery, the end of the outstanding request, or `until_s`."""
         await self._wait(until_s - asyncio.get_running_loop().time())
 
-    def hand_over(self, count: int) -> list[Delivery]:
-        """The oldest `count` messages held (fewer if fewer are held), in arrival order."""
-        count = min(count, len(self._queue))
-        return [Delivery(self._queue.popleft(), self._arrivals.popleft()) for _ in range(count)]
+    def hand_over(self, room: int) -> list[Delivery]:
+        """The oldest messages held, in arrival order, as many as hold at most `room` requests
+        in all (but at least one message, whatever it holds)."""
+        handed: list[Delivery] = []
+        taken = 0
+        while self._queue and (not handed or taken + self._entries[0] <= room):
+            entries = self._entries.popleft()
+            taken += entries
+            self._held_entries -= entries
+            handed.append(Delivery(self._queue.popleft(), self._arrivals.popleft()))
+        return handed
 
     # -- acknowledgements --------------------------------------------------------------------
 

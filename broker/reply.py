@@ -8,7 +8,10 @@ An answer is a core NATS message to the request's `Natron-Reply-To` subject (doc
 * a decoupled model's stream frame: `Natron-Seq: <n>` and a response body, `Natron-Final: 1`
   on the last one;
 * a coalesced run of frames (the worker fell behind the model): `Natron-Seq` of the first,
-  `Natron-Count: <k>` and a body whose `responses` list holds them in order.
+  `Natron-Count: <k>` and a body whose `responses` list holds them in order;
+* answers to requests of a coalesced request message: `Natron-Batch: <k>` and a body whose
+  `answers` list holds k of them, each with its request's position; an error answer without
+  `Natron-Batch` to such a message is every one of its requests' answer.
 
 JetStream's publish acknowledgement, which comes to `<reply>.a`, is read here as well, since the
 requester awaits it beside the answer.
@@ -31,7 +34,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import codec
-from broker.subjects import COUNT, FINAL, SEQUENCE, STATUS
+from broker.subjects import BATCH, COUNT, FINAL, SEQUENCE, STATUS
 from natron.errors import InternalError, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferResponse
 
@@ -40,6 +43,8 @@ _HEADER_LINE = len(b"NATS/1.0\r\n") + len(b"\r\n")
 
 # One decoded answer, and whether it is the last the request will get.
 Answer = tuple[InferResponse | NatronError, bool]
+# An answer to one request of a coalesced message: its position there, its id, the answer.
+Indexed = tuple[int, str, InferResponse | NatronError]
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -81,6 +86,28 @@ def answer_frames(response: InferResponse, max_payload: int) -> tuple[list[Frame
         f"{max_payload} bytes: ask for fewer outputs or a smaller batch"
     )
     return [error_frame(response.id, error, decoupled=False)], error
+
+
+def batch_frames(answers: list[Indexed], max_payload: int) -> tuple[list[Frame], list[Indexed]]:
+    """Answers to requests of one coalesced message: one message when they fit the broker
+    together, else one message each; an answer that alone does not fit becomes a 413 error
+    answer. Returns the frames and the answers replaced by errors."""
+    frame = Frame({BATCH: str(len(answers))}, codec.encode_answers(answers))
+    if frame.size <= max_payload:
+        return [frame], []
+    frames: list[Frame] = []
+    replaced: list[Indexed] = []
+    for index, request_id, answer in answers:
+        one = Frame({BATCH: "1"}, codec.encode_answers([(index, request_id, answer)]))
+        if one.size > max_payload:
+            error = PayloadTooLarge(
+                f"response of {one.size} bytes exceeds the broker's max_payload of "
+                f"{max_payload} bytes: ask for fewer outputs or a smaller batch"
+            )
+            replaced.append((index, request_id, error))
+            one = Frame({BATCH: "1"}, codec.encode_answers([(index, request_id, error)]))
+        frames.append(one)
+    return frames, replaced
 
 
 def stream_frames(
@@ -138,6 +165,13 @@ class Replier:
     async def error(self, reply_to: str, request_id: str, error: NatronError) -> None:
         await self._publish(reply_to, [error_frame(request_id, error, decoupled=self._decoupled)])
 
+    async def batch(self, reply_to: str, answers: list[Indexed]) -> list[Indexed]:
+        """Answers to requests of one coalesced message; returns those that went out as 413
+        errors instead."""
+        frames, replaced = batch_frames(answers, self._nc.max_payload)
+        await self._publish(reply_to, frames)
+        return replaced
+
     async def frames(
         self, reply_to: str, responses: list[InferResponse], sequence: int, final: bool
     ) -> NatronError | None:
@@ -179,6 +213,25 @@ def decode_reply(msg: Msg) -> list[Answer]:
         return [(codec.decode_response(msg.data), final)]
     except Exception as exc:  # a worker's malformed answer must still end the wait
         return [(InternalError(f"undecodable response: {exc}"), True)]
+
+
+def decode_batch_reply(msg: Msg) -> list[tuple[int, InferResponse | NatronError]] | NatronError:
+    """The answers an answer message to a coalesced request message carries, by position; a
+    single error when it answers the whole message (no `Natron-Batch`), or is undecodable."""
+    headers = msg.headers or {}
+    if BATCH not in headers:
+        status_text = headers.get(STATUS)
+        try:
+            status = int(status_text) if status_text is not None else 500
+        except ValueError:
+            status = 500
+        if status == 200:
+            return InternalError("an answer to coalesced requests without Natron-Batch")
+        return codec.decode_error(status, msg.data)
+    try:
+        return codec.decode_answers(msg.data)
+    except Exception as exc:  # a worker's malformed answer must still end the wait
+        return InternalError(f"undecodable response: {exc}")
 
 
 def publish_ack_error(msg: Msg, model: str, version: str) -> NatronError | None:

@@ -6,6 +6,15 @@ acknowledgement to `<inbox>.<token>.a`. Both are awaited concurrently, so the br
 full" refusal fails the request at once, while a successful publish costs no extra round trip
 before the worker's answer. The future is registered before publishing and removed in `finally`,
 so no answer can arrive unmatched and no entry leaks.
+
+Coalescing: requests for the same model version that arrive in the same turn of the event loop
+(an HTTP server reads many connections' requests per turn under load) travel in one message,
+and their answers come back together in one message. The first request of a turn opens the
+batch and yields once; the others join it meanwhile, and the first then publishes it. So the
+broker's, nats-py's and the worker's cost per message is shared by the batch, while a request
+that comes alone waits for nobody and goes as a plain message. Each request keeps its own
+deadline, timer, cancellation and answer; the batch's token maps an answer's position back to
+its request.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.client import Client
@@ -24,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker import codec, reply
-from broker.subjects import DEADLINE_NS, REPLY_TO, Subjects
+from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, Subjects
 from natron.errors import DeadlineExceeded, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
 
@@ -32,6 +41,13 @@ log = logging.getLogger(__name__)
 
 # NATS/1.0 line, Natron-Reply-To with an inbox of a few tokens, Natron-Deadline-Ns: well under.
 _HEADER_ALLOWANCE_BYTES = 256
+# A request with more tensor data than this goes alone: its bytes would dominate the message
+# anyway, and alone it keeps the encoder's zero-copy path.
+COALESCE_MAX_REQUEST_BYTES = 64 * 1024
+# A coalesced message stays under this much tensor data (and under the broker's max_payload).
+_COALESCE_MAX_MESSAGE_BYTES = 1024 * 1024
+# What a request's map costs in a coalesced message beside its tensor data (names, shapes, ids).
+_COALESCE_ENTRY_BYTES = 256
 
 
 @dataclass(slots=True)
@@ -52,6 +68,29 @@ class _Pending:
     queued: bool = False
 
 
+@dataclass(slots=True)
+class _Batch:
+    """The requests for one model version gathered in one turn of the event loop."""
+
+    model: str
+    version: str
+    max_rows: int
+    entries: list[tuple[InferRequest, int, dict[str, str] | None]] = field(default_factory=list)
+    pendings: list[_Pending] = field(default_factory=list)
+    rows: int = 0
+    data_bytes: int = 0
+    token: str = ""  # given when it is published
+    # Requests whose `infer` has not returned yet: the token is forgotten when none is left.
+    remaining: int = 0
+
+    def fits(self, rows: int, data_bytes: int) -> bool:
+        return (
+            self.rows + rows <= self.max_rows
+            and self.data_bytes + data_bytes <= _COALESCE_MAX_MESSAGE_BYTES
+            and len(self.entries) < codec.MAX_BATCH_ENTRIES
+        )
+
+
 class Requester:
     """`async with Requester(nc, subjects) as requester: await requester.infer(...)`"""
 
@@ -62,12 +101,15 @@ class Requester:
         self._prefix_len = len(self._inbox) + 1
         self._counter = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
+        self._batches: dict[str, _Batch] = {}
+        # (model, version) -> the batch still taking requests this turn of the loop.
+        self._open: dict[tuple[str, str], _Batch] = {}
         self._streams: dict[str, _Stream] = {}
         self._sub: Subscription | None = None
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + sum(batch.remaining for batch in self._batches.values())
 
     async def start(self) -> None:
         # pending_msgs_limit: answers are consumed as fast as they come; a burst of a few
@@ -86,7 +128,7 @@ class Requester:
                 await sub.unsubscribe()
             except Exception:  # connection already closed: nothing left to unsubscribe
                 pass
-        for pending in self._pending.values():
+        for pending in [*self._pending.values(), *(p for b in self._batches.values() for p in b.pendings)]:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("requester closed"))
         for stream in self._streams.values():
@@ -100,34 +142,118 @@ class Requester:
         await self.close()
 
     async def infer(
-        self, request: InferRequest, version: str, timeout_s: float, headers: dict[str, str] | None = None
+        self,
+        request: InferRequest,
+        version: str,
+        timeout_s: float,
+        headers: dict[str, str] | None = None,
+        *,
+        rows: int = 1,
+        max_rows: int = 1,
     ) -> InferResponse:
         """Send `request` to `version` of its model; answer or raise a NatronError.
 
         `version` is already resolved (the gateway resolves "latest"). The deadline travels
-        with the request so that a worker drops it unprocessed once it expires.
+        with the request so that a worker drops it unprocessed once it expires. A request of
+        `rows` rows may share its message with others of the same turn up to `max_rows` rows
+        in all (the model's max_batch_size; 1 keeps every request in a message of its own).
         """
-        payload = self._payload(request)
-        token = str(next(self._counter))
-        reply_to = f"{self._inbox}.{token}"
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future(), request.model, version)
+        data_bytes = 0
+        for tensor in request.inputs:
+            data_bytes += tensor.data.nbytes
+        if max_rows <= 1 or data_bytes > COALESCE_MAX_REQUEST_BYTES:
+            return await self._infer_alone(request, version, timeout_s, deadline_ns, pending, headers)
+        key = (request.model, version)
+        batch = self._open.get(key)
+        leader = batch is None or not batch.fits(rows, data_bytes + _COALESCE_ENTRY_BYTES)
+        if batch is None or leader:
+            batch = _Batch(request.model, version, max_rows)
+            self._open[key] = batch
+        batch.entries.append((request, deadline_ns, headers))
+        batch.pendings.append(pending)
+        batch.rows += rows
+        batch.data_bytes += data_bytes + _COALESCE_ENTRY_BYTES
+        batch.remaining += 1
+        try:
+            if leader:
+                try:
+                    # One turn: the requests already read from other connections join.
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    # This caller went away meanwhile; the others still wait for the batch.
+                    await self._publish_batch(key, batch)
+                    await self._cancel(request, version)
+                    raise
+                await self._publish_batch(key, batch)
+            return await self._await(pending, request, version, timeout_s)
+        finally:
+            batch.remaining -= 1
+            if batch.remaining == 0 and batch.token:
+                self._batches.pop(batch.token, None)
+                self._pending.pop(batch.token, None)
+
+    async def _infer_alone(
+        self,
+        request: InferRequest,
+        version: str,
+        timeout_s: float,
+        deadline_ns: int,
+        pending: _Pending,
+        headers: dict[str, str] | None,
+    ) -> InferResponse:
+        payload = self._payload(request)
+        token = str(next(self._counter))
         self._pending[token] = pending
         try:
-            await self._publish(request, version, payload, reply_to, deadline_ns, headers)
-            # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
-            timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
-            try:
-                return await pending.future
-            except asyncio.CancelledError:
-                # The caller went away (a closed HTTP connection): its queued work is dropped.
-                await self._cancel(request, version)
-                raise
-            finally:
-                timer.cancel()
+            await self._publish(
+                request.model, version, payload, f"{self._inbox}.{token}", deadline_ns, headers
+            )
+            return await self._await(pending, request, version, timeout_s)
         finally:
             del self._pending[token]
+
+    async def _await(
+        self, pending: _Pending, request: InferRequest, version: str, timeout_s: float
+    ) -> InferResponse:
+        loop = asyncio.get_running_loop()
+        # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
+        timer = loop.call_later(timeout_s, self._expire, pending, request.model, version, timeout_s)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller went away (a closed HTTP connection): its queued work is dropped.
+            await self._cancel(request, version)
+            raise
+        finally:
+            timer.cancel()
+
+    async def _publish_batch(self, key: tuple[str, str], batch: _Batch) -> None:
+        """Close the batch and publish it: one message (a plain one when it holds one
+        request); a failure to publish is every request's answer."""
+        if self._open.get(key) is batch:
+            del self._open[key]
+        token = batch.token = str(next(self._counter))
+        reply_to = f"{self._inbox}.{token}"
+        try:
+            if len(batch.entries) == 1:
+                self._pending[token] = batch.pendings[0]
+                request, deadline_ns, headers = batch.entries[0]
+                payload = self._payload(request)
+                await self._publish(batch.model, batch.version, payload, reply_to, deadline_ns, headers)
+                return
+            self._batches[token] = batch
+            payload = codec.encode_batch(batch.entries)
+            deadline_ns = max(deadline for _, deadline, _ in batch.entries)
+            await self._publish(
+                batch.model, batch.version, payload, reply_to, deadline_ns, {BATCH: str(len(batch.entries))}
+            )
+        except NatronError as exc:
+            for pending in batch.pendings:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
 
     async def stream(
         self,
@@ -150,7 +276,7 @@ class Requester:
         finished = False
         try:
             deadline_ns = time.time_ns() + int(idle_timeout_s * 1e9)
-            await self._publish(request, version, payload, reply_to, deadline_ns, headers)
+            await self._publish(request.model, version, payload, reply_to, deadline_ns, headers)
             while True:
                 try:
                     item, final = await asyncio.wait_for(state.queue.get(), idle_timeout_s)
@@ -174,7 +300,7 @@ class Requester:
 
     async def _publish(
         self,
-        request: InferRequest,
+        model: str,
         version: str,
         payload: bytes | memoryview,
         reply_to: str,
@@ -185,7 +311,7 @@ class Requester:
         `reply_to` (a header, since JetStream owns the message's reply subject)."""
         try:
             await self._nc.publish(
-                self._subjects.infer(request.model, version),
+                self._subjects.infer(model, version),
                 payload,  # type: ignore[arg-type]  # nats-py sends any buffer
                 reply=reply_to + ".a",
                 headers={REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})},
@@ -230,8 +356,13 @@ class Requester:
             self._on_stream_message(stream, msg, is_ack)
             return
         pending = self._pending.get(token)
-        if pending is None or pending.future.done():
-            return  # the caller gave up (deadline) or the answer was already decided
+        if pending is None:
+            batch = self._batches.get(token)
+            if batch is not None:
+                self._on_batch_message(batch, msg, is_ack)
+            return  # else the caller gave up (deadline) or the answer was already decided
+        if pending.future.done():
+            return
         if is_ack:
             error = reply.publish_ack_error(msg, pending.model, pending.version)
             if error is not None:
@@ -245,6 +376,34 @@ class Requester:
             pending.future.set_exception(answer)
         else:
             pending.future.set_result(answer)
+
+    @staticmethod
+    def _on_batch_message(batch: _Batch, msg: Msg, is_ack: bool) -> None:
+        if is_ack:
+            error = reply.publish_ack_error(msg, batch.model, batch.version)
+            for pending in batch.pendings:
+                if error is None:
+                    pending.queued = True
+                elif not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        answers = reply.decode_batch_reply(msg)
+        if isinstance(answers, NatronError):
+            for pending in batch.pendings:
+                if not pending.future.done():
+                    pending.future.set_exception(answers)
+            return
+        pendings = batch.pendings
+        for index, answer in answers:
+            if index >= len(pendings):
+                continue  # not a position of this batch: a broken worker, nobody to tell
+            future = pendings[index].future
+            if future.done():
+                continue  # settled already (a redelivery's second answer, a timeout)
+            if isinstance(answer, NatronError):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
     @staticmethod
     def _on_stream_message(stream: _Stream, msg: Msg, is_ack: bool) -> None:

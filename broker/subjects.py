@@ -30,6 +30,10 @@ FINAL = "Natron-Final"
 # A coalesced stream message: how many answers its body's "responses" list holds.
 COUNT = "Natron-Count"
 
+# A coalesced message: on a request, how many requests its body's "requests" list holds; on an
+# answer, how many answers its "answers" list holds (docs/wire-format.md).
+BATCH = "Natron-Batch"
+
 # JetStream's own header, echoed for the pull loop's bookkeeping of expired pull requests.
 PENDING_MESSAGES = "Nats-Pending-Messages"
 

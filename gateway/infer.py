@@ -74,7 +74,7 @@ async def _infer(request: web.Request) -> web.Response:
             ) from None
     body = await request.read()
     parsed = kserve.parse_infer_body(body, header_length, spec.name, target)
-    spec.validate(parsed.request)
+    rows = spec.validate(parsed.request)
     request_id = parsed.request.id
     if not request_id:
         # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
@@ -84,7 +84,15 @@ async def _infer(request: web.Request) -> web.Response:
     timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
     # W3C trace context travels on to the worker, so a configured tracer can join the spans.
     trace = {k: v for k in _TRACE_HEADERS if (v := request.headers.get(k)) is not None}
-    response = await request.app[REQUESTER].infer(parsed.request, target, timeout_s, headers=trace or None)
+    # Requests of a batching model may share a broker message with others of the same moment.
+    response = await request.app[REQUESTER].infer(
+        parsed.request,
+        target,
+        timeout_s,
+        headers=trace or None,
+        rows=rows,
+        max_rows=spec.max_batch_size if spec.batching else 1,
+    )
     out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
     if json_length is None:
         return web.Response(body=out, content_type="application/json")

@@ -74,6 +74,8 @@ class Admitted:
     request: InferRequest
     batch_size: int  # rows; 1 for a model that does not batch
     deadline_ns: int = 0  # absolute, unix ns; 0: none given
+    # Position in a coalesced message, by which its answer names it; -1: a message of its own.
+    index: int = -1
 
 
 class Batcher:

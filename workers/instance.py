@@ -30,8 +30,9 @@ from nats.aio.msg import Msg
 from broker import codec
 from broker.puller import CapacityPuller
 from broker.reply import Replier
-from broker.subjects import DEADLINE_NS, REPLY_TO
+from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError
+from natron.inference import InferRequest
 from natron.spec import ModelSpec
 from natron.stats import ModelStats
 from workers.backends import AnyBackend
@@ -41,6 +42,18 @@ from workers.runners import Answers, runner_for
 log = logging.getLogger(__name__)
 
 CANCEL_MEMORY_S = 120.0
+
+
+class _Held:
+    """A message taken and not yet acknowledged: when, and how many of its requests (several
+    in a coalesced message) still await their answers."""
+
+    __slots__ = ("msg", "remaining", "taken_s")
+
+    def __init__(self, msg: Msg, taken_s: float) -> None:
+        self.msg = msg
+        self.taken_s = taken_s
+        self.remaining = 1
 
 
 class ModelInstance:
@@ -61,9 +74,8 @@ class ModelInstance:
         self.name = name
         # Shared by the instances of a version on this worker; reported with the heartbeat.
         self.stats = stats or ModelStats()
-        # Messages taken and not yet acknowledged (by id: Msg is unhashable), with the loop
-        # time they were taken.
-        self._in_hand: dict[int, tuple[Msg, float]] = {}
+        # Messages taken and not yet acknowledged, by id (Msg is unhashable).
+        self._in_hand: dict[int, _Held] = {}
         # Request ids whose clients went away, with when the cancellation came (loop clock).
         self._cancelled: dict[str, float] = {}
         self._stopping = False
@@ -108,9 +120,9 @@ class ModelInstance:
     async def keep_alive(self, older_than_s: float) -> None:
         """+WPI for requests held longer than `older_than_s`: still working, do not redeliver."""
         now_s = asyncio.get_running_loop().time()
-        for msg, taken_s in list(self._in_hand.values()):
-            if now_s - taken_s >= older_than_s:
-                await self._puller.in_progress(msg)
+        for held in list(self._in_hand.values()):
+            if now_s - held.taken_s >= older_than_s:
+                await self._puller.in_progress(held.msg)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -121,10 +133,14 @@ class ModelInstance:
         now_ns = time.time_ns()
         now_s = asyncio.get_running_loop().time()
         for delivery in deliveries:
-            self._in_hand[id(delivery.msg)] = (delivery.msg, now_s)
+            self._in_hand[id(delivery.msg)] = _Held(delivery.msg, now_s)
         admitted: list[Admitted] = []
         for delivery in deliveries:
-            item = await self._admit(delivery.msg, now_ns)
+            msg = delivery.msg
+            if msg.headers and BATCH in msg.headers:
+                admitted.extend(await self._admit_coalesced(msg, now_ns))
+                continue
+            item = await self._admit(msg, now_ns)
             if item is not None:
                 admitted.append(item)
         return admitted
@@ -140,26 +156,17 @@ class ModelInstance:
         try:
             request = codec.decode_request(msg.data)
             request_id = request.id
-            deadline = headers.get(DEADLINE_NS)
-            if deadline is not None and now_ns > int(deadline):
-                raise DeadlineExceeded(
-                    f"request to model '{self._spec.name}' expired in the queue before it ran"
-                )
-            if request.model != self._spec.name:
-                raise InvalidArgument(
-                    f"request for model '{request.model}' published to model '{self._spec.name}'"
-                )
-            batch_size = self._spec.validate(request)
-            if request.id in self._cancelled:
-                # Nobody waits for the answer any more: drop the request unrun.
-                await self._ack(msg)
-                self.stats.failed("CANCELED", 0)
-                return None
+            raw_deadline = headers.get(DEADLINE_NS)
+            deadline_ns = int(raw_deadline) if raw_deadline is not None else 0
+            batch_size = self._check(request, deadline_ns, now_ns)
         except NatronError as exc:
             await self._answers.error(msg, reply_to, request_id, exc)
             return None
         except ValueError as exc:  # a malformed deadline header
             await self._answers.error(msg, reply_to, request_id, InvalidArgument(str(exc)))
+            return None
+        if batch_size is None:
+            await self._drop_cancelled(msg)
             return None
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -168,8 +175,72 @@ class ModelInstance:
                 request.model,
                 headers.get("traceparent", "-"),
             )
-        return Admitted(msg, reply_to, request, batch_size, int(deadline) if deadline is not None else 0)
+        return Admitted(msg, reply_to, request, batch_size, deadline_ns)
+
+    async def _admit_coalesced(self, msg: Msg, now_ns: int) -> list[Admitted]:
+        """The requests of a coalesced message; each that fails admission is answered alone,
+        by its position. A message that cannot be read as a whole gets one error answer, which
+        its requester takes as every request's."""
+        headers = msg.headers or {}
+        reply_to = headers.get(REPLY_TO)
+        if not reply_to:
+            log.warning("dropping coalesced requests without a %s header on %s", REPLY_TO, msg.subject)
+            await self._ack(msg)
+            return []
+        try:
+            if self._spec.decoupled:
+                raise InvalidArgument(
+                    f"model '{self._spec.name}' is decoupled: its requests cannot share a message"
+                )
+            entries = codec.decode_batch(msg.data, int(headers[BATCH]))
+        except NatronError as exc:
+            await self._answers.error(msg, reply_to, "", exc)
+            return []
+        except ValueError as exc:  # a malformed count header
+            await self._answers.error(msg, reply_to, "", InvalidArgument(f"{BATCH}: {exc}"))
+            return []
+        self._in_hand[id(msg)].remaining = len(entries)
+        admitted: list[Admitted] = []
+        for index, entry in enumerate(entries):
+            try:
+                if entry.error is not None:
+                    raise entry.error
+                assert entry.request is not None
+                batch_size = self._check(entry.request, entry.deadline_ns, now_ns)
+            except NatronError as exc:
+                await self._answers.error(msg, reply_to, entry.request_id, exc, index=index)
+                continue
+            if batch_size is None:
+                await self._drop_cancelled(msg)
+                continue
+            admitted.append(Admitted(msg, reply_to, entry.request, batch_size, entry.deadline_ns, index))
+        return admitted
+
+    def _check(self, request: InferRequest, deadline_ns: int, now_ns: int) -> int | None:
+        """Admission of a decoded request: its batch size, None when its client went away
+        (nobody waits for it), or the NatronError that is its answer."""
+        if deadline_ns and now_ns > deadline_ns:
+            raise DeadlineExceeded(f"request to model '{self._spec.name}' expired in the queue before it ran")
+        if request.model != self._spec.name:
+            raise InvalidArgument(
+                f"request for model '{request.model}' published to model '{self._spec.name}'"
+            )
+        batch_size = self._spec.validate(request)
+        if request.id in self._cancelled:
+            return None
+        return batch_size
+
+    async def _drop_cancelled(self, msg: Msg) -> None:
+        """A request whose client went away is dropped unrun, acknowledged and counted."""
+        await self._ack(msg)
+        self.stats.failed("CANCELED", 0)
 
     async def _ack(self, msg: Msg) -> None:
-        self._in_hand.pop(id(msg), None)
+        """One request of `msg` is done; the message is acknowledged when all of its are."""
+        held = self._in_hand.get(id(msg))
+        if held is not None:
+            held.remaining -= 1
+            if held.remaining > 0:
+                return
+            del self._in_hand[id(msg)]
         await self._puller.ack(msg)

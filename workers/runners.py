@@ -31,7 +31,7 @@ import numpy.typing as npt
 from nats.aio.msg import Msg
 
 from broker.puller import stored_ns
-from broker.reply import Replier
+from broker.reply import Indexed, Replier
 from natron import datatypes
 from natron.errors import InternalError, NatronError
 from natron.inference import InferResponse, Tensor
@@ -74,13 +74,51 @@ class Answers:
 
     async def result(self, item: Admitted, outputs: list[Tensor]) -> None:
         """An ordinary request's answer, then its acknowledgement."""
-        error = await self._replier.answer(item.reply_to, self.response(item, outputs))
+        await self.results([(item, outputs)])
+
+    async def results(self, answered: list[tuple[Admitted, list[Tensor]]]) -> None:
+        """Ordinary requests' answers, each acknowledged once sent: those of one coalesced
+        message go out together in one answer message."""
+        coalesced: dict[int, list[tuple[Admitted, list[Tensor]]]] = {}
+        for item, outputs in answered:
+            if item.index >= 0:
+                coalesced.setdefault(id(item.msg), []).append((item, outputs))
+                continue
+            try:
+                error = await self._replier.answer(item.reply_to, self.response(item, outputs))
+            except Exception as exc:  # e.g. an unencodable output: the request still gets an answer
+                await self.fail(item, InternalError(f"cannot send the response: {type(exc).__name__}: {exc}"))
+                continue
+            self._count(item, error)
+            await self._ack(item.msg)
+        for together in coalesced.values():
+            await self._coalesced_results(together)
+
+    async def _coalesced_results(self, together: list[tuple[Admitted, list[Tensor]]]) -> None:
+        first = together[0][0]
+        answers: list[Indexed] = [
+            (item.index, item.request.id, self.response(item, outputs)) for item, outputs in together
+        ]
+        try:
+            replaced = await self._replier.batch(first.reply_to, answers)
+        except Exception as exc:  # e.g. an unencodable output: every request still gets an answer
+            error = InternalError(f"cannot send the response: {type(exc).__name__}: {exc}")
+            await self._replier.batch(
+                first.reply_to, [(item.index, item.request.id, error) for item, _ in together]
+            )
+            replaced = [(item.index, item.request.id, error) for item, _ in together]
+        errors = {index: error for index, _, error in replaced}
+        for item, _ in together:
+            failure = errors.get(item.index)
+            self._count(item, failure if isinstance(failure, NatronError) else None)
+            await self._ack(item.msg)
+
+    def _count(self, item: Admitted, error: NatronError | None) -> None:
         stored = stored_ns(item.msg)
         if error is not None:
             self._count_failure(item.request.id, error, stored)
         elif stored:
             self._stats.success.add(time.time_ns() - stored)
-        await self._ack(item.msg)
 
     async def frames(self, item: Admitted, outputs: list[list[Tensor]], sequence: int, final: bool) -> bool:
         """Stream frames of a decoupled request (acknowledged already); False when they could
@@ -96,13 +134,28 @@ class Answers:
         await self._ack(msg)
 
     async def error(
-        self, msg: Msg, reply_to: str, request_id: str, error: NatronError, *, ack: bool = True
+        self,
+        msg: Msg,
+        reply_to: str,
+        request_id: str,
+        error: NatronError,
+        *,
+        index: int = -1,
+        ack: bool = True,
     ) -> None:
-        """An error answer; acknowledged unless the request was already (a decoupled one)."""
-        await self._replier.error(reply_to, request_id, error)
+        """An error answer (to the request at `index` of a coalesced message, or to the whole
+        message); acknowledged unless the request was already (a decoupled one)."""
+        if index >= 0:
+            await self._replier.batch(reply_to, [(index, request_id, error)])
+        else:
+            await self._replier.error(reply_to, request_id, error)
         self._count_failure(request_id, error, stored_ns(msg))
         if ack:
             await self._ack(msg)
+
+    async def fail(self, item: Admitted, error: NatronError, *, ack: bool = True) -> None:
+        """An admitted request's error answer."""
+        await self.error(item.msg, item.reply_to, item.request.id, error, index=item.index, ack=ack)
 
     def _count_failure(self, request_id: str, error: NatronError, stored: int) -> None:
         if error.status >= 500:
@@ -203,13 +256,13 @@ class BatchRunner(_Runner):
             done_ns = time.perf_counter_ns()
         except NatronError as exc:
             for item in batch:
-                await self._answers.error(item.msg, item.reply_to, item.request.id, exc)
+                await self._answers.fail(item, exc)
             return
         except Exception as exc:
             error = InternalError(f"model '{self._spec.name}' failed: {type(exc).__name__}: {exc}")
             log.warning("%s", error.message)
             for item in batch:
-                await self._answers.error(item.msg, item.reply_to, item.request.id, error)
+                await self._answers.fail(item, error)
             return
         self._stats.executed(rows, infer_ns - started_ns, output_ns - infer_ns, done_ns - output_ns)
         if self._throttle_s:
@@ -263,12 +316,7 @@ class BatchRunner(_Runner):
         return per_request
 
     async def _answer_all(self, batch: list[Admitted], outputs: list[list[Tensor]]) -> None:
-        for item, tensors in zip(batch, outputs, strict=True):
-            try:
-                await self._answers.result(item, tensors)
-            except Exception as exc:  # e.g. an unencodable output: this request still gets an answer
-                error = InternalError(f"cannot send the response: {type(exc).__name__}: {exc}")
-                await self._answers.error(item.msg, item.reply_to, item.request.id, error)
+        await self._answers.results(list(zip(batch, outputs, strict=True)))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
@@ -354,9 +402,7 @@ class _SinkRunner(_Runner):
                 continue  # the client is gone: nothing more is sent
             if isinstance(outputs, NatronError):
                 final = True
-                await self._answers.error(
-                    item.msg, item.reply_to, item.request.id, outputs, ack=not decoupled
-                )
+                await self._answers.fail(item, outputs, ack=not decoupled)
             elif decoupled:
                 # Answers of this request that queued up meanwhile (the loop fell behind the
                 # model) travel in one message: one NATS message per token only while the
