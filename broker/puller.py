@@ -41,6 +41,7 @@ from nats.aio.subscription import Subscription
 
 from broker.codec import MAX_BATCH_ENTRIES
 from broker.subjects import BATCH
+from natron.timers import LOOP_TIMER_RESOLUTION_S, PRECISE
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,23 @@ class CapacityPuller:
             log.warning("pull request not sent: %s", exc)
 
     async def _wait(self, timeout_s: float) -> None:
+        """Until the next event (a delivery, the end of a request) or `timeout_s`. A linger of
+        a fraction of a millisecond is timed by the precise timers: the loop's own would end
+        it at once (every caller would spin) or a millisecond late."""
         self._event.clear()
+        if timeout_s <= 0:
+            return
+        timer = None
+        if timeout_s < LOOP_TIMER_RESOLUTION_S:
+            timer = PRECISE.call_later(timeout_s, asyncio.get_running_loop(), self._event.set)
+            timeout_s += LOOP_TIMER_RESOLUTION_S  # the loop's own timer only as a fallback
         try:
-            await asyncio.wait_for(self._event.wait(), max(0.0, timeout_s))
+            await asyncio.wait_for(self._event.wait(), timeout_s)
         except TimeoutError:
             pass
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _expire_lost_request(self) -> None:
         if self._outstanding and asyncio.get_running_loop().time() > self._outstanding_until_s:

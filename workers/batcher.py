@@ -8,7 +8,11 @@ It follows Triton's dynamic batcher, in the shape of Ray Serve's batch queue:
   (Triton's largest preferred batch size, else `max_batch_size`), linger for more until the
   oldest request in hand has waited `max_queue_delay` since it arrived. The timer starts at the
   first item, not at the end of the previous batch, so a request never waits longer than the
-  delay for company.
+  delay for company. Unlike Triton, a linger that keeps gathering nobody is skipped: the delay
+  is a bound, not a toll, and at low load (one client, one request at a time) waiting only adds
+  it to every request's latency. After LINGERS_BEFORE_SKIPPING fruitless lingers in a row, the
+  batcher lingers only every PROBE_EVERY-th round, to notice when company comes again; the
+  first linger that gathers anything restores lingering every round.
 * Grouping (`group`): requests whose non-batch shapes or datatypes differ never share an
   execution, and an execution holds at most `max_batch_size` rows; arrival order is kept.
   Requests whose callers went away (cancelled) or whose deadline passed are not here at all:
@@ -78,12 +82,25 @@ class Admitted:
     index: int = -1
 
 
+LINGERS_BEFORE_SKIPPING = 3
+PROBE_EVERY = 8
+
+
 class Batcher:
     """Gathers one instance's next requests from its puller, by the policy above."""
 
     def __init__(self, puller: CapacityPuller, policy: BatchPolicy) -> None:
         self._puller = puller
         self.policy = policy
+        self._fruitless = 0  # lingers in a row that gathered no request
+        self._skipped = 0  # lingers skipped since the last one made
+
+    def _should_linger(self) -> bool:
+        if self._fruitless < LINGERS_BEFORE_SKIPPING or self._skipped + 1 >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        self._skipped += 1
+        return False
 
     async def next(self) -> list[Delivery]:
         """The requests of the next round, oldest first; empty once the puller is closed."""
@@ -94,7 +111,8 @@ class Batcher:
             return []
         await puller.collect_waiting(max_items - puller.held)
         delay_s = self.policy.max_queue_delay_s
-        if delay_s > 0 and not puller.closed and puller.held < enough:
+        if delay_s > 0 and not puller.closed and puller.held < enough and self._should_linger():
+            before = puller.held
             until_s = puller.oldest_arrival_s + delay_s
             # Ask for no more than `enough`: a pull still outstanding when the round ends would
             # deliver to an instance busy executing, while another could take those requests.
@@ -102,6 +120,7 @@ class Batcher:
             loop = asyncio.get_running_loop()
             while puller.held < enough and loop.time() < until_s and not puller.closed:
                 await puller.wait_delivery(until_s)
+            self._fruitless = 0 if puller.held > before else self._fruitless + 1
         return puller.hand_over(max_items)
 
 

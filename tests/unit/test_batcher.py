@@ -3,13 +3,24 @@ which requests share an execution, and how a batch's outputs go back to its requ
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from natron.errors import InternalError
 from natron.inference import InferRequest, Tensor
 from natron.spec import ModelSpec
-from workers.batcher import Admitted, BatchPolicy, group, join, split
+from workers.batcher import (
+    LINGERS_BEFORE_SKIPPING,
+    PROBE_EVERY,
+    Admitted,
+    Batcher,
+    BatchPolicy,
+    group,
+    join,
+    split,
+)
 
 
 def spec(max_batch_size: int, preferred: tuple[int, ...] = (), delay_us: int = 0) -> ModelSpec:
@@ -97,3 +108,85 @@ def test_an_output_whose_batch_dimension_does_not_match_the_rows_is_a_model_erro
 ) -> None:
     with pytest.raises(InternalError, match="expected a batch dimension of 6"):
         split(np.zeros(shape, np.float32), [1, 3, 2], model="m", name="OUT")
+
+
+class ScriptedPuller:
+    """The puller's side the batcher sees: one request per round, and during each linger as
+    many more as the script says for that round (0 when the script has run out)."""
+
+    capacity = 64
+    closed = False
+
+    def __init__(self, arrivals_per_linger: list[int]) -> None:
+        self._script = list(arrivals_per_linger)
+        self._held: list[object] = []
+        self._coming = 0
+        self.lingers = 0
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    @property
+    def oldest_arrival_s(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def wait_first(self) -> bool:
+        self._held.append(object())
+        return True
+
+    async def collect_waiting(self, room: int) -> None:
+        pass
+
+    async def pull_until(self, room: int, until_s: float) -> None:
+        self.lingers += 1
+        self._coming = self._script.pop(0) if self._script else 0
+
+    async def wait_delivery(self, until_s: float) -> None:
+        if self._coming:
+            self._held.extend(object() for _ in range(self._coming))
+            self._coming = 0
+            return
+        await asyncio.sleep(max(0.0, until_s - asyncio.get_running_loop().time()))
+
+    def hand_over(self, room: int) -> list[object]:
+        handed, self._held = self._held, []
+        return handed
+
+
+def rounds(puller: ScriptedPuller, count: int) -> list[int]:
+    batcher = Batcher(puller, BatchPolicy.for_model(spec(64, delay_us=100)))  # type: ignore[arg-type]
+
+    async def run() -> list[int]:
+        return [len(await batcher.next()) for _ in range(count)]
+
+    return asyncio.run(run())
+
+
+def test_lingers_that_gather_nobody_are_skipped_but_probed_every_eighth_round() -> None:
+    puller = ScriptedPuller([])
+    sizes = rounds(puller, 3 + 8 * 4)
+    assert sizes == [1] * (3 + 8 * 4)
+    # Three fruitless lingers, then one per PROBE_EVERY rounds.
+    assert puller.lingers == LINGERS_BEFORE_SKIPPING + 4 == 3 + (8 * 4) // PROBE_EVERY
+
+
+def test_a_linger_that_gathers_company_restores_lingering_every_round() -> None:
+    # Three fruitless lingers, skipping until the probe, whose linger gathers two; from then on
+    # every round lingers while company keeps coming.
+    puller = ScriptedPuller([0, 0, 0, 2, 1, 1, 1])
+    sizes = rounds(puller, 3 + PROBE_EVERY + 3)
+    assert sizes[: 3 + PROBE_EVERY - 1] == [1] * (3 + PROBE_EVERY - 1)
+    assert sizes[3 + PROBE_EVERY - 1 :] == [3, 2, 2, 2]
+    assert puller.lingers == 3 + 1 + 3
+
+
+def test_without_a_delay_the_batcher_never_lingers() -> None:
+    puller = ScriptedPuller([5, 5])
+    batcher = Batcher(puller, BatchPolicy.for_model(spec(64)))  # type: ignore[arg-type]
+
+    async def run() -> list[int]:
+        return [len(await batcher.next()) for _ in range(4)]
+
+    assert asyncio.run(run()) == [1, 1, 1, 1]
+    assert puller.lingers == 0
