@@ -221,13 +221,16 @@ def essential_tasks(app: web.Application) -> tuple[EssentialTasks, ...]:
     return (app[REGISTRY].tasks, app[FLEET].tasks, app[GATEWAY_TASKS])
 
 
-def create_app(options: GatewayOptions, drain_timeout_s: float = 20.0) -> web.Application:
+def create_app(
+    options: GatewayOptions, drain_timeout_s: float = 20.0, metrics: GatewayMetrics | None = None
+) -> web.Application:
     """The gateway app; on shutdown, open streams get `drain_timeout_s` to finish their
-    requests before they are closed with a last frame (gateway/streaming.py)."""
+    requests before they are closed with a last frame (gateway/streaming.py). `metrics`: where
+    it counts its requests (by default, in this process alone)."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=options.max_body_bytes)
     app[OPTIONS] = options
     app[REGISTRY] = ModelRegistry()
-    app[METRICS] = GatewayMetrics()
+    app[METRICS] = metrics if metrics is not None else GatewayMetrics()
     app[FLEET] = FleetView()
     app[GATEWAY_TASKS] = EssentialTasks("gateway")
     app.cleanup_ctx.extend(

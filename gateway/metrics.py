@@ -1,5 +1,12 @@
 """The gateway's own metrics: request counts and latency by model, and its process. The fleet's
-Triton families on the same endpoint are rendered by `natron.prometheus`."""
+Triton families on the same endpoint are rendered by `natron.prometheus`.
+
+Several gateway processes sharing one HTTP port (`--http-workers`) each count the requests the
+kernel handed them, in prometheus-client's multiprocess mode: every process writes its values to
+files of its own in the directory PROMETHEUS_MULTIPROC_DIR names, set by the process that starts
+them, and the one serving the metrics port sums every file, those of gateways that died and were
+restarted included, so the totals only ever grow. Process metrics (CPU, memory) are left out
+then: they would describe one process of several."""
 
 from __future__ import annotations
 
@@ -12,14 +19,29 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 class GatewayMetrics:
-    """The gateway's own request latency, and the process collectors."""
+    """The gateway's own request latency, and the process collectors; with `shared`, the
+    request metrics of every gateway process sharing the port (see the module's docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
         self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
+        # What a scrape reads: this process's registry, or the sum over the shared files.
+        self._exposed = self.registry
+        if shared:
+            self._exposed = CollectorRegistry()
+            try:
+                MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+            except ValueError:
+                raise ValueError(
+                    "a gateway sharing its HTTP port keeps its metrics in the directory "
+                    "PROMETHEUS_MULTIPROC_DIR names, set by natron serve or natron gateway "
+                    "--http-workers: it is unset or not a directory"
+                ) from None
+        else:
+            ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "natron_gateway_requests",
             "Inference requests answered by the gateway, by outcome (HTTP status)",
@@ -49,4 +71,4 @@ class GatewayMetrics:
         latency.observe(duration_s)
 
     def own(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)

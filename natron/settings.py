@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NATRON_"
@@ -31,6 +31,9 @@ SETTINGS_ENV = "NATRON_SETTINGS_JSON"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 # NATS refuses a max_payload above 64 MiB.
 MAX_PAYLOAD_LIMIT_MB = 64
+# Gateway processes sharing one HTTP port: each takes a core, and past a few dozen the box's
+# cores, not the count, are the limit.
+MAX_HTTP_WORKERS = 64
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -53,6 +56,25 @@ def _name(text: str) -> str:
     if not _NAME.match(text):
         raise ValueError("use letters, digits, '_' and '-' (at most 128)")
     return text
+
+
+def _http_workers(count: int, info: ValidationInfo) -> int:
+    # Port 0 would give each process a free port of its own instead of one port they share.
+    if count > 1 and info.data.get("http_port") == 0:
+        raise ValueError("several processes share one HTTP port: set --http-port to a port, not 0")
+    return count
+
+
+# Checked after http_port, which every model declares before it.
+HttpWorkers = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=MAX_HTTP_WORKERS,
+        description="gateway processes sharing the HTTP port (SO_REUSEPORT), one core each",
+    ),
+    AfterValidator(_http_workers),
+]
 
 
 def _device(text: str) -> str:
@@ -182,6 +204,21 @@ class GatewaySettings(CommonSettings):
     max_body_mb: Annotated[
         int, Field(ge=1, le=1024, description="larger HTTP bodies are refused with 413 (MiB)")
     ] = 64
+    # With more than one, `natron gateway` supervises that many gateway processes; each of them
+    # has its place in http_worker_index (see natron/cli/services.py).
+    http_workers: HttpWorkers = 1
+    http_worker_index: Annotated[
+        int | None,
+        Field(ge=0, description="set by the process that starts the gateway processes: this one's place"),
+    ] = None
+
+    @field_validator("http_worker_index")
+    @classmethod
+    def _within_workers(cls, index: int | None, info: ValidationInfo) -> int | None:
+        workers = info.data.get("http_workers", 1)
+        if index is not None and index >= workers:
+            raise ValueError(f"must be below http_workers ({workers})")
+        return index
 
 
 class RouterSettings(_Queues, _Repository, CommonSettings):
@@ -231,6 +268,7 @@ class ServeSettings(_Compute, _Drain, _Queues, _Repository, _Base):
     http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
     metrics_port: Annotated[Port, Field(description="Prometheus metrics port")] = 8002
     workers: Annotated[int, Field(ge=1, le=1024, description="CPU worker processes (without a GPU)")] = 1
+    http_workers: HttpWorkers = 1
     ready_timeout_s: Annotated[
         PositiveSeconds, Field(description="print the model table once settled, or after this long")
     ] = 120.0

@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,14 +134,56 @@ class ChildSpec:
         return args, {**self.env, SETTINGS_ENV: settings_json(self.settings)}
 
 
+# prometheus-client's own switch to its multiprocess mode, read once, when it is imported: each
+# process then keeps its counters and histograms in files of its own in that directory.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def gateway_children(settings: GatewaySettings, metrics_dir: Path | None) -> list[ChildSpec]:
+    """The gateway processes that serve `settings.http_workers`, for `natron serve` and for
+    `natron gateway --http-workers N` alike.
+
+    One gateway is the child it always was. Several share the HTTP port (SO_REUSEPORT, the
+    kernel spreads the connections), each knowing its place; the first alone serves the
+    metrics port, and every one keeps its request counters in `metrics_dir`, from which the
+    first sums them: a scrape sees all the gateways' requests, never one process's share."""
+    if settings.http_workers == 1:
+        return [ChildSpec("gateway", settings)]
+    if metrics_dir is None:
+        raise ValueError("gateway processes sharing a port need a directory to share their metrics in")
+    env = {PROMETHEUS_MULTIPROC_ENV: str(metrics_dir)}
+    fields = settings.model_dump()
+    return [
+        ChildSpec(
+            f"gateway-{index}",
+            exactly(
+                GatewaySettings,
+                {
+                    **fields,
+                    "http_worker_index": index,
+                    "metrics_port": settings.metrics_port if index == 0 else 0,
+                },
+            ),
+            env,
+        )
+        for index in range(settings.http_workers)
+    ]
+
+
 def plan_children(
-    settings: ServeSettings, nats_url: str, gpus: list[Device], host: str, parent_pid: int
+    settings: ServeSettings,
+    nats_url: str,
+    gpus: list[Device],
+    host: str,
+    parent_pid: int,
+    gateway_metrics_dir: Path | None = None,
 ) -> list[ChildSpec]:
-    """The children of `natron serve`, in start order: router, workers, orchestrator, gateway.
+    """The children of `natron serve`, in start order: router, workers, orchestrator, gateways.
 
     Each gets the fields of its own role, from `settings` or the role's defaults, never from
     this process's NATRON_* variables: those were read once, into `settings`, and a worker
-    must not pick up, say, NATRON_METRICS_PORT meant for the gateway."""
+    must not pick up, say, NATRON_METRICS_PORT meant for the gateway. With --http-workers
+    above 1, the gateways share `gateway_metrics_dir` (see `gateway_children`)."""
     common = {
         "nats_url": nats_url,
         "prefix": settings.prefix,
@@ -197,21 +241,18 @@ def plan_children(
             "ensemble", exactly(OrchestratorSettings, {**common, **drain, "worker_id": f"{host}-ensemble"})
         )
     )
-    children.append(
-        ChildSpec(
-            "gateway",
-            exactly(
-                GatewaySettings,
-                {
-                    **common,
-                    "http_port": settings.http_port,
-                    "http_address": settings.http_address,
-                    "metrics_port": settings.metrics_port,
-                    "max_body_mb": settings.max_payload_mb,
-                },
-            ),
-        )
+    gateway = exactly(
+        GatewaySettings,
+        {
+            **common,
+            "http_port": settings.http_port,
+            "http_address": settings.http_address,
+            "metrics_port": settings.metrics_port,
+            "max_body_mb": settings.max_payload_mb,
+            "http_workers": settings.http_workers,
+        },
     )
+    children.extend(gateway_children(gateway, gateway_metrics_dir))
     return children
 
 
@@ -229,6 +270,10 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
     repository, subjects = settings.model_repository, Subjects(settings.prefix)
     server: EmbeddedNatsServer | None = None
     supervisor = Supervisor()
+    # Fresh for each run: counters of an earlier run's gateways must not count again.
+    metrics_dir = (
+        Path(tempfile.mkdtemp(prefix="natron-gateway-metrics-")) if settings.http_workers > 1 else None
+    )
     try:
         nats_url = settings.nats_url
         if nats_url is None:
@@ -242,7 +287,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
             await until(stop, server.start())
             nats_url = f"nats://127.0.0.1:{server.port}"
         gpus = await asyncio.to_thread(discover_gpus)
-        for child in plan_children(settings, nats_url, gpus, socket.gethostname(), os.getpid()):
+        for child in plan_children(settings, nats_url, gpus, socket.gethostname(), os.getpid(), metrics_dir):
             args, env = child.command()
             supervisor.add(child.name, args, env=env)
         await supervisor.start()
@@ -258,7 +303,8 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
             print_table(
                 records,
                 [
-                    f"HTTP endpoint:    http://{settings.http_address}:{settings.http_port}",
+                    f"HTTP endpoint:    http://{settings.http_address}:{settings.http_port}"
+                    + (f" ({settings.http_workers} processes)" if settings.http_workers > 1 else ""),
                     f"Metrics endpoint: http://{settings.http_address}:{settings.metrics_port}/metrics",
                     f"NATS:             {nats_url}",
                 ],
@@ -274,5 +320,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
                 ["gateway", "ensemble", "worker", "router"], settings.shutdown_timeout_s + SUPERVISOR_GRACE_S
             )
         finally:
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
             if server is not None:
                 await server.stop(NATS_STOP_TIMEOUT_S)

@@ -9,6 +9,10 @@ budget whatever is still running. A SIGTERM during startup ends the startup at o
 A service whose essential task dies (natron/tasks.py) stops in the same order, then its runner
 raises ServiceFailed: the process exits non-zero and its supervisor restarts it.
 
+`natron gateway --http-workers N` (N > 1) serves no HTTP itself: it supervises N gateway
+processes sharing the port, as `natron serve` supervises its children, and stops them within
+its own budget (`_gateway_group`).
+
 Each runner takes its role's settings (natron/settings.py); the one function per role below
 turns them into that service's own options, the only place the two shapes meet.
 """
@@ -18,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import uuid
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,9 +33,17 @@ from broker import jetstream
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
 from gateway.app import create_app, essential_tasks
-from gateway.keys import GatewayOptions
+from gateway.keys import REGISTRY, GatewayOptions
+from gateway.metrics import GatewayMetrics
 from gateway.stats import create_metrics_app
-from natron.settings import GatewaySettings, OrchestratorSettings, RouterSettings, WorkerSettings
+from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
+from natron.settings import (
+    GatewaySettings,
+    OrchestratorSettings,
+    RouterSettings,
+    WorkerSettings,
+    exactly,
+)
 from natron.tasks import Stopped, until
 from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
@@ -88,15 +103,55 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
 
 
 async def run_gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    if settings.http_workers > 1 and settings.http_worker_index is None:
+        await _gateway_group(settings, stop)
+        return
     with contextlib.suppress(Stopped):
         await _gateway(settings, stop)
+
+
+def group_budgets_s(shutdown_timeout_s: float) -> tuple[float, float]:
+    """A gateway group's stop, within its own budget: how long it waits for its gateways, and
+    each gateway's budget, SUPERVISOR_GRACE_S less (or half the wait, for a short budget). The
+    last second is the group's own, to exit after its gateways."""
+    wait_s = max(shutdown_timeout_s - 1.0, shutdown_timeout_s / 2)
+    return wait_s, max(wait_s - SUPERVISOR_GRACE_S, wait_s / 2)
+
+
+async def _gateway_group(settings: GatewaySettings, stop: asyncio.Event) -> None:
+    """`natron gateway --http-workers N`: N gateway processes on one port, each restarted when
+    it dies. In a container this process is the one the orchestrator signals and counts
+    restarts of; a gateway that dies comes back here without the container restarting."""
+    # Imported here: a gateway process that serves HTTP has no use for serve's code.
+    from natron.cli.serve import gateway_children
+
+    wait_s, gateway_budget_s = group_budgets_s(settings.shutdown_timeout_s)
+    template = exactly(
+        GatewaySettings,
+        {**settings.model_dump(), "parent_pid": os.getpid(), "shutdown_timeout_s": gateway_budget_s},
+    )
+    supervisor = Supervisor()
+    # Fresh for each start, so no counter of an earlier group's gateways counts again.
+    with tempfile.TemporaryDirectory(prefix="natron-gateway-metrics-") as metrics_dir:
+        try:
+            for child in gateway_children(template, Path(metrics_dir)):
+                args, env = child.command()
+                supervisor.add(child.name, args, env=env)
+            await supervisor.start()
+            log.info("%d gateway processes sharing port %d", settings.http_workers, settings.http_port)
+            await stop.wait()
+        finally:
+            await supervisor.stop(["gateway"], wait_s)
 
 
 async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     options = gateway_options(settings)
     host, port, metrics_port = settings.http_address, settings.http_port, settings.metrics_port
     drain_s = drain_budget_s(settings.shutdown_timeout_s)
-    app = create_app(options, drain_timeout_s=drain_s)
+    # One of several processes sharing the port: the kernel spreads the connections over them,
+    # and they count their requests together (gateway/metrics.py).
+    shared = settings.http_workers > 1
+    app = create_app(options, drain_timeout_s=drain_s, metrics=GatewayMetrics(shared=shared))
     essential = essential_tasks(app)
     # shutdown_timeout bounds how long requests in flight may finish after intake stops;
     # open streams end by then too, with a last frame. handler_cancellation: a client that
@@ -107,9 +162,22 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         # Startup (connecting, the cleanup contexts) ends early on SIGTERM; whatever opened
         # is closed by cleanup() below.
         await until(stop, runner.setup(), essential)
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        if shared:
+            # Joining a port that others serve: take connections only once the model view is
+            # in, or a restarted gateway's first clients get 404 for models its siblings serve.
+            await until(stop, app[REGISTRY].synced.wait(), essential)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=shared)
         await site.start()
-        log.info("gateway listening on http://%s:%d", host, port)
+        if shared:
+            log.info(
+                "gateway %d of %d listening on http://%s:%d (port shared)",
+                (settings.http_worker_index or 0) + 1,
+                settings.http_workers,
+                host,
+                port,
+            )
+        else:
+            log.info("gateway listening on http://%s:%d", host, port)
         if metrics_port:
             metrics_runner = await _serve_metrics(create_metrics_app(app), host, metrics_port)
         await until(stop, None, essential)
