@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test test-unit lint types pytest bench models clean
+.PHONY: serve test test-unit lint types pytest bench sidebyside models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.bench
+
+# natron beside Triton (bench/sidebyside.py); Triton and perf_analyzer go to .venv-triton.
+sidebyside: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	scripts/install_triton.sh
+	$(BIN)/python -m bench.sidebyside
 
 clean:
 	rm -rf $(VENV) examples/models bench/results .mypy_cache .ruff_cache .pytest_cache

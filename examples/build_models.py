@@ -83,7 +83,7 @@ class TensorSpec:
     dims: tuple[int, ...]
 
 
-def _tensor_list(field: str, tensors: Sequence[TensorSpec]) -> str:
+def tensor_list(field: str, tensors: Sequence[TensorSpec]) -> str:
     blocks = []
     for tensor in tensors:
         dims = ", ".join(str(d) for d in tensor.dims)
@@ -106,8 +106,8 @@ def render_config(
         'platform: "onnxruntime_onnx"\n'
         'backend: "onnxruntime"\n'
         f"max_batch_size: {max_batch_size}\n"
-        + _tensor_list("input", inputs)
-        + _tensor_list("output", outputs)
+        + tensor_list("input", inputs)
+        + tensor_list("output", outputs)
         + extra
     )
 
@@ -115,15 +115,15 @@ def render_config(
 # --- ONNX graph helpers ---
 
 
-def _value_info(name: str, elem_type: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
+def value_info(name: str, elem_type: int, shape: Sequence[int | str]) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, list(shape))
 
 
-def _const(name: str, value: npt.NDArray[np.generic]) -> onnx.TensorProto:
+def const(name: str, value: npt.NDArray[np.generic]) -> onnx.TensorProto:
     return numpy_helper.from_array(value, name=name)
 
 
-def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+def onnx_model(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
@@ -134,7 +134,7 @@ def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
     return model
 
 
-def _scale_shift_model(
+def scale_shift_model(
     in_name: str,
     out_name: str,
     shape: Sequence[int | str],
@@ -143,18 +143,18 @@ def _scale_shift_model(
 ) -> onnx.ModelProto:
     """out = in * scale (+ shift): the shape of most small FP32 test models."""
     nodes = [helper.make_node("Mul", [in_name, "scale"], ["scaled" if shift is not None else out_name])]
-    initializers = [_const("scale", np.array(scale, dtype=np.float32))]
+    initializers = [const("scale", np.array(scale, dtype=np.float32))]
     if shift is not None:
         nodes.append(helper.make_node("Add", ["scaled", "shift"], [out_name]))
-        initializers.append(_const("shift", np.array(shift, dtype=np.float32)))
+        initializers.append(const("shift", np.array(shift, dtype=np.float32)))
     graph = helper.make_graph(
         nodes,
         "scale_shift",
-        [_value_info(in_name, TensorProto.FLOAT, shape)],
-        [_value_info(out_name, TensorProto.FLOAT, shape)],
+        [value_info(in_name, TensorProto.FLOAT, shape)],
+        [value_info(out_name, TensorProto.FLOAT, shape)],
         initializer=initializers,
     )
-    return _model(graph)
+    return onnx_model(graph)
 
 
 def _write_version(model_dir: Path, version: int, model: onnx.ModelProto | bytes) -> None:
@@ -168,17 +168,17 @@ def _write_config(model_dir: Path, text: str) -> None:
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
 
 
-_INSTANCE_GROUP_CPU: Final = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+INSTANCE_GROUP_CPU: Final = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
 
 
 # --- the models ---
 
 
 def _build_tiny(model_dir: Path, name: str) -> None:
-    _write_version(model_dir, 1, _scale_shift_model("INPUT0", "OUTPUT0", ["batch", TINY_SIZE], 2.0, 1.0))
+    _write_version(model_dir, 1, scale_shift_model("INPUT0", "OUTPUT0", ["batch", TINY_SIZE], 2.0, 1.0))
     spec_in = TensorSpec("INPUT0", "TYPE_FP32", (TINY_SIZE,))
     spec_out = TensorSpec("OUTPUT0", "TYPE_FP32", (TINY_SIZE,))
-    extra = _INSTANCE_GROUP_CPU + "dynamic_batching { }\n"
+    extra = INSTANCE_GROUP_CPU + "dynamic_batching { }\n"
     _write_config(model_dir, render_config(name, 128, [spec_in], [spec_out], extra))
 
 
@@ -194,7 +194,7 @@ def _build_mlp(model_dir: Path, name: str) -> None:
         # Small weights keep activations bounded through two 4096-wide ReLU layers.
         weight = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) * 0.02).astype(np.float32)
         bias = (rng.standard_normal(fan_out, dtype=np.float32) * 0.02).astype(np.float32)
-        initializers += [_const(f"w{layer}", weight), _const(f"b{layer}", bias)]
+        initializers += [const(f"w{layer}", weight), const(f"b{layer}", bias)]
         is_last = layer == layer_count - 1
         gemm_out = "OUTPUT0" if is_last else f"gemm{layer}"
         nodes.append(helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [gemm_out]))
@@ -204,15 +204,15 @@ def _build_mlp(model_dir: Path, name: str) -> None:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [_value_info("INPUT0", TensorProto.FLOAT, ["batch", MLP_INPUT_SIZE])],
-        [_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", MLP_OUTPUT_SIZE])],
+        [value_info("INPUT0", TensorProto.FLOAT, ["batch", MLP_INPUT_SIZE])],
+        [value_info("OUTPUT0", TensorProto.FLOAT, ["batch", MLP_OUTPUT_SIZE])],
         initializer=initializers,
     )
-    _write_version(model_dir, 1, _model(graph))
+    _write_version(model_dir, 1, onnx_model(graph))
     spec_in = TensorSpec("INPUT0", "TYPE_FP32", (MLP_INPUT_SIZE,))
     spec_out = TensorSpec("OUTPUT0", "TYPE_FP32", (MLP_OUTPUT_SIZE,))
     extra = (
-        _INSTANCE_GROUP_CPU
+        INSTANCE_GROUP_CPU
         + "# Starting point only: bench/bench.py sweeps concurrency; tune this delay against its numbers.\n"
         + "dynamic_batching {\n  max_queue_delay_microseconds: 2000\n}\n"
     )
@@ -227,10 +227,10 @@ def _build_simple(model_dir: Path, name: str) -> None:
             helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
         ],
         "simple",
-        [_value_info("INPUT0", TensorProto.INT32, shape), _value_info("INPUT1", TensorProto.INT32, shape)],
-        [_value_info("OUTPUT0", TensorProto.INT32, shape), _value_info("OUTPUT1", TensorProto.INT32, shape)],
+        [value_info("INPUT0", TensorProto.INT32, shape), value_info("INPUT1", TensorProto.INT32, shape)],
+        [value_info("OUTPUT0", TensorProto.INT32, shape), value_info("OUTPUT1", TensorProto.INT32, shape)],
     )
-    _write_version(model_dir, 1, _model(graph))
+    _write_version(model_dir, 1, onnx_model(graph))
     ins = [TensorSpec("INPUT0", "TYPE_INT32", (16,)), TensorSpec("INPUT1", "TYPE_INT32", (16,))]
     outs = [TensorSpec("OUTPUT0", "TYPE_INT32", (16,)), TensorSpec("OUTPUT1", "TYPE_INT32", (16,))]
     _write_config(model_dir, render_config(name, 8, ins, outs, "dynamic_batching { }\n"))
@@ -243,10 +243,10 @@ def _build_identity(model_dir: Path, name: str) -> None:
     graph = helper.make_graph(
         [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
         name,
-        [_value_info("INPUT0", elem_type, shape)],
-        [_value_info("OUTPUT0", elem_type, shape)],
+        [value_info("INPUT0", elem_type, shape)],
+        [value_info("OUTPUT0", elem_type, shape)],
     )
-    _write_version(model_dir, 1, _model(graph))
+    _write_version(model_dir, 1, onnx_model(graph))
     ins = [TensorSpec("INPUT0", config_type, (-1,))]
     outs = [TensorSpec("OUTPUT0", config_type, (-1,))]
     _write_config(model_dir, render_config(name, 8, ins, outs, "dynamic_batching { }\n"))
@@ -254,13 +254,13 @@ def _build_identity(model_dir: Path, name: str) -> None:
 
 def _build_autocomplete(model_dir: Path, name: str) -> None:
     # Deliberately no config.pbtxt: the server has to derive it from the graph.
-    _write_version(model_dir, 1, _scale_shift_model("x", "y", ["batch", 4], 3.0))
+    _write_version(model_dir, 1, scale_shift_model("x", "y", ["batch", 4], 3.0))
 
 
 def _build_versioned(model_dir: Path, name: str) -> None:
     for version in VERSIONED_VERSIONS:
         _write_version(
-            model_dir, version, _scale_shift_model("INPUT0", "OUTPUT0", ["batch", 4], float(version))
+            model_dir, version, scale_shift_model("INPUT0", "OUTPUT0", ["batch", 4], float(version))
         )
     ins = [TensorSpec("INPUT0", "TYPE_FP32", (4,))]
     outs = [TensorSpec("OUTPUT0", "TYPE_FP32", (4,))]
@@ -269,7 +269,7 @@ def _build_versioned(model_dir: Path, name: str) -> None:
 
 
 def _build_no_batch(model_dir: Path, name: str) -> None:
-    _write_version(model_dir, 1, _scale_shift_model("INPUT0", "OUTPUT0", [2, 3], 1.0, 1.0))
+    _write_version(model_dir, 1, scale_shift_model("INPUT0", "OUTPUT0", [2, 3], 1.0, 1.0))
     ins = [TensorSpec("INPUT0", "TYPE_FP32", (2, 3))]
     outs = [TensorSpec("OUTPUT0", "TYPE_FP32", (2, 3))]
     _write_config(model_dir, render_config(name, 0, ins, outs))
