@@ -47,13 +47,16 @@ class ModelStats:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
-    def executed(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+    def executed(self, rows: int, input_ns: int, infer_ns: int, output_ns: int, *, requests: int = 1) -> None:
+        """One execution of `requests` requests holding `rows` rows. As in Triton, each request
+        is charged the whole execution's time (what it waited for), so perf_analyzer's compute
+        per request is the execution's time, not that divided by the batch."""
         self.executions += 1
         self.inferences += rows
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self.compute_input.add(input_ns, rows)
-        self.compute_infer.add(infer_ns, rows)
-        self.compute_output.add(output_ns, rows)
+        self.compute_input.add(max(0, input_ns) * requests, requests)
+        self.compute_infer.add(max(0, infer_ns) * requests, requests)
+        self.compute_output.add(max(0, output_ns) * requests, requests)
         batch = self.batches.setdefault(rows, BatchStats())
         batch.compute_input.add(input_ns)
         batch.compute_infer.add(infer_ns)

@@ -264,7 +264,9 @@ class BatchRunner(_Runner):
             for item in batch:
                 await self._answers.fail(item, error)
             return
-        self._stats.executed(rows, infer_ns - started_ns, output_ns - infer_ns, done_ns - output_ns)
+        self._stats.executed(
+            rows, infer_ns - started_ns, output_ns - infer_ns, done_ns - output_ns, requests=len(batch)
+        )
         if self._throttle_s:
             await asyncio.sleep(self._throttle_s)
         # Encoding and publishing a large batch's answers takes milliseconds of loop time: do
@@ -372,7 +374,7 @@ class _SinkRunner(_Runner):
             failure = InternalError(f"model '{self._spec.name}' failed: {type(exc).__name__}: {exc}")
             log.warning("%s", failure.message)
         rows = sum(item.batch_size for item in batch)
-        self._stats.executed(rows, 0, time.perf_counter_ns() - started_ns, 0)
+        self._stats.executed(rows, 0, time.perf_counter_ns() - started_ns, 0, requests=len(batch))
         if failure is not None or not decoupled:
             # Whatever the model left unanswered gets an answer now: the failure, or for an
             # ordinary model the fact that it returned no response. The pump drops it for a

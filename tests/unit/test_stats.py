@@ -8,14 +8,15 @@ import pytest
 from natron.stats import ModelStats, empty_stats, failure_reason, merge, to_triton
 
 
-def test_an_execution_counts_its_rows_and_each_phase_per_row_and_per_batch_size() -> None:
+def test_an_execution_counts_its_rows_and_charges_each_request_the_whole_execution() -> None:
     stats = ModelStats()
-    stats.executed(rows=3, input_ns=30, infer_ns=300, output_ns=3)
-    stats.executed(rows=3, input_ns=10, infer_ns=100, output_ns=1)
+    stats.executed(rows=3, input_ns=30, infer_ns=300, output_ns=3, requests=2)
+    stats.executed(rows=3, input_ns=10, infer_ns=100, output_ns=1, requests=3)
     stats.executed(rows=1, input_ns=-5, infer_ns=50, output_ns=2)  # a clock step back counts 0 ns
     assert (stats.executions, stats.inferences) == (3, 7)
-    assert stats.compute_infer.to_json() == {"count": 7, "ns": 450}
-    assert stats.compute_input.to_json() == {"count": 7, "ns": 40}
+    # Triton's way: compute counts requests, and each is charged its execution's time.
+    assert stats.compute_infer.to_json() == {"count": 6, "ns": 2 * 300 + 3 * 100 + 50}
+    assert stats.compute_input.to_json() == {"count": 6, "ns": 2 * 30 + 3 * 10}
     assert stats.batches[3].compute_infer.to_json() == {"count": 2, "ns": 400}
     assert stats.batches[1].compute_infer.to_json() == {"count": 1, "ns": 50}
     assert stats.last_inference_ms > 0
@@ -23,11 +24,11 @@ def test_an_execution_counts_its_rows_and_each_phase_per_row_and_per_batch_size(
 
 def test_merging_two_workers_adds_every_counter_and_keeps_the_latest_inference() -> None:
     one, two = ModelStats(), ModelStats()
-    one.executed(rows=2, input_ns=1, infer_ns=10, output_ns=1)
+    one.executed(rows=2, input_ns=1, infer_ns=10, output_ns=1, requests=2)
     one.success.add(100, count=2)
     one.failed("BACKEND", 5)
-    two.executed(rows=2, input_ns=2, infer_ns=20, output_ns=2)
-    two.executed(rows=8, input_ns=4, infer_ns=80, output_ns=4)
+    two.executed(rows=2, input_ns=2, infer_ns=20, output_ns=2, requests=2)
+    two.executed(rows=8, input_ns=4, infer_ns=80, output_ns=4, requests=8)
     two.success.add(300, count=10)
     two.failed("BACKEND", 7)
     two.failed("CANCELED", 9)
@@ -39,7 +40,7 @@ def test_merging_two_workers_adds_every_counter_and_keeps_the_latest_inference()
     assert (total["executions"], total["inferences"]) == (3, 12)
     assert total["last_inference_ms"] == one.last_inference_ms + 1000
     assert total["success"] == {"count": 12, "ns": 400}
-    assert total["compute_infer"] == {"count": 12, "ns": 110}
+    assert total["compute_infer"] == {"count": 12, "ns": 10 * 2 + 20 * 2 + 80 * 8}
     assert total["fail"] == {"BACKEND": {"count": 2, "ns": 12}, "CANCELED": {"count": 1, "ns": 9}}
     assert total["batches"]["2"]["compute_infer"] == {"count": 2, "ns": 30}
     assert total["batches"]["8"]["compute_output"] == {"count": 1, "ns": 4}
