@@ -164,6 +164,18 @@ class EnsembleBackend:
             return False  # the call reports the missing model
         return bool(spec and spec.decoupled)
 
+    def _coalescing(self, step: Step, step_request: InferRequest) -> tuple[int, int]:
+        """(rows, max_rows) for the requester: concurrent pipelines' calls of a batching step
+        model share broker messages, as the gateway's do. The worker validates the request;
+        a wrong row count here only fails that request there."""
+        try:
+            spec = self._mesh.registry.get(step.model).spec
+        except NatronError:
+            return 1, 1
+        if spec is None or not spec.batching or not step_request.inputs or not step_request.inputs[0].shape:
+            return 1, 1
+        return max(1, step_request.inputs[0].shape[0]), spec.max_batch_size
+
     def _step_request(
         self, step: Step, request: InferRequest, tensors: dict[str, Tensor], deadline_ns: int
     ) -> tuple[InferRequest, str, float]:
@@ -192,7 +204,10 @@ class EnsembleBackend:
     ) -> list[Tensor]:
         try:
             step_request, target, timeout_s = self._step_request(step, request, tensors, deadline_ns)
-            response = await self._mesh.requester.infer(step_request, target, timeout_s)
+            rows, max_rows = self._coalescing(step, step_request)
+            response = await self._mesh.requester.infer(
+                step_request, target, timeout_s, rows=rows, max_rows=max_rows
+            )
         except NatronError as exc:
             raise self._step_error(step, exc) from None
         return response.outputs

@@ -89,6 +89,7 @@ class ModelInstance:
             name,
             cancelled=self._cancelled.__contains__,
             throttle_s=throttle_s,
+            waiting=lambda: puller.held,
         )
         self._batcher = Batcher(puller, self._runner.policy())
 

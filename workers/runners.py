@@ -42,8 +42,11 @@ from workers.batcher import Admitted, BatchPolicy, group, join, split
 
 log = logging.getLogger(__name__)
 
-# A batch predicted to run faster than this runs on the event loop (see BatchRunner._run).
+# A batch predicted to run faster than this runs on the event loop (see BatchRunner._run)...
 INLINE_BUDGET_S = 0.0003
+# ...and one faster than this when the instance has nothing else to do: nothing more delivered,
+# no answers being sent. It bounds how long other models' work on this worker may wait.
+IDLE_INLINE_BUDGET_S = 0.001
 MAX_ASYNC_IN_FLIGHT = 256
 
 # The next requests of an instance, admitted; empty when nothing came (the puller closed).
@@ -228,10 +231,12 @@ class BatchRunner(_Runner):
         name: str,
         *,
         throttle_s: float = 0.0,
+        waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         super().__init__(spec, answers, stats, name)
         self._backend = backend
         self._throttle_s = throttle_s
+        self._waiting = waiting  # requests delivered to the instance, not yet taken
         # One thread per instance: the backend runs one batch at a time, and the event loop
         # keeps serving NATS pings, heartbeats and other instances meanwhile.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -283,12 +288,17 @@ class BatchRunner(_Runner):
         (rows rounded up to a power of two) last computed in under INLINE_BUDGET_S (measured
         without the hand-off) runs on the loop;
         anything unmeasured or slower runs in the instance's thread, so NATS pings and
-        heartbeats never wait longer than that budget.
+        heartbeats never wait longer than that budget. When the instance is idle otherwise
+        (nothing more delivered, no answers being sent), the thread would only add its
+        wake-ups to the request's latency, so up to IDLE_INLINE_BUDGET_S runs on the loop too.
         """
         size_class = 1 << (rows - 1).bit_length()
         estimate_s = self._cost_s.get(size_class)
         execute = self._backend.execute
-        if estimate_s is not None and estimate_s < INLINE_BUDGET_S:
+        if estimate_s is not None and (
+            estimate_s < INLINE_BUDGET_S
+            or (estimate_s < IDLE_INLINE_BUDGET_S and not self._tasks and not self._waiting())
+        ):
             started_s = time.perf_counter()
             results = execute(feeds, wanted)
             elapsed_s = time.perf_counter() - started_s
@@ -527,13 +537,14 @@ def runner_for(
     *,
     cancelled: Callable[[str], bool],
     throttle_s: float = 0.0,
+    waiting: Callable[[], int] = lambda: 0,
 ) -> Runner:
     """The runner for the backend's shape; decided once, when the instance is built."""
     if hasattr(backend, "execute_async"):
         return AsyncRunner(backend, spec, answers, stats, name, cancelled=cancelled)  # type: ignore[arg-type]
     if hasattr(backend, "execute_requests"):
         return RequestRunner(backend, spec, answers, stats, name, cancelled=cancelled)  # type: ignore[arg-type]
-    return BatchRunner(backend, spec, version, answers, stats, name, throttle_s=throttle_s)
+    return BatchRunner(backend, spec, version, answers, stats, name, throttle_s=throttle_s, waiting=waiting)
 
 
 def _timed(
