@@ -26,6 +26,8 @@ class FleetView:
     def __init__(self) -> None:
         self._mirror = BucketMirror("worker report", WorkerReport.from_json)
         self._workers = self._mirror.values
+        # Set once the workers' reports present at start have been read.
+        self.synced = self._mirror.synced
         self.tasks = EssentialTasks("fleet view")
 
     @property

@@ -33,7 +33,7 @@ from broker import jetstream
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
 from gateway.app import create_app, essential_tasks
-from gateway.keys import REGISTRY, GatewayOptions
+from gateway.keys import FLEET, REGISTRY, GatewayOptions
 from gateway.metrics import GatewayMetrics
 from gateway.stats import create_metrics_app
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
@@ -165,7 +165,9 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         if shared:
             # Joining a port that others serve: take connections only once the model view is
             # in, or a restarted gateway's first clients get 404 for models its siblings serve.
+            # The fleet view too: a restarted gateway's statistics must not read zero.
             await until(stop, app[REGISTRY].synced.wait(), essential)
+            await until(stop, app[FLEET].synced.wait(), essential)
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=shared)
         await site.start()
         if shared:
