@@ -7,11 +7,13 @@ import asyncio
 import itertools
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway import kserve
-from gateway.keys import METRICS, OPTIONS, REQUESTER, model_view
+from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
 from natron.errors import InvalidArgument, NatronError, Unsupported
 
 log = logging.getLogger(__name__)
@@ -21,21 +23,59 @@ log = logging.getLogger(__name__)
 _ID_PREFIX = f"gw{os.getpid():x}-"
 _ids = itertools.count(1)
 
-_REQUEST_ID = "natron_request_id"
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
+@dataclass(slots=True)
+class InferAnswer:
+    """A successful infer's HTTP body, and its JSON header's length when binary outputs
+    follow it (the `Inference-Header-Content-Length` response header); None: all JSON."""
+
+    body: bytes
+    json_length: int | None
+
+
+# The request's header lookup (case-insensitive) and its body, however the HTTP layer has them.
+HeaderLookup = Callable[[str], "str | None"]
+BodyReader = Callable[[], Awaitable[bytes]]
+
+
 async def infer(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    model = request.match_info["model"]
+    """The aiohttp route; gateway/fastpath.py serves the same through `handle`."""
+    answer = await handle(
+        request.app,
+        request.match_info["model"],
+        request.match_info.get("version", ""),
+        request.headers.get,
+        request.read,
+    )
+    if answer.json_length is None:
+        return web.Response(body=answer.body, content_type="application/json")
+    return web.Response(
+        body=answer.body,
+        content_type="application/octet-stream",
+        headers={kserve.HEADER_LENGTH_HEADER: str(answer.json_length)},
+    )
+
+
+async def handle(
+    app: web.Application, model: str, version: str, header: HeaderLookup, read: BodyReader
+) -> InferAnswer:
+    """One infer, whatever carried it over HTTP: the answer, or the NatronError (or aiohttp's
+    HTTPException, from reading the body) whose status the client gets. Counted and logged."""
+    metrics = app[METRICS]
     loop = asyncio.get_running_loop()
     started_s = loop.time()
     status = 500
+    names = ["-"]  # the request id for the log, once known
     try:
-        response = await _infer(request)
-        status = response.status
-        return response
+        answer = await _infer(app, model, version, header, read, names)
+        status = 200
+        return answer
     except NatronError as exc:
+        status = exc.status
+        raise
+    except web.HTTPException as exc:
         status = exc.status
         raise
     except asyncio.CancelledError:
@@ -43,8 +83,8 @@ async def infer(request: web.Request) -> web.Response:
         raise
     finally:
         duration_s = loop.time() - started_s
-        metrics.observe(model, request.match_info.get("version", ""), status, duration_s)
-        request_id = request.get(_REQUEST_ID, "-")
+        metrics.observe(model, version, status, duration_s)
+        request_id = names[0]
         if status >= 500:
             log.warning("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
         elif status == 499:
@@ -55,8 +95,10 @@ async def infer(request: web.Request) -> web.Response:
             log.debug("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
 
 
-async def _infer(request: web.Request) -> web.Response:
-    view, version = model_view(request)
+async def _infer(
+    app: web.Application, model: str, version: str, header: HeaderLookup, read: BodyReader, names: list[str]
+) -> InferAnswer:
+    view = app[REGISTRY].get(model)
     target = view.resolve(version)
     spec = view.spec
     if spec is None:
@@ -64,7 +106,7 @@ async def _infer(request: web.Request) -> web.Response:
     if spec.decoupled:
         raise Unsupported(f"model '{spec.name}' is decoupled: use the generate_stream or WebSocket endpoints")
     header_length: int | None = None
-    raw_length = request.headers.get(kserve.HEADER_LENGTH_HEADER)
+    raw_length = header(kserve.HEADER_LENGTH_HEADER)
     if raw_length is not None:
         try:
             header_length = int(raw_length)
@@ -72,20 +114,20 @@ async def _infer(request: web.Request) -> web.Response:
             raise InvalidArgument(
                 f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
             ) from None
-    body = await request.read()
+    body = await read()
     parsed = kserve.parse_infer_body(body, header_length, spec.name, target)
     rows = spec.validate(parsed.request)
     request_id = parsed.request.id
     if not request_id:
         # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
         parsed.request.id = f"{_ID_PREFIX}{next(_ids)}"
-    request[_REQUEST_ID] = parsed.request.id
-    options = request.app[OPTIONS]
+    names[0] = parsed.request.id
+    options = app[OPTIONS]
     timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
     # W3C trace context travels on to the worker, so a configured tracer can join the spans.
-    trace = {k: v for k in _TRACE_HEADERS if (v := request.headers.get(k)) is not None}
+    trace = {k: v for k in _TRACE_HEADERS if (v := header(k)) is not None}
     # Requests of a batching model may share a broker message with others of the same moment.
-    response = await request.app[REQUESTER].infer(
+    response = await app[REQUESTER].infer(
         parsed.request,
         target,
         timeout_s,
@@ -94,10 +136,4 @@ async def _infer(request: web.Request) -> web.Response:
         max_rows=spec.max_batch_size if spec.batching else 1,
     )
     out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
-    if json_length is None:
-        return web.Response(body=out, content_type="application/json")
-    return web.Response(
-        body=out,
-        content_type="application/octet-stream",
-        headers={kserve.HEADER_LENGTH_HEADER: str(json_length)},
-    )
+    return InferAnswer(out, json_length)

@@ -33,6 +33,7 @@ from broker import jetstream
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
 from gateway.app import create_app, essential_tasks
+from gateway.fastpath import FastPath
 from gateway.keys import FLEET, REGISTRY, GatewayOptions
 from gateway.metrics import GatewayMetrics
 from gateway.stats import create_metrics_app
@@ -157,6 +158,21 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     # open streams end by then too, with a last frame. handler_cancellation: a client that
     # closes its connection cancels its request, and the requester tells the worker to drop it.
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s, handler_cancellation=True)
+
+    # Connections start on the infer fast path and go to aiohttp at their first other request
+    # (gateway/fastpath.py); its requests in flight drain with aiohttp's on shutdown.
+    def aiohttp_connection() -> asyncio.Protocol:
+        server = runner.server
+        assert server is not None, "the runner is set up before the listener opens"
+        return server()
+
+    fast = FastPath(app, aiohttp_connection, options.max_body_bytes)
+
+    async def drain_fast_path(_: web.Application) -> None:
+        await fast.shutdown(drain_s)
+
+    app.on_shutdown.append(drain_fast_path)
+    listener: asyncio.Server | None = None
     metrics_runner: web.AppRunner | None = None
     try:
         # Startup (connecting, the cleanup contexts) ends early on SIGTERM; whatever opened
@@ -168,8 +184,9 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
             # The fleet view too: a restarted gateway's statistics must not read zero.
             await until(stop, app[REGISTRY].synced.wait(), essential)
             await until(stop, app[FLEET].synced.wait(), essential)
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True, reuse_port=shared)
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            fast, host, port, backlog=1024, reuse_address=True, reuse_port=shared or None
+        )
         if shared:
             log.info(
                 "gateway %d of %d listening on http://%s:%d (port shared)",
@@ -186,6 +203,8 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
 
 
