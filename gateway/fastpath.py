@@ -163,7 +163,10 @@ class FastConnection(asyncio.Protocol):
             # Malformed, or something this path does not read: aiohttp answers it as before.
             self._begin_hand_over()
         else:
-            if not self._buffer and self._task is None:
+            if not self._head_bytes and len(self._buffer) > _MAX_HEAD_BYTES:
+                # A header block without end in sight: aiohttp's limits answer it.
+                self._begin_hand_over()
+            elif self._task is None:
                 self._arm_idle()
 
     # -- the parser's callbacks --------------------------------------------------------------
@@ -172,6 +175,7 @@ class FastConnection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._match = None
+        self._head_bytes = 0  # until the header block is complete
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -214,6 +218,7 @@ class FastConnection(asyncio.Protocol):
             raise _HandOver  # cannot happen with llhttp's framing; aiohttp would judge it
         body = bytes(self._buffer[self._head_bytes : total])
         del self._buffer[:total]
+        self._head_bytes = 0
         model, version = self._match.group(1), self._match.group(2)
         self._queue.append(_Request(model.decode(), version.decode() if version else "", self._headers, body))
         if self._task is None:
@@ -240,7 +245,7 @@ class FastConnection(asyncio.Protocol):
             self._complete_hand_over()
         elif self._closing:
             self.abort_if_open()
-        elif not self._buffer:
+        else:
             self._arm_idle()
 
     async def _answer(self, request: _Request) -> None:
@@ -285,7 +290,7 @@ class FastConnection(asyncio.Protocol):
             len(body),
             extra,
         )
-        transport.write(head + body)
+        transport.writelines((head, body))
 
     # -- handing over, closing ---------------------------------------------------------------
 

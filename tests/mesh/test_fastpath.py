@@ -181,3 +181,11 @@ def test_a_client_that_leaves_mid_body_leaves_the_server_serving(served: Served)
     with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
         sock.sendall(infer_request(2.0))
         assert_tiny(Reader(sock).response(), 2.0)
+
+
+def test_a_header_block_without_end_in_sight_gets_aiohttps_refusal(conn: socket.socket) -> None:
+    # 20 KiB of headers and no empty line: the fast path stops buffering and aiohttp's own
+    # limits (8190 bytes a line) refuse it.
+    conn.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: 5\r\nX-Long: " + b"a" * 20 * 1024)
+    status, _, body = Reader(conn).response()
+    assert status in (400, 431), body
