@@ -5,7 +5,7 @@ restarted gateway or orchestrator knows everything at once and holds no state of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.js.kv import KeyValue
 
@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 class ModelView:
     record: ModelRecord
     spec: ModelSpec | None  # None when the config is broken
+    # The highest READY version, worked out once per record rather than on every request.
+    latest: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        ready = self.record.ready_versions()
+        object.__setattr__(self, "latest", ready[0] if ready else None)
 
     def resolve(self, version: str) -> str:
         """The version a request goes to: as asked, or the highest READY one."""
@@ -35,14 +41,13 @@ class ModelView:
                 reason = f": {state.reason}" if state.reason else ""
                 raise Unavailable(f"model '{name}' version {version} is {state.state}{reason}")
             return version
-        ready = self.record.ready_versions()
-        if not ready:
-            reasons = "; ".join(
-                f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}"
-                for v, s in self.record.versions.items()
-            )
-            raise Unavailable(f"model '{name}' has no READY version: {reasons or self.record.reason}")
-        return ready[0]
+        if self.latest is not None:
+            return self.latest
+        reasons = "; ".join(
+            f"v{v} {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+            for v, s in self.record.versions.items()
+        )
+        raise Unavailable(f"model '{name}' has no READY version: {reasons or self.record.reason}")
 
 
 class ModelRegistry:
