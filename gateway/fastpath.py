@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -124,6 +125,7 @@ class FastConnection(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_since_s: float | None = None  # loop time the connection went idle, if it is
 
     # -- the transport's callbacks -----------------------------------------------------------
 
@@ -135,7 +137,7 @@ class FastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._owner.forget(self)
-        self._disarm_idle()
+        self._cancel_idle()
         self._queue.clear()
         if self._task is not None:
             self._task.cancel()  # the client went away: its request is dropped (499)
@@ -279,13 +281,8 @@ class FastConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:  # a status of natron's own numbering (499 is never written)
-            reason = b"Error"
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
-            status,
-            reason,
+        head = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n" % (
+            _status_line(status),
             content_type,
             len(body),
             extra,
@@ -296,7 +293,7 @@ class FastConnection(asyncio.Protocol):
 
     def _begin_hand_over(self) -> None:
         self._hand_over = True
-        self._disarm_idle()
+        self._cancel_idle()
         if self._task is None:
             self._complete_hand_over()
         elif self._transport is not None and not self._reading_paused:
@@ -335,13 +332,43 @@ class FastConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _arm_idle(self) -> None:
-        self._disarm_idle()
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT_S, self.abort_if_open)
+        """Count the keep-alive timeout from now. One timer per connection, moved on only when
+        it fires: a timer made and cancelled per request would cost more than its check."""
+        loop = asyncio.get_running_loop()
+        self._idle_since_s = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(KEEPALIVE_TIMEOUT_S, self._check_idle)
 
     def _disarm_idle(self) -> None:
+        self._idle_since_s = None
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        if self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._idle_since_s is None:
+            delay_s = KEEPALIVE_TIMEOUT_S  # busy: look again a timeout later
+        else:
+            delay_s = self._idle_since_s + KEEPALIVE_TIMEOUT_S - loop.time()
+            if delay_s <= 0:
+                self.abort_if_open()
+                return
+        self._idle = loop.call_later(delay_s, self._check_idle)
+
+    def _cancel_idle(self) -> None:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+
+
+@functools.cache
+def _status_line(status: int) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase.encode()
+    except ValueError:  # not a status HTTP names
+        reason = b"Error"
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
 
 
 def _reader(body: bytes) -> infer.BodyReader:
