@@ -167,11 +167,14 @@ class Requester:
         if max_rows <= 1 or data_bytes > COALESCE_MAX_REQUEST_BYTES:
             return await self._infer_alone(request, version, timeout_s, deadline_ns, pending, headers)
         key = (request.model, version)
-        batch = self._open.get(key)
-        leader = batch is None or not batch.fits(rows, data_bytes + _COALESCE_ENTRY_BYTES)
-        if batch is None or leader:
-            batch = _Batch(request.model, version, max_rows)
-            self._open[key] = batch
+        # The first request of the turn (or the first that no longer fits) opens a batch and
+        # publishes it; the others join it.
+        open_batch = self._open.get(key)
+        leader = open_batch is None or not open_batch.fits(rows, data_bytes + _COALESCE_ENTRY_BYTES)
+        if open_batch is None or leader:
+            batch = self._open[key] = _Batch(request.model, version, max_rows)
+        else:
+            batch = open_batch
         batch.entries.append((request, deadline_ns, headers))
         batch.pendings.append(pending)
         batch.rows += rows
