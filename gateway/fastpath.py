@@ -5,11 +5,11 @@ middleware chain, header objects, the payload stream, the response writer) costs
 request than natron's own infer work: measured on the 2-core development machine, a bare
 aiohttp handler doing the JSON work of `tiny` took 182 µs of CPU per request, the same work
 behind an asyncio protocol on httptools (the llhttp parser that uvicorn uses) 47 µs, and
-Triton's whole server 173 µs. So every connection starts here, and only the plainest and by
-far the commonest request is served here: `POST /v2/models/<m>[/versions/<v>]/infer`, HTTP/1.1,
-keep-alive, with a Content-Length body and nothing that asks for more (no Transfer-Encoding,
-Content-Encoding, Expect, Upgrade or query string). It is answered by the same code as aiohttp's route
-(`gateway.infer.handle`).
+Triton's whole server 162-180 µs. So every connection starts here, and only the plainest and
+by far the commonest request is served here: `POST /v2/models/<m>[/versions/<v>]/infer`,
+HTTP/1.1, keep-alive, with a Content-Length body and nothing that asks for more (no
+Transfer-Encoding, Content-Encoding, Expect, Upgrade or query string). It is answered by the
+same code as aiohttp's route (`gateway.infer.handle`).
 
 Any other request hands the connection over to aiohttp for good: its bytes, from the first
 byte of that request on, go to an aiohttp request handler that takes the transport's place, so
