@@ -5,7 +5,7 @@ middleware chain, header objects, the payload stream, the response writer) costs
 request than natron's own infer work: measured on the 2-core development machine, a bare
 aiohttp handler doing the JSON work of `tiny` took 182 µs of CPU per request, the same work
 behind an asyncio protocol on httptools (the llhttp parser that uvicorn uses) 47 µs, and
-Triton's whole server 162-180 µs. So every connection starts here, and only the plainest and
+Triton's whole server 157-180 µs. So every connection starts here, and only the plainest and
 by far the commonest request is served here: `POST /v2/models/<m>[/versions/<v>]/infer`,
 HTTP/1.1, keep-alive, with a Content-Length body and nothing that asks for more (no
 Transfer-Encoding, Content-Encoding, Expect, Upgrade or query string). It is answered by the
