@@ -5,6 +5,7 @@ a hand-built coalesced message (docs/wire-format.md) is answered request by requ
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ from nats.aio.msg import Msg
 from broker import codec, reply
 from broker.requester import Requester
 from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, Subjects
-from natron.errors import DeadlineExceeded, InvalidArgument, NatronError
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable
 from natron.inference import InferRequest, InferResponse, Tensor
 from tests.harness import Served
 
@@ -35,13 +36,18 @@ async def nc(served: Served) -> AsyncIterator[Client]:
     await connection.close()
 
 
+# Request ids unique across the module: workers remember cancelled ids for two minutes, and one
+# test here cancels a request.
+_ids = itertools.count()
+
+
 def tiny(i: int, rows: int = 1, datatype: str = "FP32") -> InferRequest:
     data = np.full((rows, 16), i, dtype=np.float32 if datatype == "FP32" else np.int32)
-    return InferRequest(f"c{i}", "tiny", "1", [Tensor("INPUT0", datatype, (rows, 16), data)])
+    return InferRequest(f"c{i}-{next(_ids)}", "tiny", "1", [Tensor("INPUT0", datatype, (rows, 16), data)])
 
 
 def check(answer: InferResponse, i: int, rows: int = 1) -> None:
-    assert answer.id == f"c{i}"
+    assert answer.id.startswith(f"c{i}-")
     np.testing.assert_array_equal(answer.outputs[0].data, np.full((rows, 16), 2 * i + 1, np.float32))
 
 
@@ -184,3 +190,37 @@ async def test_a_coalesced_message_that_cannot_be_read_gets_one_error_for_all(
     assert BATCH not in (msg.headers or {})
     decoded = reply.decode_batch_reply(msg)
     assert isinstance(decoded, InvalidArgument) and message in decoded.message
+
+
+async def test_a_short_deadline_fails_alone_among_requests_sharing_its_message(nc: Client) -> None:
+    async with Requester(nc, SUBJECTS) as requester:
+        before = nc.stats["out_msgs"]
+        results = await asyncio.gather(
+            *(
+                requester.infer(tiny(i), "1", 1e-6 if i == 1 else ANSWER_TIMEOUT_S, max_rows=128)
+                for i in range(4)
+            ),
+            return_exceptions=True,
+        )
+        assert nc.stats["out_msgs"] - before == 1
+    assert isinstance(results[1], DeadlineExceeded)
+    for i in (0, 2, 3):
+        result = results[i]
+        assert isinstance(result, InferResponse), result
+        check(result, i)
+
+
+async def test_a_batch_the_broker_cannot_take_fails_every_request_in_it_at_once(served: Served) -> None:
+    connection = await nats.connect(served.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    requester = Requester(connection, SUBJECTS)
+    await requester.start()
+    await connection.close()
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(requester.infer(tiny(i), "1", ANSWER_TIMEOUT_S, max_rows=128) for i in range(5)),
+            return_exceptions=True,
+        ),
+        ANSWER_TIMEOUT_S,
+    )
+    assert all(isinstance(r, Unavailable) for r in results), results
+    assert requester.in_flight == 0
