@@ -24,7 +24,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -188,10 +188,12 @@ class Requester:
                 except asyncio.CancelledError:
                     # This caller went away meanwhile; the others still wait for the batch.
                     await self._publish_batch(key, batch)
-                    await self._cancel(request, version)
+                    await self._cancel(request, version, self._reply_to(batch.token))
                     raise
                 await self._publish_batch(key, batch)
-            return await self._await(pending, request, version, timeout_s)
+            return await self._await(
+                pending, request, version, timeout_s, lambda: self._reply_to(batch.token)
+            )
         finally:
             batch.remaining -= 1
             if batch.remaining == 0 and batch.token:
@@ -214,12 +216,17 @@ class Requester:
             await self._publish(
                 request.model, version, payload, f"{self._inbox}.{token}", deadline_ns, headers
             )
-            return await self._await(pending, request, version, timeout_s)
+            return await self._await(pending, request, version, timeout_s, lambda: self._reply_to(token))
         finally:
             del self._pending[token]
 
     async def _await(
-        self, pending: _Pending, request: InferRequest, version: str, timeout_s: float
+        self,
+        pending: _Pending,
+        request: InferRequest,
+        version: str,
+        timeout_s: float,
+        reply_to: Callable[[], str],
     ) -> InferResponse:
         loop = asyncio.get_running_loop()
         # One timer on the future itself: cheaper than wait_for's wrapper on the hot path.
@@ -228,7 +235,7 @@ class Requester:
             return await pending.future
         except asyncio.CancelledError:
             # The caller went away (a closed HTTP connection): its queued work is dropped.
-            await self._cancel(request, version)
+            await self._cancel(request, version, reply_to())
             raise
         finally:
             timer.cancel()
@@ -299,7 +306,7 @@ class Requester:
         finally:
             del self._streams[token]
             if not finished:
-                await self._cancel(request, version)
+                await self._cancel(request, version, reply_to)
 
     async def _publish(
         self,
@@ -322,9 +329,20 @@ class Requester:
         except nats.errors.Error as exc:  # closed connection, full reconnect buffer
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
 
-    async def _cancel(self, request: InferRequest, version: str) -> None:
+    def _reply_to(self, token: str) -> str:
+        """Where the answers to `token` go; "" while it has none (a batch not yet published)."""
+        return f"{self._inbox}.{token}" if token else ""
+
+    async def _cancel(self, request: InferRequest, version: str, reply_to: str) -> None:
+        """Tell the workers the caller left. The reply subject names this request alone: a
+        request id may come again (clients choose them), and a later request with the same id
+        must not be dropped as cancelled."""
         try:
-            await self._nc.publish(self._subjects.cancel(request.model, version), request.id.encode())
+            await self._nc.publish(
+                self._subjects.cancel(request.model, version),
+                request.id.encode(),
+                headers={REPLY_TO: reply_to} if reply_to else None,
+            )
         except Exception:  # best effort: the deadline still bounds the work
             pass
 

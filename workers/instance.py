@@ -77,7 +77,10 @@ class ModelInstance:
         # Messages taken and not yet acknowledged, by id (Msg is unhashable).
         self._in_hand: dict[int, _Held] = {}
         # Request ids whose clients went away, with when the cancellation came (loop clock).
-        self._cancelled: dict[str, float] = {}
+        # Cancelled requests (their callers went away), with when the cancellation came (loop
+        # clock): by (request id, reply subject), or (request id, "") when the canceller did
+        # not say where the answers go and every request with that id is meant.
+        self._cancelled: dict[tuple[str, str], float] = {}
         self._stopping = False
         self._answers = Answers(Replier(nc, decoupled=spec.decoupled), spec, version, self.stats, self._ack)
         self._runner = runner_for(
@@ -87,7 +90,7 @@ class ModelInstance:
             self._answers,
             self.stats,
             name,
-            cancelled=self._cancelled.__contains__,
+            cancelled=self.is_cancelled,
             throttle_s=throttle_s,
             waiting=lambda: puller.held,
         )
@@ -97,14 +100,19 @@ class ModelInstance:
         """Serve until `stop()`; a failing batch never ends the loop."""
         await self._runner.serve(self._intake, lambda: not self._stopping)
 
-    def cancel(self, request_id: str) -> None:
-        """The client of `request_id` went away: drop it if queued, stop streaming it if running."""
+    def cancel(self, request_id: str, reply_to: str = "") -> None:
+        """The client of `request_id` (answered at `reply_to`; "": wherever) went away: drop
+        the request if queued, stop streaming it if running."""
         now_s = asyncio.get_running_loop().time()
-        self._cancelled[request_id] = now_s
+        self._cancelled[(request_id, reply_to)] = now_s
         # Remember a cancellation long enough for a request still in the queue to be dropped.
-        for old in [rid for rid, at in self._cancelled.items() if now_s - at > CANCEL_MEMORY_S]:
+        for old in [key for key, at in self._cancelled.items() if now_s - at > CANCEL_MEMORY_S]:
             del self._cancelled[old]
         self._runner.cancel(request_id)
+
+    def is_cancelled(self, request_id: str, reply_to: str) -> bool:
+        cancelled = self._cancelled
+        return bool(cancelled) and ((request_id, reply_to) in cancelled or (request_id, "") in cancelled)
 
     def stop(self) -> None:
         """Stop taking new work; the batch in hand completes."""
@@ -159,7 +167,7 @@ class ModelInstance:
             request_id = request.id
             raw_deadline = headers.get(DEADLINE_NS)
             deadline_ns = int(raw_deadline) if raw_deadline is not None else 0
-            batch_size = self._check(request, deadline_ns, now_ns)
+            batch_size = self._check(request, reply_to, deadline_ns, now_ns)
         except NatronError as exc:
             await self._answers.error(msg, reply_to, request_id, exc)
             return None
@@ -207,7 +215,7 @@ class ModelInstance:
                 if entry.error is not None:
                     raise entry.error
                 assert entry.request is not None
-                batch_size = self._check(entry.request, entry.deadline_ns, now_ns)
+                batch_size = self._check(entry.request, reply_to, entry.deadline_ns, now_ns)
             except NatronError as exc:
                 await self._answers.error(msg, reply_to, entry.request_id, exc, index=index)
                 continue
@@ -217,7 +225,7 @@ class ModelInstance:
             admitted.append(Admitted(msg, reply_to, entry.request, batch_size, entry.deadline_ns, index))
         return admitted
 
-    def _check(self, request: InferRequest, deadline_ns: int, now_ns: int) -> int | None:
+    def _check(self, request: InferRequest, reply_to: str, deadline_ns: int, now_ns: int) -> int | None:
         """Admission of a decoded request: its batch size, None when its client went away
         (nobody waits for it), or the NatronError that is its answer."""
         if deadline_ns and now_ns > deadline_ns:
@@ -227,7 +235,7 @@ class ModelInstance:
                 f"request for model '{request.model}' published to model '{self._spec.name}'"
             )
         batch_size = self._spec.validate(request)
-        if request.id in self._cancelled:
+        if self.is_cancelled(request.id, reply_to):
             return None
         return batch_size
 

@@ -353,7 +353,7 @@ class _SinkRunner(_Runner):
         stats: ModelStats,
         name: str,
         *,
-        cancelled: Callable[[str], bool],
+        cancelled: Callable[[str, str], bool],
     ) -> None:
         super().__init__(spec, answers, stats, name)
         self._any_backend = backend
@@ -409,7 +409,7 @@ class _SinkRunner(_Runner):
             if index not in open_requests:
                 continue  # answered already, or no such request: late or stray answers are dropped
             item = batch[index]
-            if self._cancelled(item.request.id):
+            if self._cancelled(item.request.id, item.reply_to):
                 if final:
                     open_requests.discard(index)
                 continue  # the client is gone: nothing more is sent
@@ -459,7 +459,7 @@ class RequestRunner(_SinkRunner):
         stats: ModelStats,
         name: str,
         *,
-        cancelled: Callable[[str], bool],
+        cancelled: Callable[[str, str], bool],
     ) -> None:
         super().__init__(backend, spec, answers, stats, name, cancelled=cancelled)
         self._backend = backend
@@ -488,7 +488,7 @@ class AsyncRunner(_SinkRunner):
         stats: ModelStats,
         name: str,
         *,
-        cancelled: Callable[[str], bool],
+        cancelled: Callable[[str, str], bool],
     ) -> None:
         super().__init__(backend, spec, answers, stats, name, cancelled=cancelled)
         self._backend = backend
@@ -535,7 +535,7 @@ def runner_for(
     stats: ModelStats,
     name: str,
     *,
-    cancelled: Callable[[str], bool],
+    cancelled: Callable[[str, str], bool],
     throttle_s: float = 0.0,
     waiting: Callable[[], int] = lambda: 0,
 ) -> Runner:

@@ -29,7 +29,7 @@ from nats.js.kv import KeyValue
 from broker import jetstream
 from broker.mirror import BucketMirror
 from broker.puller import CapacityPuller
-from broker.subjects import Subjects
+from broker.subjects import REPLY_TO, Subjects
 from natron import config as cfg
 from natron.errors import NatronError
 from natron.records import (
@@ -251,8 +251,10 @@ class Worker:
         # Cancellations (clients gone) reach every instance of the version on this worker.
         async def on_cancel(msg: Msg) -> None:
             request_id = msg.data.decode(errors="replace")
+            # With the request's reply subject, only the request answered there is meant.
+            reply_to = (msg.headers or {}).get(REPLY_TO, "")
             for instance in loaded.instances:
-                instance.cancel(request_id)
+                instance.cancel(request_id, reply_to)
 
         try:
             js = self._nc.jetstream()

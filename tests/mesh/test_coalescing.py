@@ -224,3 +224,23 @@ async def test_a_batch_the_broker_cannot_take_fails_every_request_in_it_at_once(
     )
     assert all(isinstance(r, Unavailable) for r in results), results
     assert requester.in_flight == 0
+
+
+async def test_a_cancellation_names_its_request_so_a_later_one_with_the_same_id_still_runs(
+    nc: Client,
+) -> None:
+    async with Requester(nc, SUBJECTS) as requester:
+        first = tiny(3)
+        # A caller that left: its cancellation names where its answer would have gone.
+        await nc.publish("natron.cancel.tiny.1", first.id.encode(), headers={REPLY_TO: "_INBOX.gone.1"})
+        await nc.flush()
+        # A new request that reuses the id (clients choose ids) is answered, alone or coalesced.
+        again = InferRequest(first.id, "tiny", "1", first.inputs)
+        alone = await requester.infer(again, "1", ANSWER_TIMEOUT_S)
+        together = await asyncio.gather(
+            requester.infer(again, "1", ANSWER_TIMEOUT_S, max_rows=128),
+            requester.infer(tiny(4), "1", ANSWER_TIMEOUT_S, max_rows=128),
+        )
+    check(alone, 3)
+    check(together[0], 3)
+    check(together[1], 4)
