@@ -34,20 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from examples.build_models import (
     INSTANCE_GROUP_CPU,
     TINY_SIZE,
     TensorSpec,
-    const,
-    onnx_model,
+    mlp_model,
     render_config,
     scale_shift_model,
     tensor_list,
-    value_info,
 )
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -117,30 +113,7 @@ class TritonPythonModel:
 
 
 def _mlp_graph() -> onnx.ModelProto:
-    rng = np.random.default_rng(2024)
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    current = "INPUT0"
-    layers = len(MLP_SIZES) - 1
-    for layer in range(layers):
-        fan_in, fan_out = MLP_SIZES[layer], MLP_SIZES[layer + 1]
-        weight = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) * 0.05).astype(np.float32)
-        bias = (rng.standard_normal(fan_out, dtype=np.float32) * 0.05).astype(np.float32)
-        initializers += [const(f"w{layer}", weight), const(f"b{layer}", bias)]
-        last = layer == layers - 1
-        gemm_out = "OUTPUT0" if last else f"gemm{layer}"
-        nodes.append(helper.make_node("Gemm", [current, f"w{layer}", f"b{layer}"], [gemm_out]))
-        if not last:
-            nodes.append(helper.make_node("Relu", [gemm_out], [f"relu{layer}"]))
-            current = f"relu{layer}"
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [value_info("INPUT0", TensorProto.FLOAT, ["batch", MLP_SIZES[0]])],
-        [value_info("OUTPUT0", TensorProto.FLOAT, ["batch", MLP_SIZES[-1]])],
-        initializer=initializers,
-    )
-    return onnx_model(graph)
+    return mlp_model(MLP_SIZES, seed=2024, scale=0.05)
 
 
 def _graph(model: str) -> onnx.ModelProto:

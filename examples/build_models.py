@@ -182,18 +182,18 @@ def _build_tiny(model_dir: Path, name: str) -> None:
     _write_config(model_dir, render_config(name, 128, [spec_in], [spec_out], extra))
 
 
-def _build_mlp(model_dir: Path, name: str) -> None:
-    rng = np.random.default_rng(1234)
-    sizes = (MLP_INPUT_SIZE, MLP_HIDDEN_SIZE, MLP_HIDDEN_SIZE, MLP_OUTPUT_SIZE)
+def mlp_model(sizes: Sequence[int], *, seed: int, scale: float) -> onnx.ModelProto:
+    """FP32 INPUT0 [batch, sizes[0]] -> Gemm+ReLU layers -> OUTPUT0 [batch, sizes[-1]], with
+    normal weights times `scale` (small enough to keep activations bounded through the layers)."""
+    rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
     current = "INPUT0"
     layer_count = len(sizes) - 1
     for layer in range(layer_count):
         fan_in, fan_out = sizes[layer], sizes[layer + 1]
-        # Small weights keep activations bounded through two 4096-wide ReLU layers.
-        weight = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) * 0.02).astype(np.float32)
-        bias = (rng.standard_normal(fan_out, dtype=np.float32) * 0.02).astype(np.float32)
+        weight = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) * scale).astype(np.float32)
+        bias = (rng.standard_normal(fan_out, dtype=np.float32) * scale).astype(np.float32)
         initializers += [const(f"w{layer}", weight), const(f"b{layer}", bias)]
         is_last = layer == layer_count - 1
         gemm_out = "OUTPUT0" if is_last else f"gemm{layer}"
@@ -204,11 +204,16 @@ def _build_mlp(model_dir: Path, name: str) -> None:
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [value_info("INPUT0", TensorProto.FLOAT, ["batch", MLP_INPUT_SIZE])],
-        [value_info("OUTPUT0", TensorProto.FLOAT, ["batch", MLP_OUTPUT_SIZE])],
+        [value_info("INPUT0", TensorProto.FLOAT, ["batch", sizes[0]])],
+        [value_info("OUTPUT0", TensorProto.FLOAT, ["batch", sizes[-1]])],
         initializer=initializers,
     )
-    _write_version(model_dir, 1, onnx_model(graph))
+    return onnx_model(graph)
+
+
+def _build_mlp(model_dir: Path, name: str) -> None:
+    sizes = (MLP_INPUT_SIZE, MLP_HIDDEN_SIZE, MLP_HIDDEN_SIZE, MLP_OUTPUT_SIZE)
+    _write_version(model_dir, 1, mlp_model(sizes, seed=1234, scale=0.02))
     spec_in = TensorSpec("INPUT0", "TYPE_FP32", (MLP_INPUT_SIZE,))
     spec_out = TensorSpec("OUTPUT0", "TYPE_FP32", (MLP_OUTPUT_SIZE,))
     extra = (
