@@ -146,7 +146,11 @@ def encode_request(request: InferRequest) -> bytes | memoryview:
 
 
 def decode_request(data: bytes | memoryview) -> InferRequest:
-    body = _unpack_map(data)
+    return _request(_unpack_map(data))
+
+
+def _request(body: dict[str, Any]) -> InferRequest:
+    """A request map's fields, checked (a plain message's body, or one of a coalesced one's)."""
     outputs = body.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise InvalidArgument("'outputs' must be a list of output names")
@@ -160,23 +164,28 @@ def decode_request(data: bytes | memoryview) -> InferRequest:
     )
 
 
+def _response_map(response: InferResponse, outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "v": WIRE_VERSION,
+        "id": response.id,
+        "model": response.model,
+        "version": response.version,
+        "outputs": outputs,
+        "parameters": response.parameters,
+    }
+
+
 def encode_response(response: InferResponse) -> bytes | memoryview:
     outputs = [_pack_tensor(t) for t in response.outputs]
-    return _pack_view(
-        {
-            "v": WIRE_VERSION,
-            "id": response.id,
-            "model": response.model,
-            "version": response.version,
-            "outputs": outputs,
-            "parameters": response.parameters,
-        },
-        outputs,
-    )
+    return _pack_view(_response_map(response, outputs), outputs)
 
 
 def decode_response(data: bytes | memoryview) -> InferResponse:
-    body = _unpack_map(data)
+    return _response(_unpack_map(data))
+
+
+def _response(body: dict[str, Any]) -> InferResponse:
+    """A response map's fields, checked (a plain answer's body, or one of a coalesced one's)."""
     return InferResponse(
         id=_str_field(body, "id", ""),
         model=_str_field(body, "model", ""),
@@ -294,17 +303,7 @@ def _entry(raw: Any) -> BatchEntry:
             isinstance(k, str) and isinstance(v, str) for k, v in trace.items()
         ):
             raise InvalidArgument("'trace' must be a map of strings")
-        outputs = raw.get("outputs", [])
-        if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
-            raise InvalidArgument("'outputs' must be a list of output names")
-        request = InferRequest(
-            id=request_id,
-            model=_str_field(raw, "model"),
-            version=_str_field(raw, "version", ""),
-            inputs=_tensors(raw, "inputs"),
-            outputs=outputs,
-            parameters=_parameters(raw),
-        )
+        request = _request(raw)
     except InvalidArgument as exc:
         return BatchEntry(None, exc, request_id)
     return BatchEntry(request, None, request_id, deadline_ns, trace)
@@ -338,17 +337,9 @@ def encode_answers(answers: Sequence[tuple[int, str, InferResponse | NatronError
             continue
         outputs = [_pack_tensor(t) for t in answer.outputs]
         tensors.extend(outputs)
-        maps.append(
-            {
-                "i": index,
-                "status": 200,
-                "id": answer.id,
-                "model": answer.model,
-                "version": answer.version,
-                "outputs": outputs,
-                "parameters": answer.parameters,
-            }
-        )
+        one = _response_map(answer, outputs)
+        del one["v"]  # the envelope's
+        maps.append({"i": index, "status": 200, **one})
     return _pack_view({"v": WIRE_VERSION, "answers": maps}, tensors)
 
 
@@ -364,13 +355,7 @@ def _answer(raw: Any) -> tuple[int, InferResponse | NatronError]:
         if not isinstance(message, str):
             message = f"error response without a message (status {status})"
         return index, NatronError.from_status(status, message)
-    return index, InferResponse(
-        id=_str_field(raw, "id", ""),
-        model=_str_field(raw, "model", ""),
-        version=_str_field(raw, "version", ""),
-        outputs=_tensors(raw, "outputs"),
-        parameters=_parameters(raw),
-    )
+    return index, _response(raw)
 
 
 def decode_answers(data: bytes | memoryview) -> list[tuple[int, InferResponse | NatronError]]:

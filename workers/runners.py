@@ -106,10 +106,8 @@ class Answers:
             replaced = await self._replier.batch(first.reply_to, answers)
         except Exception as exc:  # e.g. an unencodable output: every request still gets an answer
             error = InternalError(f"cannot send the response: {type(exc).__name__}: {exc}")
-            await self._replier.batch(
-                first.reply_to, [(item.index, item.request.id, error) for item, _ in together]
-            )
             replaced = [(item.index, item.request.id, error) for item, _ in together]
+            await self._replier.batch(first.reply_to, replaced)
         errors = {index: error for index, _, error in replaced}
         for item, _ in together:
             failure = errors.get(item.index)

@@ -11,9 +11,12 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
+from nats.aio.client import Client
 
+from broker import codec, reply
 from broker.requester import Requester
-from natron.errors import NatronError
+from broker.subjects import BATCH, REPLY_TO
+from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferRequest, Tensor
 from tests.harness import Served
 
@@ -39,6 +42,26 @@ async def test_a_stream_error_raises_its_status(backend_requester: Requester) ->
         async for _ in backend_requester.stream(bad, "1", 30.0):
             pass
     assert info.value.status == 400
+
+
+async def test_requests_to_a_decoupled_model_cannot_share_a_message(backend_nc: Client) -> None:
+    # Stream frames carry no position, so a coalesced message to a decoupled model is refused
+    # as a whole: one error answer without Natron-Batch, which is every request's.
+    inbox = backend_nc.new_inbox()
+    sub = await backend_nc.subscribe(inbox)
+    try:
+        entries = [(repeat_request([1], request_id=f"b{i}"), 0, None) for i in range(2)]
+        await backend_nc.publish(
+            "natron.infer.repeat.1",
+            bytes(codec.encode_batch(entries)),
+            headers={REPLY_TO: inbox, BATCH: "2"},
+        )
+        msg = await sub.next_msg(timeout=30)
+    finally:
+        await sub.unsubscribe()
+    assert BATCH not in (msg.headers or {})
+    answer = reply.decode_batch_reply(msg)
+    assert isinstance(answer, InvalidArgument) and "decoupled" in answer.message
 
 
 def test_infer_on_a_decoupled_model_is_501(backend_served: Served) -> None:
