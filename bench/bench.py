@@ -104,21 +104,25 @@ def infer_body(input_size: int) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def git_revision() -> str | None:
+def _git(*args: str) -> str | None:
+    """What `git <args>` prints in the checkout; None when it cannot say (no git, no commits,
+    not a checkout)."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            check=False,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
+            ["git", *args], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, subprocess.SubprocessError):
         return None
-    if result.returncode != 0:
-        return None  # no commits yet, or not a checkout
-    return result.stdout.strip() or None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def git_revision() -> str | None:
+    return _git("rev-parse", "--short", "HEAD") or None
+
+
+def git_dirty() -> bool:
+    """Whether tracked files differ from the revision reported (the figures are then the tree's)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def host_info() -> dict[str, Any]:

@@ -34,7 +34,6 @@ import os
 import resource
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -59,6 +58,7 @@ from bench.bench import (
     check_wrk,
     console,
     default_wrk_threads,
+    git_dirty,
     git_revision,
     host_info,
     http_status,
@@ -708,22 +708,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _git_dirty() -> bool:
-    """Whether tracked files differ from the revision reported (the figures are then the tree's)."""
-    try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            check=False,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return status.returncode == 0 and bool(status.stdout.strip())
-
-
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -781,7 +765,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": timestamp,
         "date": now.strftime("%Y-%m-%d"),
         "git_revision": git_revision(),
-        "git_dirty": _git_dirty(),
+        "git_dirty": git_dirty(),
         "host": {**host_info(), "cpu_model": _cpu_model()},
         "settings": {
             "quick": args.quick,
