@@ -39,10 +39,10 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
-import orjson
 from aiohttp import web
 
 from gateway import infer, kserve
+from gateway.middleware import error_body, unexpected_error
 from natron.errors import NatronError
 
 log = logging.getLogger(__name__)
@@ -260,16 +260,16 @@ class FastConnection(asyncio.Protocol):
                 lambda name: headers.get(name.lower()),  # kept lower-cased: names are case-blind
                 _reader(request.body),
             )
+        # The errors as gateway/middleware.py turns them into HTTP for aiohttp's routes.
         except NatronError as exc:
-            self._write(exc.status, orjson.dumps({"error": exc.message}), b"application/json")
+            self._write(exc.status, error_body(exc.message), b"application/json")
             return
         except web.HTTPException as exc:
-            self._write(exc.status, orjson.dumps({"error": exc.text or exc.reason}), b"application/json")
+            self._write(exc.status, error_body(exc.text or exc.reason), b"application/json")
             return
         except Exception as exc:
             log.exception("unexpected error on POST /v2/models/%s/infer", request.model)
-            body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
-            self._write(500, body, b"application/json")
+            self._write(500, error_body(unexpected_error(exc)), b"application/json")
             return
         if answer.json_length is None:
             self._write(200, answer.body, b"application/json")

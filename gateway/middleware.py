@@ -17,8 +17,18 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def error_body(message: str) -> bytes:
+    """The JSON body of every error answer, as Triton writes it."""
+    return orjson.dumps({"error": message})
+
+
+def unexpected_error(exc: Exception) -> str:
+    """The message of a 500 for an exception nobody expected."""
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
 def error_response(status: int, message: str) -> web.Response:
-    return web.Response(body=orjson.dumps({"error": message}), status=status, content_type="application/json")
+    return web.Response(body=error_body(message), status=status, content_type="application/json")
 
 
 @web.middleware
@@ -37,7 +47,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(exc.status, exc.text or exc.reason)
     except Exception as exc:
         log.exception("unexpected error on %s %s", request.method, request.path)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, unexpected_error(exc))
 
 
 def json_object(body: bytes, what: str) -> dict[str, Any]:
