@@ -25,6 +25,9 @@ class GatewayOptions:
     max_body_bytes: int = 64 * 1024 * 1024
     # A load answers once every placed worker has the model READY: loads can take minutes.
     control_timeout_s: float = 600.0
+    # Ready (HTTP /v2/health/ready, gRPC ServerReady) only once the models settled and a
+    # worker is live, as Triton's --strict-readiness; False: once connected and synced.
+    strict_readiness: bool = True
 
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)

@@ -250,6 +250,10 @@ def plan_children(
             "metrics_port": settings.metrics_port,
             "max_body_mb": settings.max_payload_mb,
             "http_workers": settings.http_workers,
+            "grpc_address": settings.grpc_address,
+            "grpc_port": settings.grpc_port,
+            "allow_grpc": settings.allow_grpc,
+            "strict_readiness": settings.strict_readiness,
         },
     )
     children.extend(gateway_children(gateway, gateway_metrics_dir))

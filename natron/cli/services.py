@@ -71,6 +71,7 @@ def gateway_options(settings: GatewaySettings) -> GatewayOptions:
         subjects=Subjects(settings.prefix),
         default_timeout_s=settings.default_timeout_s,
         max_body_bytes=settings.max_body_mb * MiB,
+        strict_readiness=settings.strict_readiness,
     )
 
 
