@@ -198,9 +198,7 @@ class GatewaySettings(CommonSettings):
     http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
     http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
     metrics_port: Annotated[Port, Field(description="the fleet's Prometheus metrics; 0: none")] = 0
-    grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = (
-        "0.0.0.0"
-    )
+    grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = "0.0.0.0"
     grpc_port: Annotated[Port, Field(description="KServe v2 / Triton gRPC port")] = 8001
     allow_grpc: Annotated[bool, Field(description="serve Triton's gRPC protocol on --grpc-port")] = True
     strict_readiness: Annotated[
@@ -275,9 +273,7 @@ class ServeSettings(_Compute, _Drain, _Queues, _Repository, _Base):
     http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
     http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
     metrics_port: Annotated[Port, Field(description="Prometheus metrics port")] = 8002
-    grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = (
-        "0.0.0.0"
-    )
+    grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = "0.0.0.0"
     grpc_port: Annotated[Port, Field(description="KServe v2 / Triton gRPC port")] = 8001
     allow_grpc: Annotated[bool, Field(description="serve Triton's gRPC protocol on --grpc-port")] = True
     strict_readiness: Annotated[
