@@ -27,6 +27,7 @@ The framing is pure (`answer_frames`, `stream_frames`, `error_frame` build `Fram
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -45,6 +46,8 @@ _HEADER_LINE = len(b"NATS/1.0\r\n") + len(b"\r\n")
 Answer = tuple[InferResponse | NatronError, bool]
 # An answer to one request of a coalesced message: its position there, its id, the answer.
 Indexed = tuple[int, str, InferResponse | NatronError]
+# Told, before an answer is published, the error that replaces it (None: it goes as asked).
+Counted = Callable[[NatronError | None], None]
 
 
 # -- the worker's side -------------------------------------------------------------------------
@@ -150,32 +153,55 @@ class Replier:
     """Publishes a worker's answers, framed as above; one per model instance.
 
     `decoupled` is the model's transaction policy: its error answers carry the final marker.
-    Each method returns the error that went out instead of what was asked, if one did.
+    Each method returns the error that went out instead of what was asked, if one did, and
+    calls `counted` with it once the answer is framed and before it is published: a worker
+    counts its statistics there, so a client that has its answer and then asks for statistics
+    finds it counted.
     """
 
     def __init__(self, nc: Client, *, decoupled: bool) -> None:
         self._nc = nc
         self._decoupled = decoupled
 
-    async def answer(self, reply_to: str, response: InferResponse) -> NatronError | None:
+    async def answer(
+        self, reply_to: str, response: InferResponse, counted: Counted | None = None
+    ) -> NatronError | None:
         frames, error = answer_frames(response, self._nc.max_payload)
+        if counted is not None:
+            counted(error)
         await self._publish(reply_to, frames)
         return error
 
-    async def error(self, reply_to: str, request_id: str, error: NatronError) -> None:
-        await self._publish(reply_to, [error_frame(request_id, error, decoupled=self._decoupled)])
+    async def error(
+        self, reply_to: str, request_id: str, error: NatronError, counted: Counted | None = None
+    ) -> None:
+        frame = error_frame(request_id, error, decoupled=self._decoupled)
+        if counted is not None:
+            counted(error)
+        await self._publish(reply_to, [frame])
 
-    async def batch(self, reply_to: str, answers: list[Indexed]) -> list[Indexed]:
+    async def batch(
+        self, reply_to: str, answers: list[Indexed], counted: Callable[[list[Indexed]], None] | None = None
+    ) -> list[Indexed]:
         """Answers to requests of one coalesced message; returns those that went out as 413
-        errors instead."""
+        errors instead (`counted` gets them too)."""
         frames, replaced = batch_frames(answers, self._nc.max_payload)
+        if counted is not None:
+            counted(replaced)
         await self._publish(reply_to, frames)
         return replaced
 
     async def frames(
-        self, reply_to: str, responses: list[InferResponse], sequence: int, final: bool
+        self,
+        reply_to: str,
+        responses: list[InferResponse],
+        sequence: int,
+        final: bool,
+        counted: Counted | None = None,
     ) -> NatronError | None:
         frames, error = stream_frames(responses, sequence, final, self._nc.max_payload)
+        if counted is not None:
+            counted(error)
         await self._publish(reply_to, frames)
         return error
 

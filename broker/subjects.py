@@ -95,5 +95,16 @@ class Subjects:
         that comes back without them has lost that state (see broker.jetstream.watch_state)."""
         return (self.stream, f"KV_{self.models_bucket}", f"KV_{self.workers_bucket}")
 
+    @property
+    def shm_bucket(self) -> str:
+        """System shared memory registrations of the gateways, keyed by host and region name."""
+        return f"{self.prefix}_shm"
+
     def ctl(self, verb: str) -> str:
         return f"{self.prefix}.ctl.{verb}"
+
+    @property
+    def stats_query(self) -> str:
+        """Core NATS, no queue group: a gateway's statistics query, which every worker and
+        orchestrator answers with its counts as they are now (natron/stats.py, StatsQuery)."""
+        return self.ctl("stats")

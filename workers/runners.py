@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -81,18 +82,21 @@ class Answers:
 
     async def results(self, answered: list[tuple[Admitted, list[Tensor]]]) -> None:
         """Ordinary requests' answers, each acknowledged once sent: those of one coalesced
-        message go out together in one answer message."""
+        message go out together in one answer message. Each is counted before it is sent."""
         coalesced: dict[int, list[tuple[Admitted, list[Tensor]]]] = {}
         for item, outputs in answered:
             if item.index >= 0:
                 coalesced.setdefault(id(item.msg), []).append((item, outputs))
                 continue
             try:
-                error = await self._replier.answer(item.reply_to, self.response(item, outputs))
+                await self._replier.answer(
+                    item.reply_to,
+                    self.response(item, outputs),
+                    functools.partial(self._count, item),
+                )
             except Exception as exc:  # e.g. an unencodable output: the request still gets an answer
                 await self.fail(item, InternalError(f"cannot send the response: {type(exc).__name__}: {exc}"))
                 continue
-            self._count(item, error)
             await self._ack(item.msg)
         for together in coalesced.values():
             await self._coalesced_results(together)
@@ -102,16 +106,21 @@ class Answers:
         answers: list[Indexed] = [
             (item.index, item.request.id, self.response(item, outputs)) for item, outputs in together
         ]
+
+        def counted(replaced: list[Indexed]) -> None:
+            errors = {index: error for index, _, error in replaced}
+            for item, _ in together:
+                failure = errors.get(item.index)
+                self._count(item, failure if isinstance(failure, NatronError) else None)
+
         try:
-            replaced = await self._replier.batch(first.reply_to, answers)
+            await self._replier.batch(first.reply_to, answers, counted)
         except Exception as exc:  # e.g. an unencodable output: every request still gets an answer
             error = InternalError(f"cannot send the response: {type(exc).__name__}: {exc}")
-            replaced = [(item.index, item.request.id, error) for item, _ in together]
-            await self._replier.batch(first.reply_to, replaced)
-        errors = {index: error for index, _, error in replaced}
+            await self._replier.batch(
+                first.reply_to, [(item.index, item.request.id, error) for item, _ in together], counted
+            )
         for item, _ in together:
-            failure = errors.get(item.index)
-            self._count(item, failure if isinstance(failure, NatronError) else None)
             await self._ack(item.msg)
 
     def _count(self, item: Admitted, error: NatronError | None) -> None:
@@ -123,13 +132,22 @@ class Answers:
 
     async def frames(self, item: Admitted, outputs: list[list[Tensor]], sequence: int, final: bool) -> bool:
         """Stream frames of a decoupled request (acknowledged already); False when they could
-        not go out and an error answer ended the stream instead."""
+        not go out and an error answer ended the stream instead. Its first frame is its first
+        response (Triton's first-response histogram), its last one its success."""
         responses = [self.response(item, tensors) for tensors in outputs]
-        error = await self._replier.frames(item.reply_to, responses, sequence, final)
-        if error is not None:
-            self._count_failure(item.request.id, error, stored_ns(item.msg))
-            return False
-        return True
+        stored = stored_ns(item.msg)
+
+        def counted(error: NatronError | None) -> None:
+            if error is not None:
+                self._count_failure(item.request.id, error, stored)
+                return
+            if stored and sequence == 0:
+                self._stats.first_response.add(time.time_ns() - stored)
+            if final:
+                self._count(item, None)
+
+        error = await self._replier.frames(item.reply_to, responses, sequence, final, counted)
+        return error is None
 
     async def ack(self, msg: Msg) -> None:
         await self._ack(msg)
@@ -145,12 +163,17 @@ class Answers:
         ack: bool = True,
     ) -> None:
         """An error answer (to the request at `index` of a coalesced message, or to the whole
-        message); acknowledged unless the request was already (a decoupled one)."""
+        message), counted before it is sent; acknowledged unless the request was already (a
+        decoupled one)."""
+        stored = stored_ns(msg)
+
+        def counted(_: object) -> None:
+            self._count_failure(request_id, error, stored)
+
         if index >= 0:
-            await self._replier.batch(reply_to, [(index, request_id, error)])
+            await self._replier.batch(reply_to, [(index, request_id, error)], counted)
         else:
-            await self._replier.error(reply_to, request_id, error)
-        self._count_failure(request_id, error, stored_ns(msg))
+            await self._replier.error(reply_to, request_id, error, counted)
         if ack:
             await self._ack(msg)
 
