@@ -4,6 +4,7 @@ restarted gateway or orchestrator knows everything at once and holds no state of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True, frozen=True)
 class ModelView:
+    """A model as clients see it. While a load is under way over a model that serves, `record`
+    carries the config that serves (the record's `serving_config`), and `spec` is built from
+    it: metadata and the checks of requests stay the old ones until the load has succeeded."""
+
     record: ModelRecord
     spec: ModelSpec | None  # None when the config is broken
     # The highest READY version, worked out once per record rather than on every request.
@@ -74,6 +79,8 @@ class ModelRegistry:
 
     @staticmethod
     def _view(record: ModelRecord) -> ModelView:
+        if record.serving_config is not None:
+            record = dataclasses.replace(record, config=record.presented_config())
         spec = None
         if record.config is not None:
             try:

@@ -15,6 +15,13 @@ UNAVAILABLE = "UNAVAILABLE"
 LOADING = "LOADING"
 UNLOADING = "UNLOADING"
 
+# The reasons of an UNAVAILABLE version that waits for the fleet rather than failed: no worker
+# (or, for an ensemble, no orchestrator) has joined that could take it. Placement writes them;
+# strict readiness counts such a version as not settled yet.
+NO_WORKER = "no live worker serves this model"
+NO_ORCHESTRATOR = "no ensemble orchestrator (natron ensemble) has joined"
+_WAITING_FOR_FLEET = (NO_WORKER, NO_ORCHESTRATOR)
+
 # A worker's role: a worker runs model instances on its device; an orchestrator (`natron
 # ensemble`) runs ensembles only, whose steps run on workers.
 WORKER = "worker"
@@ -33,6 +40,11 @@ class ModelRecord:
 
     `generation` changes whenever what a worker must load changes (config, path, versions),
     so workers reload on a new generation and ignore updates that only change states.
+
+    A load over a model that serves never takes it down: while the workers load the record's
+    generation, `serving_config` holds the config that serves, which clients keep seeing
+    (metadata, checks of requests) until the load has succeeded; if it fails, the router
+    publishes the record that served again, with `failure` saying why the load failed.
     """
 
     name: str
@@ -46,6 +58,15 @@ class ModelRecord:
     placement: dict[str, int] = field(default_factory=dict)
     placement_reason: str = ""  # why no worker could take the model, when placement is empty
     files: str = ""  # signature of the model files (sizes, mtimes): part of the generation
+    # The config that serves while a load of this record's generation is under way; None when
+    # this record's own config is the one clients see. Not part of the generation.
+    serving_config: dict[str, Any] | None = None
+    # Why the last load of this model failed while this record served on; "" when it did not.
+    failure: str = ""
+
+    def presented_config(self) -> dict[str, Any] | None:
+        """The config clients see: the serving one while a load is under way."""
+        return self.serving_config if self.serving_config is not None else self.config
 
     def compute_generation(self) -> str:
         digest = hashlib.sha256(
@@ -67,6 +88,8 @@ class ModelRecord:
                 "placement": self.placement,
                 "placement_reason": self.placement_reason,
                 "files": self.files,
+                "serving_config": self.serving_config,
+                "failure": self.failure,
             }
         )
 
@@ -83,6 +106,19 @@ class ModelRecord:
             placement=raw.get("placement", {}),
             placement_reason=raw.get("placement_reason", ""),
             files=raw.get("files", ""),
+            serving_config=raw.get("serving_config"),
+            failure=raw.get("failure", ""),
+        )
+
+    def settled(self) -> bool:
+        """Whether nothing is left to wait for before the model serves or has failed for good:
+        no version LOADING, nor UNAVAILABLE only for want of a worker or orchestrator (that
+        waits for the fleet). READY, UNLOADING, failed versions and a model not loaded have."""
+        if self.reason:
+            return True  # not loaded (unloaded), or a config that failed for good
+        return not any(
+            state.state == LOADING or (state.state == UNAVAILABLE and state.reason in _WAITING_FOR_FLEET)
+            for state in self.versions.values()
         )
 
     def ready_versions(self) -> list[str]:

@@ -3,7 +3,9 @@ every change (and tests call directly)."""
 
 from __future__ import annotations
 
-from natron.records import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from natron.records import LOADING, NO_WORKER, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+
+RELOAD_FAILED = "reload failed, the previous model serves: "
 
 
 def placed_workers(record: ModelRecord, workers: list[WorkerReport]) -> list[WorkerReport]:
@@ -28,12 +30,13 @@ def aggregate(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, Ver
 
     While a reload is under way, or after it failed, instances of an earlier generation that
     still run on a worker keep the version READY: there is no gap, and a failed reload shows
-    its reason next to READY.
+    its reason next to READY. So does a record that serves on after a load of the model failed
+    (its `failure`).
     """
     if record.reason:
         return record.versions
     if not record.placement:
-        reason = record.placement_reason or "no live worker serves this model"
+        reason = record.placement_reason or NO_WORKER
         return {v: VersionState(UNAVAILABLE, reason) for v in record.versions}
     placed = placed_workers(record, workers)
     current = generation_states(record, workers)
@@ -46,18 +49,35 @@ def aggregate(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, Ver
             if generation != record.generation
         )
         if any(s.state == READY for s in seen):
-            states[version] = VersionState(READY)
+            states[version] = VersionState(READY, RELOAD_FAILED + record.failure if record.failure else "")
         elif any(s.state == LOADING for s in seen) or len(seen) < len(placed):
             states[version] = VersionState(READY) if older_ready else VersionState(LOADING)
         elif seen:
             reason = seen[0].reason
             if older_ready:
-                states[version] = VersionState(READY, f"reload failed, the previous model serves: {reason}")
+                states[version] = VersionState(READY, RELOAD_FAILED + reason)
             else:
                 states[version] = VersionState(UNAVAILABLE, reason)
         else:
-            states[version] = VersionState(UNAVAILABLE, "no live worker serves this model")
+            states[version] = VersionState(UNAVAILABLE, NO_WORKER)
     return states
+
+
+def settle(record: ModelRecord, workers: list[WorkerReport]) -> dict[str, str] | None:
+    """How a load of the record's generation ended: None while a placed worker is still at it
+    (or has not reported it yet); else the versions that no placed worker could load, each with
+    a reason, empty when every version is READY on at least one of them."""
+    if not record.placement:
+        return {v: record.placement_reason or NO_WORKER for v in record.versions}
+    placed = len(placed_workers(record, workers))
+    seen = generation_states(record, workers)
+    if any(len(states) < placed or any(s.state == LOADING for s in states) for states in seen.values()):
+        return None
+    return {
+        version: next((s.reason for s in states if s.state != READY), NO_WORKER)
+        for version, states in seen.items()
+        if not any(s.state == READY for s in states)
+    }
 
 
 def gate_ensembles(records: dict[str, ModelRecord], computed: dict[str, dict[str, VersionState]]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from natron.records import ORCHESTRATOR, ModelRecord, WorkerReport
+from natron.records import NO_ORCHESTRATOR, NO_WORKER, ORCHESTRATOR, ModelRecord, WorkerReport
 
 
 @dataclass(slots=True, frozen=True)
@@ -87,7 +87,7 @@ def place(
             # Ensembles run on every orchestrator, one instance each; their steps run wherever
             # the composing models are placed.
             placement = {w.id: 1 for w in orchestrators}
-            reason = "" if placement else "no ensemble orchestrator (natron ensemble) has joined"
+            reason = "" if placement else NO_ORCHESTRATOR
             result[record.name] = (placement, reason)
             continue
         size = sizes.get(record.name, 0)
@@ -116,7 +116,7 @@ def place(
         reason = ""
         if not placement:
             if not live:
-                reason = "no live worker serves this model"
+                reason = NO_WORKER
             elif wanted_gpu and not gpu_workers:
                 reason = "the model's instance_group asks for a GPU and no GPU worker has joined"
             elif wanted_gpu:

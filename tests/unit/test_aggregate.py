@@ -1,10 +1,10 @@
 """router.aggregate: a model's fleet-wide state from its placed workers' reports, and ensembles
-gated on their composing models."""
+gated on their composing models, and how a load of a model ends."""
 
 from __future__ import annotations
 
-from natron.records import LOADING, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
-from router.aggregate import aggregate, gate_ensembles
+from natron.records import LOADING, NO_WORKER, READY, UNAVAILABLE, ModelRecord, VersionState, WorkerReport
+from router.aggregate import RELOAD_FAILED, aggregate, gate_ensembles, settle
 
 
 def _record() -> ModelRecord:
@@ -44,9 +44,7 @@ def test_draining_workers_and_unplaced_workers_do_not_count() -> None:
     record = _record()
     draining = _worker("d", record, VersionState(READY), stopping=True)
     stranger = _worker("x", record, VersionState(READY))
-    assert aggregate(record, [draining, stranger]) == {
-        "2": VersionState(UNAVAILABLE, "no live worker serves this model")
-    }
+    assert aggregate(record, [draining, stranger]) == {"2": VersionState(UNAVAILABLE, NO_WORKER)}
 
 
 def test_an_older_generation_keeps_a_version_ready_during_and_after_a_failed_reload() -> None:
@@ -127,3 +125,50 @@ def test_an_ensemble_of_an_ensemble_whose_step_is_not_ready_is_unavailable_too()
     gate_ensembles(records, computed)
     assert computed["inner"]["1"] == VersionState(UNAVAILABLE, "composing model 'a' is not ready")
     assert computed["outer"]["1"] == VersionState(UNAVAILABLE, "composing model 'inner' is not ready")
+
+
+# -- how a load ends -------------------------------------------------------------------------
+
+
+def test_a_load_is_under_way_while_a_placed_worker_loads_or_has_not_reported() -> None:
+    record = _record()
+    ready = _worker("a", record, VersionState(READY))
+    assert settle(record, [ready, _worker("b", record, VersionState(LOADING))]) is None
+    assert settle(record, [ready, WorkerReport(id="b", host="h", pid=1, devices=[])]) is None
+
+
+def test_a_load_succeeds_once_every_version_is_ready_on_some_placed_worker() -> None:
+    record = _record()
+    workers = [
+        _worker("a", record, VersionState(READY)),
+        _worker("b", record, VersionState(UNAVAILABLE, "out of memory")),
+    ]
+    assert settle(record, workers) == {}
+
+
+def test_a_load_fails_with_each_versions_reason_once_every_placed_worker_failed_it() -> None:
+    record = _record()
+    workers = [
+        _worker("a", record, VersionState(UNAVAILABLE, "bad file")),
+        _worker("b", record, VersionState(UNAVAILABLE, "bad file")),
+    ]
+    assert settle(record, workers) == {"2": "bad file"}
+
+
+def test_a_load_without_placement_fails_with_the_placement_reason() -> None:
+    record = _record()
+    record.placement, record.placement_reason = {}, "the model's instance_group asks for a GPU"
+    assert settle(record, []) == {"2": "the model's instance_group asks for a GPU"}
+
+
+def test_a_load_whose_placed_workers_all_left_fails_for_want_of_a_worker() -> None:
+    record = _record()
+    leaving = _worker("a", record, VersionState(LOADING), stopping=True)
+    assert settle(record, [leaving]) == {"2": NO_WORKER}
+
+
+def test_a_model_that_serves_on_after_a_failed_load_says_why_next_to_ready() -> None:
+    record = _record()
+    record.failure = "version 2: bad file"
+    state = aggregate(record, [_worker("a", record, VersionState(READY))])["2"]
+    assert state == VersionState(READY, RELOAD_FAILED + "version 2: bad file")

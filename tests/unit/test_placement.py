@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from natron.records import LOADING, ORCHESTRATOR, ModelRecord, VersionState, WorkerReport
+from natron.records import (
+    LOADING,
+    NO_ORCHESTRATOR,
+    NO_WORKER,
+    ORCHESTRATOR,
+    ModelRecord,
+    VersionState,
+    WorkerReport,
+)
 from router.placement import place
 
 ENSEMBLE = {"platform": "ensemble", "ensemble_scheduling": {"step": []}}
@@ -120,18 +128,18 @@ def test_ensembles_go_to_every_orchestrator_and_nothing_else_does() -> None:
 
 def test_an_ensemble_without_an_orchestrator_says_so() -> None:
     placement, reason = place([_model("e", ENSEMBLE)], [_fleet_worker("c1", "CPU")], {})["e"]
-    assert placement == {} and "no ensemble orchestrator" in reason
+    assert (placement, reason) == ({}, NO_ORCHESTRATOR)
 
 
 def test_a_fleet_of_orchestrators_only_has_no_live_worker_for_a_model() -> None:
     fleet = [_fleet_worker("o1", "CPU", role=ORCHESTRATOR)]
-    assert place([_model("m", {})], fleet, {})["m"] == ({}, "no live worker serves this model")
+    assert place([_model("m", {})], fleet, {})["m"] == ({}, NO_WORKER)
 
 
 def test_stopping_workers_get_nothing() -> None:
     fleet = [_fleet_worker("c1", "CPU", stopping=True), _fleet_worker("c2", "CPU")]
     assert _placed([{"kind": "KIND_CPU"}], fleet) == ({"c2": 1}, "")
-    assert _placed([{"kind": "KIND_CPU"}], fleet[:1]) == ({}, "no live worker serves this model")
+    assert _placed([{"kind": "KIND_CPU"}], fleet[:1]) == ({}, NO_WORKER)
 
 
 def test_a_model_that_failed_to_scan_is_not_placed_and_keeps_its_own_reason() -> None:
