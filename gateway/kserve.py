@@ -7,9 +7,19 @@ and the classification extension included, happens here. Behaviour follows Trito
 
 * Every malformed request raises InvalidArgument naming the field and the offending value,
   never another exception type. Checks are stricter than Triton's where Triton silently
-  truncates: integers must fit the datatype, BOOL takes only true/false (and only bytes 0/1
-  in binary data), FP32 values must fit FP32, and input names must be unique.
-* Shared memory parameters are rejected: natron workers do not share the gateway's memory.
+  truncates: integers must fit the datatype, BOOL JSON data takes only true/false, FP32 values
+  must fit FP32, and input names must be unique. BOOL binary data is read as Triton reads it,
+  any nonzero byte true, and normalised to numpy's 0/1 booleans.
+* Shared memory (Triton's system shared memory extension) goes through a resolver the caller
+  passes in (gateway/sharedmemory.py's registry): `shm(region, offset, byte_size)` gives a view
+  of the client's bytes, so parsing stays free of I/O. An input is read from its view; an
+  output's view is kept in ParsedInfer and the encoder writes the tensor into it, answering
+  the output as Triton does: name, datatype and shape, no data and no parameters (Triton's
+  C++ client, perf_analyzer's, reads any output that has parameters as binary data and fails
+  without `binary_data_size`). `shared_memory_byte_size` is required (Triton takes a missing
+  one as 0 and fails later), and two outputs may not share bytes of one region: the second
+  would overwrite the first. Without a resolver (the streaming endpoints) shared memory
+  parameters are refused.
 * An output that JSON cannot carry faithfully goes back as binary data even when JSON was
   asked for: FP16 and BF16 (Triton rejects those requests instead), BYTES whose elements are
   not valid UTF-8 (Triton would emit invalid JSON), and FP32/FP64 holding NaN or infinity
@@ -26,8 +36,9 @@ does not list; a listed output is binary exactly when it says `"binary_data": tr
 from __future__ import annotations
 
 import reprlib
-from dataclasses import dataclass
-from itertools import chain
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import chain, pairwise
 from typing import Any, Final, cast
 
 import numpy as np
@@ -53,6 +64,22 @@ _BOOL_PARAMS: Final = frozenset({"sequence_start", "sequence_end"})
 _DUMPS_OPTIONS: Final = orjson.OPT_SERIALIZE_NUMPY
 # numpy >= 2 refuses Python ints outside the target dtype; 1.x wraps them around silently.
 _NUMPY_CHECKS_INT_RANGE: Final = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+_SHM_REGION: Final = "shared_memory_region"
+_SHM_OFFSET: Final = "shared_memory_offset"
+_SHM_SIZE: Final = "shared_memory_byte_size"
+
+# (region, offset, byte_size) -> a writable view of exactly byte_size bytes of the client's
+# region; raises InvalidArgument for an unknown region or a window that does not fit it.
+ShmResolver = Callable[[str, int, int], memoryview]
+
+
+@dataclass(slots=True, frozen=True)
+class ShmOutput:
+    """Where an output goes in shared memory: the encoder writes its bytes into `window`."""
+
+    region: str
+    offset: int
+    window: memoryview  # shared_memory_byte_size bytes of the region, from offset
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,13 +89,17 @@ class ParsedInfer:
     binary_default: bool  # parameters.binary_data_output (applies to outputs not listed)
     timeout_us: int | None  # parameters.timeout (Triton: microseconds), validated > 0
     class_counts: dict[str, int]  # outputs with parameters.classification = k (k > 0)
+    shm_outputs: dict[str, ShmOutput] = field(default_factory=dict)  # outputs into shared memory
 
 
 # ---------------------------------------------------------------------------------- parsing
 
 
-def parse_infer_body(body: bytes, header_length: int | None, model: str, version: str) -> ParsedInfer:
-    """Decode an infer request body; raises InvalidArgument for anything malformed."""
+def parse_infer_body(
+    body: bytes, header_length: int | None, model: str, version: str, shm: ShmResolver | None = None
+) -> ParsedInfer:
+    """Decode an infer request body; raises InvalidArgument for anything malformed. `shm`
+    resolves shared memory regions (None: shared memory parameters are refused)."""
     total = len(body)
     if header_length is None:
         json_end = total
@@ -84,10 +115,12 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, version
         doc = orjson.loads(view[:json_end])
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"inference request header is not valid JSON: {exc}") from None
-    return parse_infer_doc(doc, view[json_end:], model, version)
+    return parse_infer_doc(doc, view[json_end:], model, version, shm)
 
 
-def parse_infer_doc(doc: Any, binary: memoryview, model: str, version: str) -> ParsedInfer:
+def parse_infer_doc(
+    doc: Any, binary: memoryview, model: str, version: str, shm: ShmResolver | None = None
+) -> ParsedInfer:
     """An infer request already decoded from JSON, with the binary tensor data that followed its
     header (empty when none): what the WebSocket and generate endpoints hand in directly, so
     nothing is encoded to JSON only to be parsed again."""
@@ -98,14 +131,15 @@ def parse_infer_doc(doc: Any, binary: memoryview, model: str, version: str) -> P
     if type(request_id) is not str:
         raise InvalidArgument(f"request 'id' must be a string, got {_show(request_id)}")
     parameters, binary_default, timeout_us = _parse_parameters(doc.get("parameters"))
-    inputs = _parse_inputs(doc.get("inputs"), binary)
-    outputs, binary_outputs, class_counts = _parse_outputs(doc.get("outputs"))
+    inputs = _parse_inputs(doc.get("inputs"), binary, shm)
+    outputs, binary_outputs, class_counts, shm_outputs = _parse_outputs(doc.get("outputs"), shm)
     return ParsedInfer(
         InferRequest(request_id, model, version, inputs, outputs, parameters),
         binary_outputs,
         binary_default,
         timeout_us,
         class_counts,
+        shm_outputs,
     )
 
 
@@ -156,14 +190,14 @@ def _parse_parameters(raw: Any) -> tuple[dict[str, Any], bool, int | None]:
     return passed, binary_default, timeout_us
 
 
-def _parse_inputs(raw: Any, binary: memoryview) -> list[Tensor]:
+def _parse_inputs(raw: Any, binary: memoryview, shm: ShmResolver | None) -> list[Tensor]:
     if type(raw) is not list or not raw:
         raise InvalidArgument(f"request 'inputs' must be a non-empty list of tensors, got {_show(raw)}")
     tensors: list[Tensor] = []
     names: set[str] = set()
     offset = 0
     for position, entry in enumerate(raw):
-        tensor, offset = _parse_input(entry, position, binary, offset)
+        tensor, offset = _parse_input(entry, position, binary, offset, shm)
         if tensor.name in names:
             raise InvalidArgument(f"input '{tensor.name}' appears more than once in 'inputs'")
         names.add(tensor.name)
@@ -176,7 +210,9 @@ def _parse_inputs(raw: Any, binary: memoryview) -> list[Tensor]:
     return tensors
 
 
-def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
+def _parse_input(
+    raw: Any, position: int, binary: memoryview, offset: int, shm: ShmResolver | None
+) -> tuple[Tensor, int]:
     if type(raw) is not dict:
         raise InvalidArgument(f"inputs[{position}] must be an object, got {_kind(raw)}")
     name = raw.get("name")
@@ -194,23 +230,28 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
         params = {}
     elif type(params) is not dict:
         raise InvalidArgument(f"input '{name}' 'parameters' must be an object, got {_kind(params)}")
-    if "shared_memory_region" in params:
-        raise InvalidArgument(
-            f"input '{name}' uses 'shared_memory_region', which natron does not support; "
-            "send the tensor as 'data' or as binary data"
-        )
     has_data = "data" in raw
     has_size = "binary_data_size" in params
-    if has_data == has_size:
-        which = "both 'data' and 'binary_data_size'" if has_data else "neither"
+    has_shm = _SHM_REGION in params
+    if has_data + has_size + has_shm != 1:
+        which = [
+            f"'{f}'"
+            for f, s in (("data", has_data), ("binary_data_size", has_size), (_SHM_REGION, has_shm))
+            if s
+        ]
         raise InvalidArgument(
-            f"input '{name}' must set exactly one of 'data' and parameters 'binary_data_size', "
-            f"but sets {which}"
+            f"input '{name}' must set exactly one of 'data', parameters 'binary_data_size' and parameters "
+            f"'{_SHM_REGION}', but sets {' and '.join(which) or 'none of them'}"
         )
     count = datatypes.element_count(shape)
     if has_data:
+        _no_shm_window("input", name, params)
         return Tensor(name, datatype, shape, _from_json(name, datatype, shape, count, raw["data"])), offset
-
+    if has_shm:
+        _, _, window = _shm_window("input", name, params, shm)
+        array = _from_binary(name, datatype, shape, count, window.toreadonly(), _SHM_SIZE)
+        return Tensor(name, datatype, shape, array), offset
+    _no_shm_window("input", name, params)
     size = params["binary_data_size"]
     if type(size) is not int or size < 0:
         raise InvalidArgument(
@@ -222,8 +263,39 @@ def _parse_input(raw: Any, position: int, binary: memoryview, offset: int) -> tu
             f"input '{name}' has binary_data_size {size} but only {len(binary) - offset} of the request's "
             f"{len(binary)} binary bytes are left (is {HEADER_LENGTH_HEADER} right?)"
         )
-    array = _from_binary(name, datatype, shape, count, binary[offset:end])
+    array = _from_binary(name, datatype, shape, count, binary[offset:end], "binary_data_size")
     return Tensor(name, datatype, shape, array), end
+
+
+def _shm_window(
+    kind: str, name: str, params: dict[str, Any], shm: ShmResolver | None
+) -> tuple[str, int, memoryview]:
+    """The region, offset and view that a tensor's shared memory parameters name."""
+    what = f"{kind} '{name}'"
+    if shm is None:
+        raise InvalidArgument(
+            f"{what} uses '{_SHM_REGION}', which this endpoint does not support; send the tensor "
+            "as 'data' or as binary data"
+        )
+    region = params[_SHM_REGION]
+    if type(region) is not str or not region:
+        raise InvalidArgument(f"{what} '{_SHM_REGION}' must be a non-empty string, got {_show(region)}")
+    offset = params.get(_SHM_OFFSET, 0)
+    if type(offset) is not int or offset < 0:
+        raise InvalidArgument(f"{what} '{_SHM_OFFSET}' must be a non-negative integer, got {_show(offset)}")
+    if _SHM_SIZE not in params:
+        raise InvalidArgument(f"{what} sets '{_SHM_REGION}' but not '{_SHM_SIZE}'")
+    size = params[_SHM_SIZE]
+    if type(size) is not int or size < 0:
+        raise InvalidArgument(f"{what} '{_SHM_SIZE}' must be a non-negative integer, got {_show(size)}")
+    return region, offset, shm(region, offset, size)
+
+
+def _no_shm_window(kind: str, name: str, params: dict[str, Any]) -> None:
+    if params and (_SHM_OFFSET in params or _SHM_SIZE in params):
+        raise InvalidArgument(
+            f"{kind} '{name}' sets '{_SHM_OFFSET}' or '{_SHM_SIZE}' without '{_SHM_REGION}'"
+        )
 
 
 def _parse_shape(raw: Any, name: str) -> tuple[int, ...]:
@@ -236,7 +308,7 @@ def _parse_shape(raw: Any, name: str) -> tuple[int, ...]:
 
 
 def _from_binary(
-    name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview
+    name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview, size_field: str
 ) -> npt.NDArray[Any]:
     if datatype == BYTES:
         try:
@@ -250,13 +322,17 @@ def _from_binary(
     expected = count * dtype.itemsize
     if len(chunk) != expected:
         raise InvalidArgument(
-            f"input '{name}' has binary_data_size {len(chunk)}, but datatype {datatype} with shape "
+            f"input '{name}' has {size_field} {len(chunk)}, but datatype {datatype} with shape "
             f"{list(shape)} needs {expected} bytes"
         )
-    # Zero-copy: the array is a read-only view of the request body.
+    # Zero-copy: the array is a read-only view of the request body (or the client's region).
     array = np.frombuffer(chunk, dtype=dtype)
-    if datatype == "BOOL" and count and np.frombuffer(chunk, dtype=np.uint8).max() > 1:
-        raise InvalidArgument(f"input '{name}' BOOL binary data holds a byte other than 0 or 1")
+    if datatype == "BOOL" and count:
+        raw = np.frombuffer(chunk, dtype=np.uint8)
+        if raw.max() > 1:
+            # Triton reads each byte as a C++ bool: any nonzero byte is true. numpy would keep
+            # the byte as it is, so the copy holds 0/1 only, the form every backend expects.
+            array = raw != 0
     return _reshape(array, shape, name)
 
 
@@ -380,14 +456,17 @@ def _reshape(array: npt.NDArray[Any], shape: tuple[int, ...], name: str) -> npt.
         raise InvalidArgument(f"input '{name}' shape {list(shape)} is not usable: {exc}") from None
 
 
-def _parse_outputs(raw: Any) -> tuple[list[str], frozenset[str], dict[str, int]]:
+def _parse_outputs(
+    raw: Any, shm: ShmResolver | None
+) -> tuple[list[str], frozenset[str], dict[str, int], dict[str, ShmOutput]]:
     if raw is None:
-        return [], frozenset(), {}
+        return [], frozenset(), {}, {}
     if type(raw) is not list:
         raise InvalidArgument(f"request 'outputs' must be a list, got {_kind(raw)}")
     names: list[str] = []
     binary: set[str] = set()
     class_counts: dict[str, int] = {}
+    shm_outputs: dict[str, ShmOutput] = {}
     for position, entry in enumerate(raw):
         if type(entry) is not dict:
             raise InvalidArgument(f"outputs[{position}] must be an object, got {_kind(entry)}")
@@ -402,10 +481,6 @@ def _parse_outputs(raw: Any) -> tuple[list[str], frozenset[str], dict[str, int]]
             continue
         if type(params) is not dict:
             raise InvalidArgument(f"output '{name}' 'parameters' must be an object, got {_kind(params)}")
-        if "shared_memory_region" in params:
-            raise InvalidArgument(
-                f"output '{name}' uses 'shared_memory_region', which natron does not support"
-            )
         if "binary_data" in params:
             flag = params["binary_data"]
             if type(flag) is not bool:
@@ -420,7 +495,35 @@ def _parse_outputs(raw: Any) -> tuple[list[str], frozenset[str], dict[str, int]]
                 )
             if k:  # 0 means no classification, as in Triton and tritonclient
                 class_counts[name] = k
-    return names, frozenset(binary), class_counts
+        if _SHM_REGION in params:
+            # Triton's rules: the bytes go to the region, so neither binary data nor
+            # classification (computed from those bytes) can come back in the answer.
+            if name in class_counts:
+                raise InvalidArgument(f"output '{name}' can't set both '{_SHM_REGION}' and 'classification'")
+            if name in binary:
+                raise InvalidArgument(f"output '{name}' can't set both '{_SHM_REGION}' and 'binary_data'")
+            region, offset, window = _shm_window("output", name, params, shm)
+            shm_outputs[name] = ShmOutput(region, offset, window)
+        else:
+            _no_shm_window("output", name, params)
+    if len(shm_outputs) > 1:
+        _check_no_overlap(shm_outputs)
+    return names, frozenset(binary), class_counts, shm_outputs
+
+
+def _check_no_overlap(outputs: dict[str, ShmOutput]) -> None:
+    """Two outputs writing the same bytes would leave the client one of them, silently."""
+    spans = sorted(
+        (target.region, target.offset, target.offset + len(target.window), name)
+        for name, target in outputs.items()
+        if len(target.window)
+    )
+    for (region, start, end, name), (next_region, next_start, next_end, next_name) in pairwise(spans):
+        if region == next_region and next_start < end:
+            raise InvalidArgument(
+                f"outputs '{name}' and '{next_name}' overlap in shared memory region '{region}': "
+                f"bytes [{start}, {end}) and [{next_start}, {next_end})"
+            )
 
 
 # --------------------------------------------------------------------------------- encoding
@@ -462,11 +565,15 @@ def infer_response_doc(
     binary_outputs = parsed.binary_outputs
     class_counts = parsed.class_counts
     binary_default = parsed.binary_default
+    shm_outputs = parsed.shm_outputs
     entries: list[dict[str, Any]] = []
     chunks: list[Any] = []
     for tensor in response.outputs:
         name = tensor.name
         _check_size(tensor)
+        if shm_outputs and name in shm_outputs:
+            entries.append(_write_shm_output(tensor, shm_outputs[name]))
+            continue
         if class_counts and name in class_counts:
             tensor = _classify(tensor, class_counts[name], batched)
         if name in binary_outputs:
@@ -523,6 +630,26 @@ def _encode_output(tensor: Tensor, as_binary: bool) -> tuple[dict[str, Any], Any
         "parameters": {"binary_data_size": len(chunk)},
     }
     return entry, chunk
+
+
+def _write_shm_output(tensor: Tensor, target: ShmOutput) -> dict[str, Any]:
+    """Write an output into its shared memory window; its JSON entry, without data."""
+    datatype = tensor.datatype
+    chunk: Any
+    if datatype == BYTES:
+        chunk = datatypes.serialize_bytes(tensor.data)
+    else:
+        contiguous = np.ascontiguousarray(tensor.data, dtype=datatypes.to_numpy_dtype(datatype))
+        chunk = contiguous.reshape(-1).view(np.uint8)
+    size = len(chunk)
+    window = target.window
+    if size > len(window):
+        raise InvalidArgument(
+            f"shared memory size specified with the request for output '{tensor.name}' "
+            f"({len(window)} bytes) should be at least {size} bytes to hold the results"
+        )
+    window[:size] = chunk
+    return {"name": tensor.name, "datatype": datatype, "shape": tensor.shape}
 
 
 def _check_size(tensor: Tensor) -> None:

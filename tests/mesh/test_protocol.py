@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import orjson
 import pytest
+import requests
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -178,6 +180,27 @@ def test_every_datatype_round_trips(
     else:
         assert got.dtype == data.dtype
         np.testing.assert_array_equal(got, data)
+
+
+def test_bool_binary_data_reads_any_nonzero_byte_as_true(served: Served) -> None:
+    # Triton reads BOOL bytes as C++ bools; perf_analyzer's random data sends any byte value.
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT0", "datatype": "BOOL", "shape": [1, 5], "parameters": {"binary_data_size": 5}}
+            ],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+        }
+    )
+    response = requests.post(
+        f"{served.url}/v2/models/identity_bool/infer",
+        data=header + bytes([0, 1, 2, 0x80, 0xFF]),
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    json_length = int(response.headers["Inference-Header-Content-Length"])
+    assert response.content[json_length:] == bytes([0, 1, 1, 1, 1])
 
 
 def test_fp16_sent_as_json_is_a_clear_400(client: httpclient.InferenceServerClient) -> None:

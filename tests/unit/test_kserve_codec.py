@@ -319,19 +319,24 @@ def test_a_shape_that_is_not_a_list_of_non_negative_integers_is_rejected(shape: 
 
 def test_an_input_with_both_data_and_binary_data_size_is_rejected() -> None:
     doc = one_input(parameters={"binary_data_size": 8})
-    rejects(doc, b"\0" * 8, match="input 'x' must set exactly one of .* but sets both")
+    rejects(
+        doc, b"\0" * 8, match="input 'x' must set exactly one of .* but sets 'data' and 'binary_data_size'"
+    )
 
 
 def test_an_input_with_neither_data_nor_binary_data_size_is_rejected() -> None:
-    rejects(one_input(data=...), match="input 'x' must set exactly one of .* but sets neither")
+    rejects(one_input(data=...), match="input 'x' must set exactly one of .* but sets none of them")
 
 
-def test_shared_memory_inputs_and_outputs_are_rejected() -> None:
+def test_shared_memory_inputs_and_outputs_are_rejected_without_a_resolver() -> None:
+    # The streaming endpoints parse without one.
     doc = one_input(data=..., parameters={"shared_memory_region": "r", "shared_memory_byte_size": 8})
-    rejects(doc, match="input 'x' uses 'shared_memory_region'")
+    rejects(doc, match="input 'x' uses 'shared_memory_region', which this endpoint does not support")
     doc = one_input()
-    doc["outputs"] = [{"name": "y", "parameters": {"shared_memory_region": "r"}}]
-    rejects(doc, match="output 'y' uses 'shared_memory_region'")
+    doc["outputs"] = [
+        {"name": "y", "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 8}}
+    ]
+    rejects(doc, match="output 'y' uses 'shared_memory_region', which this endpoint does not support")
 
 
 def test_input_parameters_that_are_not_an_object_are_rejected() -> None:
@@ -498,9 +503,20 @@ def test_malformed_bytes_binary_data_is_rejected(raw: bytes, match: str) -> None
     rejects(doc, raw, match=f"input 'x' binary data: .*{match}")
 
 
-def test_bool_binary_data_other_than_zero_or_one_is_rejected() -> None:
+def test_bool_binary_data_reads_any_nonzero_byte_as_true_as_triton_does() -> None:
+    doc = one_input(datatype="BOOL", shape=[2, 3], data=..., parameters={"binary_data_size": 6})
+    (tensor,) = parse(doc, b"\x00\x02\xff\x01\x00\x80").request.inputs
+    assert tensor.data.dtype == np.bool_
+    assert tensor.data.tolist() == [[False, True, True], [True, False, True]]
+    # Normalised: the bytes that travel on are 0 and 1 only.
+    assert tensor.data.tobytes() == b"\x00\x01\x01\x01\x00\x01"
+
+
+def test_bool_binary_data_of_zeros_and_ones_stays_a_view_of_the_body() -> None:
     doc = one_input(datatype="BOOL", data=..., parameters={"binary_data_size": 2})
-    rejects(doc, b"\x01\x02", match="input 'x' BOOL binary data holds a byte other than 0 or 1")
+    (tensor,) = parse(doc, b"\x01\x00").request.inputs
+    assert tensor.data.tolist() == [True, False]
+    assert not tensor.data.flags.owndata
 
 
 @pytest.mark.parametrize(
@@ -991,5 +1007,305 @@ def test_json_encoding_then_parsing_keeps_every_value(tensors: list[Tensor]) -> 
     body, header_length = encode_infer_response(response(*tensors), parsed_for(), "")
     parsed = as_request(body, header_length)
     for original, tensor in zip(tensors, parsed.request.inputs, strict=True):
+        assert tensor.shape == original.shape
+        assert_same(tensor.data, original.data)
+
+
+# ------------------------------------------------------------------------------ shared memory
+
+
+class FakeRegions:
+    """A resolver over in-memory regions, with the registry's refusals (a resolver is not
+    NATS: gateway/sharedmemory.py's registry is tested against a real broker)."""
+
+    def __init__(self, **sizes: int) -> None:
+        self.buffers = {name: bytearray(size) for name, size in sizes.items()}
+
+    def __call__(self, region: str, offset: int, byte_size: int) -> memoryview:
+        buffer = self.buffers.get(region)
+        if buffer is None:
+            raise InvalidArgument(f"Unable to find shared memory region: '{region}'")
+        if offset + byte_size > len(buffer):
+            raise InvalidArgument(f"Invalid offset + byte size for shared memory region: '{region}'")
+        return memoryview(buffer)[offset : offset + byte_size]
+
+
+def shm_params(region: str, byte_size: int, offset: int = 0) -> dict[str, Any]:
+    params: dict[str, Any] = {"shared_memory_region": region, "shared_memory_byte_size": byte_size}
+    if offset:
+        params["shared_memory_offset"] = offset
+    return params
+
+
+def raw_bytes(array: npt.NDArray[Any], datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return datatypes.serialize_bytes(array)
+    return np.ascontiguousarray(array).tobytes()
+
+
+def parse_shm(doc: dict[str, Any], regions: FakeRegions) -> ParsedInfer:
+    return parse_infer_body(orjson.dumps(doc), None, "model", "1", regions)
+
+
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_an_input_is_read_from_its_shared_memory_region(datatype: str) -> None:
+    expected = sample(datatype)
+    data = raw_bytes(expected, datatype)
+    regions = FakeRegions(r=len(data) + 16)
+    regions.buffers["r"][8 : 8 + len(data)] = data
+    doc = one_input(datatype=datatype, shape=[2, 3], data=..., parameters=shm_params("r", len(data), 8))
+    (tensor,) = parse_shm(doc, regions).request.inputs
+    assert_same(tensor.data, expected)
+
+
+def test_bool_input_in_shared_memory_reads_nonzero_bytes_as_true() -> None:
+    regions = FakeRegions(r=3)
+    regions.buffers["r"][:] = b"\x07\x00\x01"
+    doc = one_input(datatype="BOOL", shape=[3], data=..., parameters=shm_params("r", 3))
+    (tensor,) = parse_shm(doc, regions).request.inputs
+    assert tensor.data.tolist() == [True, False, True]
+
+
+def test_inputs_mix_json_binary_and_shared_memory() -> None:
+    regions = FakeRegions(r=8)
+    regions.buffers["r"][:] = np.array([5, 6], dtype=np.int32).tobytes()
+    doc = {
+        "inputs": [
+            {"name": "a", "datatype": "INT32", "shape": [2], "parameters": shm_params("r", 8)},
+            {"name": "b", "datatype": "INT32", "shape": [2], "parameters": {"binary_data_size": 8}},
+            {"name": "c", "datatype": "INT32", "shape": [2], "data": [1, 2]},
+        ]
+    }
+    header = orjson.dumps(doc)
+    chunk = np.array([3, 4], dtype=np.int32).tobytes()
+    parsed = parse_infer_body(header + chunk, len(header), "model", "1", regions)
+    assert [t.data.tolist() for t in parsed.request.inputs] == [[5, 6], [3, 4], [1, 2]]
+
+
+def test_an_input_in_shared_memory_of_the_wrong_byte_size_is_rejected() -> None:
+    doc = one_input(datatype="INT32", shape=[2], data=..., parameters=shm_params("r", 4))
+    with pytest.raises(
+        InvalidArgument,
+        match=r"input 'x' has shared_memory_byte_size 4, but datatype INT32 with shape \[2\] needs 8 bytes",
+    ):
+        parse_shm(doc, FakeRegions(r=16))
+
+
+def test_the_resolvers_refusals_reach_the_client() -> None:
+    doc = one_input(data=..., parameters=shm_params("nowhere", 8))
+    with pytest.raises(InvalidArgument, match="Unable to find shared memory region: 'nowhere'"):
+        parse_shm(doc, FakeRegions(r=16))
+    doc = one_input(data=..., parameters=shm_params("r", 8, offset=12))
+    with pytest.raises(InvalidArgument, match="Invalid offset \\+ byte size for shared memory region: 'r'"):
+        parse_shm(doc, FakeRegions(r=16))
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (
+            {"shared_memory_region": 3, "shared_memory_byte_size": 8},
+            "'shared_memory_region' must be a non-empty",
+        ),
+        (
+            {"shared_memory_region": "", "shared_memory_byte_size": 8},
+            "'shared_memory_region' must be a non-empty",
+        ),
+        ({"shared_memory_region": "r"}, "sets 'shared_memory_region' but not 'shared_memory_byte_size'"),
+        ({**shm_params("r", 8), "shared_memory_offset": -1}, "'shared_memory_offset' must be a non-negative"),
+        (
+            {**shm_params("r", 8), "shared_memory_offset": 1.5},
+            "'shared_memory_offset' must be a non-negative",
+        ),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": True}, "'shared_memory_byte_size' must be"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": -8}, "'shared_memory_byte_size' must be"),
+        (
+            {**shm_params("r", 8), "binary_data_size": 8},
+            "but sets 'binary_data_size' and 'shared_memory_region'",
+        ),
+    ],
+)
+def test_malformed_shared_memory_input_parameters_are_rejected(params: dict[str, Any], match: str) -> None:
+    doc = one_input(data=..., parameters=params)
+    with pytest.raises(InvalidArgument, match=f"input 'x' .*{match}"):
+        parse_shm(doc, FakeRegions(r=16))
+
+
+def test_an_input_with_data_and_shared_memory_is_rejected() -> None:
+    doc = one_input(parameters=shm_params("r", 8))
+    with pytest.raises(InvalidArgument, match="but sets 'data' and 'shared_memory_region'"):
+        parse_shm(doc, FakeRegions(r=16))
+
+
+@pytest.mark.parametrize("key", ["shared_memory_offset", "shared_memory_byte_size"])
+def test_a_shared_memory_offset_or_size_without_a_region_is_rejected(key: str) -> None:
+    doc = one_input(parameters={key: 0})
+    with pytest.raises(InvalidArgument, match=r"input 'x' sets .* without 'shared_memory_region'"):
+        parse_shm(doc, FakeRegions(r=16))
+    doc = one_input()
+    doc["outputs"] = [{"name": "y", "parameters": {key: 0}}]
+    with pytest.raises(InvalidArgument, match=r"output 'y' sets .* without 'shared_memory_region'"):
+        parse_shm(doc, FakeRegions(r=16))
+
+
+def shm_output_request(regions: FakeRegions, *outputs: tuple[str, dict[str, Any]]) -> ParsedInfer:
+    doc = one_input()
+    doc["outputs"] = [{"name": name, "parameters": params} for name, params in outputs]
+    return parse_shm(doc, regions)
+
+
+@pytest.mark.parametrize("datatype", ALL_TYPES)
+def test_an_output_is_written_into_its_region_and_answered_without_data(datatype: str) -> None:
+    array = sample(datatype)
+    data = raw_bytes(array, datatype)
+    regions = FakeRegions(r=len(data) + 20)
+    parsed = shm_output_request(regions, ("y", shm_params("r", len(data) + 4, offset=16)))
+    body, header_length = encode_infer_response(response(Tensor("y", datatype, (2, 3), array)), parsed, "")
+    assert header_length is None  # no binary data follows the JSON
+    doc, _ = decode(body, header_length)
+    # As Triton answers: no data and no parameters (its C++ client reads any output with
+    # parameters as binary data).
+    assert doc["outputs"] == [{"name": "y", "datatype": datatype, "shape": [2, 3]}]
+    assert bytes(regions.buffers["r"][16 : 16 + len(data)]) == data
+    assert regions.buffers["r"][:16] == bytes(16)
+
+
+def test_shared_memory_outputs_sit_beside_json_and_binary_ones() -> None:
+    regions = FakeRegions(r=8)
+    parsed = shm_output_request(
+        regions, ("a", shm_params("r", 8)), ("b", {"binary_data": True}), ("c", {"binary_data": False})
+    )
+    ints = np.array([1, 2], dtype=np.int32)
+    tensors = [Tensor(n, "INT32", (2,), ints + i) for i, n in enumerate("abc")]
+    body, header_length = encode_infer_response(response(*tensors), parsed, "")
+    doc, binary = decode(body, header_length)
+    assert [o["name"] for o in doc["outputs"]] == ["a", "b", "c"]
+    assert "data" not in doc["outputs"][0]
+    assert binary == (ints + 1).tobytes()
+    assert doc["outputs"][2]["data"] == [3, 4]
+    assert bytes(regions.buffers["r"]) == ints.tobytes()
+
+
+def test_an_output_larger_than_its_window_is_a_400_naming_both_sizes() -> None:
+    regions = FakeRegions(r=64)
+    parsed = shm_output_request(regions, ("y", shm_params("r", 7)))
+    out = Tensor("y", "INT32", (2,), np.array([1, 2], dtype=np.int32))
+    with pytest.raises(
+        InvalidArgument,
+        match=r"shared memory size specified with the request for output 'y' \(7 bytes\) should be at "
+        r"least 8 bytes to hold the results",
+    ):
+        encode_infer_response(response(out), parsed, "")
+    assert regions.buffers["r"] == bytes(64)  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (
+            {**shm_params("r", 8), "binary_data": True},
+            "can't set both 'shared_memory_region' and 'binary_data'",
+        ),
+        (
+            {**shm_params("r", 8), "classification": 2},
+            "can't set both 'shared_memory_region' and 'classification'",
+        ),
+        ({"shared_memory_region": "r"}, "sets 'shared_memory_region' but not 'shared_memory_byte_size'"),
+        (shm_params("nowhere", 8), "Unable to find shared memory region: 'nowhere'"),
+    ],
+)
+def test_shared_memory_outputs_follow_tritons_rules(params: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        shm_output_request(FakeRegions(r=16), ("y", params))
+
+
+def test_an_output_into_shared_memory_with_binary_data_false_is_accepted() -> None:
+    # tritonclient's InferRequestedOutput.set_shared_memory sends binary_data false.
+    parsed = shm_output_request(FakeRegions(r=16), ("y", {**shm_params("r", 8), "binary_data": False}))
+    assert set(parsed.shm_outputs) == {"y"}
+
+
+def test_two_outputs_sharing_bytes_of_a_region_are_rejected() -> None:
+    with pytest.raises(
+        InvalidArgument,
+        match=r"outputs 'y' and 'z' overlap in shared memory region 'r': bytes \[0, 8\) and \[4, 12\)",
+    ):
+        shm_output_request(FakeRegions(r=16), ("y", shm_params("r", 8)), ("z", shm_params("r", 8, offset=4)))
+
+
+def test_outputs_side_by_side_or_in_other_regions_and_inputs_under_outputs_are_fine() -> None:
+    regions = FakeRegions(r=16, q=8)
+    doc = one_input(datatype="INT32", data=..., parameters=shm_params("r", 8))
+    doc["outputs"] = [
+        {"name": "y", "parameters": shm_params("r", 8)},  # over the input: read before written
+        {"name": "z", "parameters": shm_params("r", 8, offset=8)},
+        {"name": "w", "parameters": shm_params("q", 8)},
+        {"name": "v", "parameters": shm_params("r", 0, offset=4)},  # empty: shares no byte
+    ]
+    parsed = parse_shm(doc, regions)
+    assert set(parsed.shm_outputs) == {"y", "z", "w", "v"}
+
+
+_SHM_KEYS = st.sampled_from(
+    [
+        "shared_memory_region",
+        "shared_memory_offset",
+        "shared_memory_byte_size",
+        "binary_data_size",
+        "binary_data",
+        "classification",
+    ]
+)
+_SHM_VALUES = st.sampled_from(["r", "q", "", "nowhere"]) | _SMALL_VALUES | st.integers(0, 40)
+
+
+@given(
+    datatype=st.sampled_from(ALL_TYPES),
+    shape=st.lists(st.integers(min_value=0, max_value=3), max_size=2),
+    input_params=st.dictionaries(_SHM_KEYS, _SHM_VALUES),
+    output_params=st.lists(st.dictionaries(_SHM_KEYS, _SHM_VALUES), max_size=3),
+    data=st.binary(max_size=40),
+)
+def test_damaged_shared_memory_requests_only_ever_raise_invalid_argument(
+    datatype: str,
+    shape: list[int],
+    input_params: dict[str, Any],
+    output_params: list[dict[str, Any]],
+    data: bytes,
+) -> None:
+    regions = FakeRegions(r=len(data), q=16)
+    regions.buffers["r"][:] = data
+    doc = {
+        "inputs": [{"name": "x", "datatype": datatype, "shape": shape, "parameters": input_params}],
+        "outputs": [{"name": f"y{i}", "parameters": p} for i, p in enumerate(output_params)],
+    }
+    try:
+        parse_shm(doc, regions)
+    except InvalidArgument:
+        event("rejected")
+    else:
+        event("accepted")
+
+
+@given(tensors=_tensor_lists())
+def test_outputs_written_to_shared_memory_read_back_as_inputs_unchanged(tensors: list[Tensor]) -> None:
+    sizes = [len(raw_bytes(t.data, t.datatype)) for t in tensors]
+    regions = FakeRegions(r=sum(sizes))
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    parsed = shm_output_request(
+        regions,
+        *[
+            (t.name, shm_params("r", size, start))
+            for t, size, start in zip(tensors, sizes, starts, strict=True)
+        ],
+    )
+    body, header_length = encode_infer_response(response(*tensors), parsed, "")
+    doc, _ = decode(body, header_length)
+    inputs = [
+        {**entry, "parameters": shm_params("r", size, start)}
+        for entry, size, start in zip(doc["outputs"], sizes, starts, strict=True)
+    ]
+    back = parse_shm({"inputs": inputs}, regions)
+    for original, tensor in zip(tensors, back.request.inputs, strict=True):
         assert tensor.shape == original.shape
         assert_same(tensor.data, original.data)
