@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -35,6 +37,7 @@ from natron.errors import DeadlineExceeded, InvalidArgument, NatronError
 from natron.inference import InferRequest
 from natron.spec import ModelSpec
 from natron.stats import ModelStats
+from natron.tracing import ProcessSpans, end_span
 from workers.backends import AnyBackend
 from workers.batcher import Admitted, Batcher
 from workers.runners import Answers, runner_for
@@ -48,12 +51,14 @@ class _Held:
     """A message taken and not yet acknowledged: when, and how many of its requests (several
     in a coalesced message) still await their answers."""
 
-    __slots__ = ("msg", "remaining", "taken_s")
+    __slots__ = ("msg", "remaining", "spans", "taken_s")
 
     def __init__(self, msg: Msg, taken_s: float) -> None:
         self.msg = msg
         self.taken_s = taken_s
         self.remaining = 1
+        # Spans of its traced requests, ended when the message is acknowledged.
+        self.spans: list[Any] = []
 
 
 class ModelInstance:
@@ -68,8 +73,10 @@ class ModelInstance:
         *,
         throttle_s: float = 0.0,
         stats: ModelStats | None = None,
+        spans: ProcessSpans | None = None,
     ) -> None:
         self._puller = puller
+        self._spans = spans
         self._spec = spec
         self.name = name
         # Shared by the instances of a version on this worker; reported with the heartbeat.
@@ -177,6 +184,7 @@ class ModelInstance:
         if batch_size is None:
             await self._drop_cancelled(msg)
             return None
+        self._trace(msg, request, headers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "request id=%s model=%s traceparent=%s",
@@ -222,8 +230,19 @@ class ModelInstance:
             if batch_size is None:
                 await self._drop_cancelled(msg)
                 continue
+            self._trace(msg, entry.request, entry.trace)
             admitted.append(Admitted(msg, reply_to, entry.request, batch_size, entry.deadline_ns, index))
         return admitted
+
+    def _trace(self, msg: Msg, request: InferRequest, headers: Mapping[str, str]) -> None:
+        """A span for a request its gateway traces (a sampled `traceparent`), from admission to
+        the acknowledgement of its message, after its answer went out."""
+        if self._spans is None or self._spans.export is None:
+            return
+        attributes = {"model.name": request.model, "model.instance": self.name, "request.id": request.id}
+        span = self._spans.child("compute", headers, attributes)
+        if span is not None:
+            self._in_hand[id(msg)].spans.append(span)
 
     def _check(self, request: InferRequest, reply_to: str, deadline_ns: int, now_ns: int) -> int | None:
         """Admission of a decoded request: its batch size, None when its client went away
@@ -253,3 +272,6 @@ class ModelInstance:
                 return
             del self._in_hand[id(msg)]
         await self._puller.ack(msg)
+        if held is not None:
+            for span in held.spans:
+                end_span(span, None)
