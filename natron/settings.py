@@ -4,7 +4,8 @@ One model per role (`natron serve`, `gateway`, `router`, `worker`, `ensemble`). 
 from, in order of precedence: the command line, a `NATRON_<FIELD>` environment variable
 (`NATRON_HTTP_PORT=8000`, `NATRON_LOAD_MODEL=a,b`), the default here. A field's name is its
 flag's name (`--repository-poll-secs` is `repository_poll_secs`), so the three spellings of a
-setting never drift apart. Durations and sizes carry their unit in their names.
+setting never drift apart; where tritonserver spells the flag otherwise, TRITON_SPELLINGS holds
+its spelling too. Durations and sizes carry their unit in their names.
 
 A child of `natron serve` gets its settings whole, as JSON in `NATRON_SETTINGS_JSON`, validated
 by the same model: a setting reaches it as the value its parent decided, not as a flag rebuilt
@@ -34,21 +35,28 @@ MAX_PAYLOAD_LIMIT_MB = 64
 # Gateway processes sharing one HTTP port: each takes a core, and past a few dozen the box's
 # cores, not the count, are the limit.
 MAX_HTTP_WORKERS = 64
+# Model versions a worker loads at once (tritonserver's --model-load-thread-count); each takes a
+# thread of the process's executor while it loads.
+MAX_MODEL_LOAD_THREADS = 256
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 LogLevel = Literal["debug", "info", "warning", "error"]
+# Triton's --log-format: "default" is natron's own line, ISO8601 stamps it in UTC as Triton does.
+LogFormat = Literal["default", "ISO8601"]
 ControlMode = Literal["none", "poll", "explicit"]
+
+# What tritonserver calls a setting that natron names otherwise: the command line takes both
+# spellings, and an error about the setting names both.
+TRITON_SPELLINGS: dict[str, str] = {
+    "shutdown_timeout_s": "--exit-timeout-secs",
+    "http_workers": "--http-thread-count",
+    "model_repository": "--model-store",
+}
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _DEVICE = re.compile(r"^(cpu|gpu:\S+)$")
-
-
-def _directory(path: Path) -> Path:
-    if not path.is_dir():
-        raise ValueError("not a directory")
-    return path.resolve()
 
 
 def _name(text: str) -> str:
@@ -75,6 +83,25 @@ HttpWorkers = Annotated[
     ),
     AfterValidator(_http_workers),
 ]
+
+
+def _directories(paths: tuple[Path, ...]) -> tuple[Path, ...]:
+    for path in paths:
+        if not path.is_dir():
+            raise ValueError(f"'{path}' is not a directory")
+    resolved = tuple(path.resolve() for path in paths)
+    if len(set(resolved)) < len(resolved):
+        raise ValueError("a repository is named twice")
+    return resolved
+
+
+def _metrics_config(items: tuple[str, ...]) -> tuple[str, ...]:
+    # Only the shape here; what each setting means is the metrics' business.
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not (key.strip() and equals and value.strip()):
+            raise ValueError(f"'{item}': expected <setting>=<value>, as Triton's --metrics-config")
+    return items
 
 
 def _device(text: str) -> str:
@@ -108,6 +135,9 @@ class _Base(BaseSettings):
         "natron"
     )
     log_level: Annotated[LogLevel, Field(description="one of debug, info, warning, error")] = "info"
+    log_format: Annotated[
+        LogFormat, Field(description="default (natron's, local time) or ISO8601 (UTC), as Triton's")
+    ] = "default"
     parent_pid: Annotated[
         int | None, Field(gt=0, description="set by natron serve: stop once this process is gone")
     ] = None
@@ -118,12 +148,16 @@ class _Base(BaseSettings):
         Field(description="after SIGTERM, exit within this long (natron serve: each child's budget)"),
     ] = 25.0
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
-    def _lower(cls, value: object) -> object:
-        # INFO reads as info; anything else stays as given, so the error quotes it verbatim.
-        if isinstance(value, str) and value.lower() in get_args(LogLevel):
-            return value.lower()
+    def _any_case(cls, value: object, info: ValidationInfo) -> object:
+        # INFO reads as info, iso8601 as ISO8601; anything else stays as given, so the error
+        # quotes it verbatim.
+        choices = get_args(LogLevel if info.field_name == "log_level" else LogFormat)
+        if isinstance(value, str):
+            for choice in choices:
+                if value.lower() == choice.lower():
+                    return choice
         return value
 
 
@@ -134,10 +168,19 @@ class CommonSettings(_Base):
 
 
 class _Repository(BaseSettings):
+    """The model repositories and how their models are loaded: `natron serve`'s and the
+    router's alike, as the router is the one that scans them."""
+
     model_config = _CONFIG
 
+    # Several, as tritonserver's --model-repository is repeatable, scanned as one (a model
+    # name in more than one of them is served from none); from the environment,
+    # comma-separated.
     model_repository: Annotated[
-        Path, AfterValidator(_directory), Field(description="the Triton model repository")
+        tuple[Path, ...],
+        NoDecode,
+        Field(min_length=1, description="a Triton model repository (repeatable)"),
+        AfterValidator(_directories),
     ]
     model_control_mode: Annotated[
         ControlMode, Field(description="none (load all, fixed), poll (follow changes), explicit")
@@ -158,6 +201,15 @@ class _Repository(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _repositories(cls, value: object) -> object:
+        if isinstance(value, Path):
+            return (value,)
+        if isinstance(value, str):
+            return tuple(Path(part.strip()) for part in value.split(",") if part.strip())
         return value
 
 
@@ -190,29 +242,57 @@ class _Compute(BaseSettings):
     throttle_ms: Annotated[
         float, Field(ge=0, description="testing aid: sleep this long after each batch")
     ] = 0.0
+    model_load_thread_count: Annotated[
+        int, Field(ge=1, le=MAX_MODEL_LOAD_THREADS, description="model versions a worker loads at once")
+    ] = 4
 
 
-class GatewaySettings(CommonSettings):
-    command: ClassVar[str] = "gateway"
+class _Front(BaseSettings):
+    """What a gateway serves, and where: the flags a gateway shares with Triton's server."""
+
+    model_config = _CONFIG
 
     http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
     http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
-    metrics_port: Annotated[Port, Field(description="the fleet's Prometheus metrics; 0: none")] = 0
+    allow_http: Annotated[bool, Field(description="serve HTTP (and WebSocket) on --http-port")] = True
     grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = "0.0.0.0"
     grpc_port: Annotated[Port, Field(description="KServe v2 / Triton gRPC port")] = 8001
     allow_grpc: Annotated[bool, Field(description="serve Triton's gRPC protocol on --grpc-port")] = True
+    allow_metrics: Annotated[bool, Field(description="serve Prometheus metrics on --metrics-port")] = True
+    # NoDecode: from the environment this is whitespace-separated, as a value may hold commas
+    # (Triton's summary_quantiles=0.5:0.05,0.9:0.01).
+    metrics_config: Annotated[
+        tuple[str, ...],
+        NoDecode,
+        AfterValidator(_metrics_config),
+        Field(description="a metrics setting, <setting>=<value>, as Triton's (repeatable)"),
+    ] = ()
     strict_readiness: Annotated[
         bool, Field(description="ready only once every model has settled and a worker is live")
     ] = True
+    # With more than one, `natron gateway` supervises that many gateway processes; each of them
+    # has its place in http_worker_index (see natron/cli/services.py). After http_port, which
+    # its check reads.
+    http_workers: HttpWorkers = 1
+
+    @field_validator("metrics_config", mode="before")
+    @classmethod
+    def _split_words(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(value.split())
+        return value
+
+
+class GatewaySettings(_Front, CommonSettings):
+    command: ClassVar[str] = "gateway"
+
+    metrics_port: Annotated[Port, Field(description="the fleet's Prometheus metrics; 0: none")] = 0
     default_timeout_s: Annotated[
         PositiveSeconds, Field(description="a request's deadline when it names none")
     ] = 60.0
     max_body_mb: Annotated[
         int, Field(ge=1, le=1024, description="larger HTTP bodies are refused with 413 (MiB)")
     ] = 64
-    # With more than one, `natron gateway` supervises that many gateway processes; each of them
-    # has its place in http_worker_index (see natron/cli/services.py).
-    http_workers: HttpWorkers = 1
     http_worker_index: Annotated[
         int | None,
         Field(ge=0, description="set by the process that starts the gateway processes: this one's place"),
@@ -259,28 +339,19 @@ class OrchestratorSettings(_Drain, CommonSettings):
     metrics_port: Annotated[Port, Field(description="the orchestrator's own metrics; 0: none")] = 0
 
 
-class ServeSettings(_Compute, _Drain, _Queues, _Repository, _Base):
+class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Base):
     command: ClassVar[str] = "serve"
 
     nats_url: Annotated[
-        str | None, Field(min_length=1, description="use this NATS server instead of an embedded one")
+        str | None, Field(min_length=1, description="this NATS server (default: an embedded one)")
     ] = None
     nats_port: Annotated[Port, Field(description="port of the embedded NATS server")] = 4222
     max_payload_mb: Annotated[
         int,
         Field(ge=1, le=MAX_PAYLOAD_LIMIT_MB, description="NATS max_payload and the largest HTTP body (MiB)"),
     ] = 16
-    http_address: Annotated[str, Field(min_length=1, description="address the HTTP server binds")] = "0.0.0.0"
-    http_port: Annotated[Port, Field(description="KServe v2 / Triton HTTP port")] = 8000
     metrics_port: Annotated[Port, Field(description="Prometheus metrics port")] = 8002
-    grpc_address: Annotated[str, Field(min_length=1, description="address the gRPC server binds")] = "0.0.0.0"
-    grpc_port: Annotated[Port, Field(description="KServe v2 / Triton gRPC port")] = 8001
-    allow_grpc: Annotated[bool, Field(description="serve Triton's gRPC protocol on --grpc-port")] = True
-    strict_readiness: Annotated[
-        bool, Field(description="ready only once every model has settled and a worker is live")
-    ] = True
     workers: Annotated[int, Field(ge=1, le=1024, description="CPU worker processes (without a GPU)")] = 1
-    http_workers: HttpWorkers = 1
     ready_timeout_s: Annotated[
         PositiveSeconds, Field(description="print the model table once settled, or after this long")
     ] = 120.0
@@ -307,20 +378,29 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+def _shown(value: object) -> str:
+    """A value as given: a path or a list of them as text, not as Python's PosixPath(...)."""
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(_shown(item) for item in value) + ")"
+    return repr(str(value) if isinstance(value, Path) else value)
+
+
 def describe(error: ValidationError) -> str:
-    """One line per invalid field: its name, the value given, why, and its flag and variable."""
+    """One line per invalid field: its name, the value given, why, and its flags and variable."""
     lines = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "settings"
-        where = f"({flag_name(field)} or {env_name(field)})"
+        # A list's item is located by its index too (model_repository.1): the field is first.
+        field = str(item["loc"][0]) if item["loc"] else "settings"
+        triton = f"; tritonserver's {TRITON_SPELLINGS[field]}" if field in TRITON_SPELLINGS else ""
+        where = f"({flag_name(field)} or {env_name(field)}{triton})"
         if item["type"] == "missing":
             lines.append(f"{field} is required {where}")
         elif item["type"] == "extra_forbidden":
-            lines.append(f"{field}={item['input']!r}: no such setting")
+            lines.append(f"{field}={_shown(item['input'])}: no such setting")
         else:
             # pydantic words a ValueError raised here as "Value error, <why>".
             why = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{field}={item['input']!r}: {why} {where}")
+            lines.append(f"{field}={_shown(item['input'])}: {why} {where}")
     return "; ".join(lines)
 
 

@@ -1,11 +1,16 @@
-"""Scan a Triton model repository into ModelRecords: configs parsed and completed, the
+"""Scan Triton model repositories into ModelRecords: configs parsed and completed, the
 version policy applied, and every problem turned into an UNAVAILABLE state with its reason.
+
+Several repositories serve as one, as tritonserver's repeated --model-repository does: a model
+is a folder in any of them. A name must be unique across them all; a name found in more than
+one is not served from any (Triton's rule), and its record says where it was found.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +95,12 @@ def scan_model(
     return record
 
 
-def scan_repository(repository: Path) -> list[ModelRecord]:
+def model_folders(repository: Path) -> list[Path]:
+    """The model folders of one repository, by name: hidden folders and names that cannot be a
+    subject token are left out (the latter with a warning)."""
     if not repository.is_dir():
         raise InvalidArgument(f"model repository '{repository}' is not a directory")
-    records: list[ModelRecord] = []
+    folders: list[Path] = []
     for model_dir in sorted(repository.iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
@@ -102,5 +109,45 @@ def scan_repository(repository: Path) -> list[ModelRecord]:
         except InvalidArgument as exc:
             log.warning("skipping %s: %s", model_dir, exc.message)
             continue
-        records.append(scan_model(model_dir))
-    return records
+        folders.append(model_dir)
+    return folders
+
+
+def find_model(repositories: Sequence[Path], name: str) -> list[Path]:
+    """The folders named `name`, in the order of `repositories`: one when the model is there,
+    several when its name is not unique, none when it is in no repository."""
+    return [repository / name for repository in repositories if (repository / name).is_dir()]
+
+
+def not_unique(name: str, folders: Sequence[Path]) -> ModelRecord:
+    """The record of a model found in several repositories: UNAVAILABLE, naming them, and
+    never placed (it has a reason and no config)."""
+    where = ", ".join(str(folder.parent) for folder in folders)
+    reason = f"not unique across the model repositories: in {where}"
+    log.warning("model '%s' is unavailable: %s", name, reason)
+    record = ModelRecord(name=name, path=str(folders[0].resolve()), config=None, reason=reason)
+    # The folders found make the generation, so a rescan that finds the name elsewhere (or in
+    # one repository again) sees a change.
+    record.files = hashlib.sha256("\n".join(str(f.resolve()) for f in folders).encode()).hexdigest()[:16]
+    record.generation = record.compute_generation()
+    return record
+
+
+def scan_folders(
+    name: str, folders: Sequence[Path], config_override: dict[str, Any] | None = None
+) -> ModelRecord:
+    """The record of model `name` from the folders that hold it (see `find_model`)."""
+    if len(folders) > 1:
+        return not_unique(name, folders)
+    return scan_model(folders[0], config_override, name)
+
+
+def scan_repositories(repositories: Sequence[Path]) -> list[ModelRecord]:
+    """Every model of `repositories`, by name. A repository that is not a directory is an
+    error for the whole scan: a repository gone for a moment (an unmounted volume) must not
+    read as every one of its models removed."""
+    found: dict[str, list[Path]] = {}
+    for repository in repositories:
+        for model_dir in model_folders(repository):
+            found.setdefault(model_dir.name, []).append(model_dir)
+    return [scan_folders(name, folders) for name, folders in sorted(found.items())]

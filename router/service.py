@@ -1,6 +1,17 @@
-"""The router: the control plane. It publishes the repository's models into the models KV
+"""The router: the control plane. It publishes the models of its repositories (one or several,
+as tritonserver's repeated --model-repository; see router/repository.py) into the models KV
 bucket, places their instances on the live workers, keeps each version's state true to what
 the workers report, and serves Triton's model control (modes none, poll and explicit).
+
+A load over a model that serves never takes it down. A load the router can judge at once (a
+config that does not parse or validate, a name found in more than one repository, an
+instance_group no worker can take) is refused before any worker sees it; one that fails on the
+workers (its files, the backend's load, warm-up) is given up once every placed worker has
+reported, and the record that served is published again. Either way the model serves on with
+its own config, the load call answers the reason, and the record's `failure` shows it in the
+repository index until a load succeeds. (Triton unloads a model whose name turns up in a second
+repository; natron keeps it serving from the files it was loaded from, as for any failed
+reload, and says why in `failure`.)
 
 A worker counts while its heartbeat (its key in the workers bucket, rewritten every few
 seconds) is fresh; freshness is judged by this process's monotonic clock at receipt, so clock
@@ -31,12 +42,12 @@ from broker import jetstream
 from broker.mirror import BucketMirror
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
-from natron.records import LOADING, READY, UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
+from natron.records import UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
 from natron.tasks import EssentialTasks
 from router import uploads
-from router.aggregate import aggregate, gate_ensembles, generation_states, placed_workers
+from router.aggregate import aggregate, gate_ensembles, settle
 from router.placement import model_size_bytes, place
-from router.repository import scan_model, scan_repository
+from router.repository import find_model, scan_folders, scan_repositories
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,8 @@ _REPUBLISH_MAX_S = 5.0
 
 @dataclass(slots=True, frozen=True)
 class RouterOptions:
-    repository: Path
+    # Several serve as one; a model name in more than one is UNAVAILABLE (router/repository.py).
+    repositories: tuple[Path, ...]
     control_mode: str = "none"
     poll_interval_s: float = 15.0  # Triton's --repository-poll-secs default
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": all)
@@ -59,10 +71,28 @@ class RouterOptions:
     queue: jetstream.QueuePolicy = field(default_factory=jetstream.QueuePolicy)
 
     def __post_init__(self) -> None:
+        if not self.repositories:
+            raise InvalidArgument("no model repository given")
         if self.control_mode not in CONTROL_MODES:
             raise InvalidArgument(
                 f"model control mode '{self.control_mode}': expected one of {', '.join(CONTROL_MODES)}"
             )
+
+
+@dataclass(slots=True, eq=False)
+class _Attempt:
+    """A load under way: the record the workers were told to load, and the record that served
+    before it (None when none did), which serves on if this load fails."""
+
+    record: ModelRecord
+    serving: ModelRecord | None
+    serving_size: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: NatronError | None = None  # once done: why it failed; None when it succeeded
+
+    def finish(self, error: NatronError | None = None) -> None:
+        self.error = error
+        self.done.set()
 
 
 def placement_inputs_changed(before: WorkerReport, after: WorkerReport) -> bool:
@@ -86,6 +116,10 @@ class Router:
         self._records: dict[str, ModelRecord] = {}
         self._sizes: dict[str, int] = {}
         self._published: dict[str, bytes] = {}
+        # Loads under way, by model; and the generation whose load last failed over a model
+        # that serves on, which polling does not try again until the files change.
+        self._attempts: dict[str, _Attempt] = {}
+        self._failed_generation: dict[str, str] = {}
         # (model, version) whose consumer this router has configured.
         self._queues: set[tuple[str, str]] = set()
         # The workers bucket: each worker's last report.
@@ -130,7 +164,7 @@ class Router:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._fleet.synced.wait(), 10)
         previous = await self._read_published()
-        records = await asyncio.to_thread(scan_repository, self._options.repository)
+        records = await asyncio.to_thread(scan_repositories, self._options.repositories)
         loaded = self._initially_loaded({r.name for r in records}, previous)
         for record in records:
             if record.name not in loaded:
@@ -138,8 +172,11 @@ class Router:
                 self._mark_unloaded(record, ever_loaded=was is not None and was.reason != UNLOADED)
             self._records[record.name] = record
         for name, record in previous.items():
-            # Models loaded through the API from uploaded files survive a router restart.
+            # Models loaded through the API from uploaded files survive a router restart. A
+            # load that was under way is not followed up (what served is not known here): its
+            # own config is the one clients see from now on.
             if name not in self._records and name in loaded:
+                record.serving_config = None
                 self._records[name] = record
         self._sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in records})
         self.tasks.spawn(self._republish(), "router-republish")
@@ -152,7 +189,7 @@ class Router:
         log.info(
             "router: %d model(s) in %s, mode %s, %d loaded",
             len(records),
-            self._options.repository,
+            ", ".join(str(repository) for repository in self._options.repositories),
             self._options.control_mode,
             len(loaded),
         )
@@ -176,7 +213,7 @@ class Router:
         wanted = set(self._options.load_models)
         loaded = set(names) if "*" in wanted else wanted & names
         for name in sorted(wanted - names - {"*"}):
-            log.warning("--load-model %s: no such model in the repository", name)
+            log.warning("--load-model %s: no such model in the model repositories", name)
         # A restarted router keeps what the fleet was told to load.
         loaded |= {name for name, record in previous.items() if record.reason != UNLOADED}
         return loaded
@@ -184,6 +221,8 @@ class Router:
     @staticmethod
     def _mark_unloaded(record: ModelRecord, ever_loaded: bool) -> None:
         record.reason = UNLOADED
+        record.serving_config = None
+        record.failure = ""
         record.versions = (
             {v: VersionState(UNAVAILABLE, UNLOADED) for v in record.versions} if ever_loaded else {}
         )
@@ -206,14 +245,17 @@ class Router:
     # -- publishing --------------------------------------------------------------------------
 
     async def _publish(self, delete_others: bool = False) -> None:
-        """Place, aggregate, and write every record whose document changed."""
+        """Place, settle the loads under way, aggregate, and write every record whose document
+        changed. The loads that ended are told so only once their records are written, so a
+        load call answers after the gateways can see its outcome."""
         assert self._models_kv is not None
         workers = list(self._workers.values())
-        placements = place(list(self._records.values()), workers, self._sizes)
+        self._place(workers)
+        ended = self._settle_attempts(workers)
+        if any(attempt.error is not None and attempt.serving is not None for attempt in ended):
+            self._place(workers)  # records that serve on were put back: place them again
         computed: dict[str, dict[str, VersionState]] = {}
         for name, record in self._records.items():
-            if not record.reason:
-                record.placement, record.placement_reason = placements.get(name, ({}, ""))
             computed[name] = aggregate(record, workers)
         gate_ensembles(self._records, computed)
         for name, record in self._records.items():
@@ -248,8 +290,44 @@ class Router:
             with contextlib.suppress(Exception):
                 for key in set(await self._models_kv.keys()) - set(self._records):
                     await self._models_kv.delete(key)
+        for attempt in ended:
+            attempt.finish(attempt.error)
         async with self._changed:
             self._changed.notify_all()
+
+    def _place(self, workers: list[WorkerReport]) -> None:
+        placements = place(list(self._records.values()), workers, self._sizes)
+        for name, record in self._records.items():
+            if not record.reason:
+                record.placement, record.placement_reason = placements.get(name, ({}, ""))
+
+    def _settle_attempts(self, workers: list[WorkerReport]) -> list[_Attempt]:
+        """End the loads whose placed workers have all reported: a success makes the record's
+        own config the one clients see; a failure over a model that served puts that model's
+        record back, with the reason. The ended attempts carry their outcome in `error` but are
+        not finished yet (the caller finishes them once the records are written)."""
+        ended: list[_Attempt] = []
+        for name, attempt in list(self._attempts.items()):
+            record = attempt.record
+            failures = settle(record, workers)
+            if failures is None:
+                continue
+            del self._attempts[name]
+            ended.append(attempt)
+            if not failures:
+                record.serving_config = None
+                record.failure = ""
+                self._failed_generation.pop(name, None)
+                continue
+            detail = "; ".join(f"version {v}: {r}" for v, r in failures.items())
+            attempt.error = InvalidArgument(f"failed to load '{name}': {detail}")
+            if attempt.serving is not None:
+                log.warning("model '%s': load failed, the previous model serves on: %s", name, detail)
+                attempt.serving.failure = detail
+                self._records[name] = attempt.serving
+                self._sizes[name] = attempt.serving_size
+                self._failed_generation[name] = record.generation
+        return ended
 
     async def _republish(self) -> None:
         """Write the records the broker did not take, with backoff, until it takes them all."""
@@ -268,6 +346,8 @@ class Router:
 
     async def _remove(self, name: str) -> None:
         assert self._models_kv is not None
+        self._supersede(name, "was removed from the repository meanwhile")
+        self._failed_generation.pop(name, None)
         record = self._records.pop(name, None)
         self._published.pop(name, None)
         self._sizes.pop(name, None)
@@ -348,7 +428,7 @@ class Router:
 
     async def rescan(self) -> None:
         """Pick up added, removed and changed models and version folders."""
-        scanned = await asyncio.to_thread(scan_repository, self._options.repository)
+        scanned = await asyncio.to_thread(scan_repositories, self._options.repositories)
         sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in scanned})
         async with self._lock:
             names = {r.name for r in scanned}
@@ -358,11 +438,73 @@ class Router:
             for record in scanned:
                 known = self._records.get(record.name)
                 if known is not None and known.generation == record.generation:
+                    if known.failure and record.name not in self._attempts:
+                        known.failure = ""  # the repository is back to what serves
+                        self._failed_generation.pop(record.name, None)
                     continue
+                if self._failed_generation.get(record.name) == record.generation:
+                    continue  # failed before: tried again once its files or config change
                 log.info("model '%s' %s", record.name, "changed: reloading" if known else "added: loading")
-                self._records[record.name] = record
-                self._sizes[record.name] = sizes.get(record.name, 0)
+                attempt = self._begin(record, sizes.get(record.name, 0))
+                if attempt.error is not None and attempt.serving is not None:
+                    log.warning("%s; the previous model serves on", attempt.error.message)
             await self._publish()
+
+    # -- loads under way -----------------------------------------------------------------------
+
+    def _serving(self, name: str) -> ModelRecord | None:
+        """The record that serves `name` now, and that a failed load must leave serving."""
+        attempt = self._attempts.get(name)
+        if attempt is not None:
+            return attempt.serving
+        record = self._records.get(name)
+        if record is not None and not record.reason and record.ready_versions():
+            return record
+        return None
+
+    def _supersede(self, name: str, why: str) -> None:
+        attempt = self._attempts.pop(name, None)
+        if attempt is not None:
+            attempt.finish(Unavailable(f"the load of '{name}' was given up: '{name}' {why}"))
+
+    def _begin(self, candidate: ModelRecord, size: int) -> _Attempt:
+        """Start loading `candidate` in place of what serves `name` (caller holds the lock and
+        publishes). A candidate the router can judge at once (a broken config, an
+        instance_group placement refuses) never replaces a record that serves: the attempt
+        comes back finished with the reason, noted on that record."""
+        name = candidate.name
+        serving = self._serving(name)
+        under_way = self._attempts.get(name)
+        serving_size = under_way.serving_size if under_way is not None else self._sizes.get(name, 0)
+        attempt = _Attempt(candidate, serving, serving_size if serving is not None else 0)
+        refusal = candidate.reason
+        if serving is not None and not refusal:
+            refusal = self._placement_refusal(candidate, size)
+        if serving is not None and refusal:
+            # The published record is the one that serves, or a load under way over it: it
+            # carries the reason, and a load under way goes on.
+            self._records[name].failure = refusal
+            self._failed_generation[name] = candidate.generation
+            attempt.finish(InvalidArgument(f"failed to load '{name}': {refusal}"))
+            return attempt
+        self._supersede(name, "was loaded again meanwhile")
+        self._failed_generation.pop(name, None)
+        candidate.serving_config = serving.config if serving is not None else None
+        self._records[name] = candidate
+        self._sizes[name] = size
+        if candidate.reason:
+            attempt.finish(InvalidArgument(f"failed to load '{name}': {candidate.reason}"))
+        else:
+            self._attempts[name] = attempt
+        return attempt
+
+    def _placement_refusal(self, candidate: ModelRecord, size: int) -> str:
+        """Why placement would give `candidate` no worker at all, with the fleet as it is; ""
+        when it places it somewhere."""
+        others = [r for name, r in self._records.items() if name != candidate.name]
+        sizes = {**self._sizes, candidate.name: size}
+        placement, reason = place([*others, candidate], list(self._workers.values()), sizes)[candidate.name]
+        return "" if placement else reason or "no worker can take the model"
 
     # -- explicit mode: load and unload ------------------------------------------------------
 
@@ -418,34 +560,53 @@ class Router:
             )
 
     async def load(self, name: str, parameters: dict[str, Any]) -> None:
-        """Load (or reload) `name`; return once every placed worker has it READY."""
+        """Load (or reload) `name`; return once every placed worker has settled it, each
+        version READY on at least one of them. A load that fails leaves what serves serving."""
         self._require_explicit()
         check_name("model", name)
         if not isinstance(parameters, dict):
             raise InvalidArgument("'parameters' must be a JSON object")
+        try:
+            folders, override = await self._load_source(name, parameters)
+        except InvalidArgument as exc:
+            await self._note_refused(name, exc)
+            raise
+        # A name in several repositories scans as UNAVAILABLE with the reason, refused below
+        # as a broken config is.
+        record = await asyncio.to_thread(scan_folders, name, folders, override)
+        size = await asyncio.to_thread(model_size_bytes, record)
+        async with self._lock:
+            attempt = self._begin(record, size)
+            await self._publish()
+        await self._wait_loaded(attempt)
+
+    async def _load_source(
+        self, name: str, parameters: dict[str, Any]
+    ) -> tuple[list[Path], dict[str, Any] | None]:
+        """The folders that hold `name` (one of uploaded files, or those of the repositories
+        that have it: more than one when its name is not unique) and the config that replaces
+        its config.pbtxt, if any."""
         override = self._config_override(parameters.get("config"))
-        files = {
-            k[len(uploads.FILE_PREFIX) :]: v
-            for k, v in parameters.items()
-            if k.startswith(uploads.FILE_PREFIX)
-        }
+        prefix = uploads.FILE_PREFIX
+        files = {k[len(prefix) :]: v for k, v in parameters.items() if k.startswith(prefix)}
         if files:
             if override is None:
                 raise InvalidArgument("loading from uploaded files needs 'config' in the parameters too")
             root = self._options.upload_dir or Path(self._upload_tmp.name if self._upload_tmp else ".")
-            model_dir = await asyncio.to_thread(uploads.write_uploads, root, name, files)
-        else:
-            model_dir = self._options.repository / name
-            if not model_dir.is_dir():
-                raise NotFound(f"no model '{name}' in the repository")
-        record = await asyncio.to_thread(scan_model, model_dir, override, name)
+            return [await asyncio.to_thread(uploads.write_uploads, root, name, files)], override
+        folders = await asyncio.to_thread(find_model, self._options.repositories, name)
+        if not folders:
+            raise NotFound(f"no model '{name}' in the model repositories")
+        return folders, override
+
+    async def _note_refused(self, name: str, error: InvalidArgument) -> None:
+        """A load refused before any scan (its config parameter, its files) leaves a model that
+        serves as it is, with the reason shown next to it."""
         async with self._lock:
-            self._records[name] = record
-            self._sizes[name] = await asyncio.to_thread(model_size_bytes, record)
-            await self._publish()
-        if record.reason:
-            raise InvalidArgument(f"failed to load '{name}': {record.reason}")
-        await self._wait_loaded(record)
+            serving = self._serving(name)
+            if serving is not None:
+                self._records[name].failure = error.message
+                await self._publish()
 
     def _config_override(self, raw: Any) -> dict[str, Any] | None:
         if raw is None:
@@ -458,37 +619,17 @@ class Router:
             raise InvalidArgument("'config' parameter must be a JSON object")
         return config
 
-    async def _wait_loaded(self, record: ModelRecord) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._options.load_timeout_s
-        async with self._changed:
-            while True:
-                current = self._records.get(record.name)
-                if current is not record:
-                    raise InvalidArgument(f"'{record.name}' was changed by another load or unload meanwhile")
-                if not record.placement:
-                    raise InvalidArgument(f"failed to load '{record.name}': {record.placement_reason}")
-                seen = generation_states(record, list(self._workers.values()))
-                placed = len(placed_workers(record, list(self._workers.values())))
-                settled = all(
-                    len(states) >= placed and not any(s.state == LOADING for s in states)
-                    for states in seen.values()
-                )
-                if settled:
-                    failures = {
-                        v: next(s.reason for s in states if s.state != READY)
-                        for v, states in seen.items()
-                        if not any(s.state == READY for s in states)
-                    }
-                    if failures:
-                        detail = "; ".join(f"version {v}: {r}" for v, r in failures.items())
-                        raise InvalidArgument(f"failed to load '{record.name}': {detail}")
-                    return
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise DeadlineExceeded(f"'{record.name}' did not finish loading within the load timeout")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+    async def _wait_loaded(self, attempt: _Attempt) -> None:
+        """Until the load ends (settled by `_publish` as the workers report), or the load
+        timeout; a load still under way then goes on without its caller."""
+        try:
+            await asyncio.wait_for(attempt.done.wait(), self._options.load_timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"'{attempt.record.name}' did not finish loading within the load timeout"
+            ) from None
+        if attempt.error is not None:
+            raise attempt.error
 
     async def unload(self, name: str) -> None:
         """Unload `name`; return once no live worker runs it any more."""
@@ -498,6 +639,8 @@ class Router:
             record = self._records.get(name)
             if record is None:
                 raise NotFound(f"unknown model '{name}'")
+            self._supersede(name, "was unloaded meanwhile")
+            self._failed_generation.pop(name, None)
             if record.reason != UNLOADED:
                 served = list(record.versions)
                 self._mark_unloaded(record, ever_loaded=True)

@@ -4,7 +4,8 @@ and `ensemble` run one service each against a NATS URL, so they can run on diffe
 This module wires things up and owns the signals; the services themselves never read the
 environment or install signal handlers. It parses the settings once (natron/settings.py: flags
 over `NATRON_*` variables over defaults) and hands them to the service's runner. Flag names
-follow Triton's where Triton has the flag, and are the settings' field names otherwise.
+follow Triton's where Triton has the flag, and are the settings' field names otherwise; the
+rest of tritonserver's command line is read, or refused by name, in natron/cli/triton_flags.py.
 """
 
 from __future__ import annotations
@@ -18,15 +19,20 @@ import os
 import signal
 import sys
 import threading
+import time
 import typing
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
+from natron.cli import triton_flags
+from natron.logsettings import ISO8601_DATEFMT
 from natron.settings import (
+    MAX_MODEL_LOAD_THREADS,
     ROLES,
     SETTINGS_ENV,
+    TRITON_SPELLINGS,
     GatewaySettings,
     OrchestratorSettings,
     RoleSettings,
@@ -41,6 +47,14 @@ from natron.tasks import ServiceFailed, cancel_and_wait
 
 log = logging.getLogger("natron")
 T = TypeVar("T")
+
+# What a flag's value is, where its field's name does not say it well.
+_METAVARS = {
+    "load_model": "NAME",
+    "model_repository": "DIR",
+    "upload_dir": "DIR",
+    "metrics_config": "SETTING=VALUE",
+}
 
 _HELP = {
     "serve": "run NATS, router, gateway, workers and the orchestrator on this box",
@@ -60,60 +74,138 @@ def _version() -> str:
         return __version__
 
 
+def _shown(value: object) -> str:
+    """A default as a user would type it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value in (None, "", ()):
+        return "none"
+    return str(value)
+
+
 def _add_settings(parser: argparse.ArgumentParser, model: type[RoleSettings]) -> None:
-    """One flag per field of `model`, named after it, its help line from the field's
-    description. No flag has a default here: a flag not given leaves the field to its
-    `NATRON_*` variable or its default, which the help line names."""
+    """One flag per field of `model`, named after it (and after tritonserver's flag, where that
+    is spelled otherwise), its help line from the field's description and its default. No flag
+    has a default here: a flag not given leaves the field to its `NATRON_*` variable or its
+    default, which the help line names. A list's flag is repeated, as Triton's are."""
     for name, field in model.model_fields.items():
         if name == "model_repository":
             parser.add_argument(
                 "repository",
                 nargs="?",
                 metavar="REPO",
-                help=f"the Triton model repository (or --model-repository, {env_name(name)})",
+                help=f"a Triton model repository (or --model-repository, repeatable; {env_name(name)})",
             )
-        default = None if field.is_required() else field.get_default(call_default_factory=True)
-        shown = "" if default in (None, "", ()) else f"; default {default}"
-        options: dict[str, Any] = {"dest": name, "help": f"{field.description} [{env_name(name)}{shown}]"}
-        if typing.get_origin(field.annotation) is typing.Literal:
-            options["metavar"] = "{" + ",".join(typing.get_args(field.annotation)) + "}"
-        if name == "load_model":
-            options.update(action="append", metavar="NAME")
-        parser.add_argument(flag_name(name), **options)
+        description = field.description or ""
+        if field.is_required():
+            shown = "; required"
+        elif "(default:" in description:  # its description words the default
+            shown = ""
+        else:
+            shown = f"; default {_shown(field.get_default(call_default_factory=True))}"
+        options: dict[str, Any] = {"dest": name, "help": f"{description} [{env_name(name)}{shown}]"}
+        annotation = field.annotation
+        if name in _METAVARS:
+            options["metavar"] = _METAVARS[name]
+        elif typing.get_origin(annotation) is typing.Literal:
+            options["metavar"] = "{" + ",".join(typing.get_args(annotation)) + "}"
+        elif annotation is bool:
+            options["metavar"] = "{true,false}"
+        # Triton's --model-repository is repeatable, as is every list here.
+        if typing.get_origin(annotation) is tuple:
+            options["action"] = "append"
+        spellings = [flag_name(name)] + ([TRITON_SPELLINGS[name]] if name in TRITON_SPELLINGS else [])
+        parser.add_argument(*spellings, **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    version_line = f"natron {_version()}"
     parser = argparse.ArgumentParser(
         prog="natron",
         description=__doc__,
         epilog="Every flag can also be set as a NATRON_<FLAG> environment variable "
         "(NATRON_HTTP_PORT=8000); a flag given wins over the variable.",
     )
-    parser.add_argument("--version", action="version", version=f"natron {_version()}")
+    parser.add_argument(
+        "--version", action="version", version=version_line, help="print the version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    subs: dict[str, argparse.ArgumentParser] = {}
     for command, model in ROLES.items():
         # SUPPRESS: only the flags given reach the settings, so they can win over NATRON_*.
-        sub = commands.add_parser(command, help=_HELP[command], argument_default=argparse.SUPPRESS)
+        # No abbreviations: a prefix of a flag must not pass for it, nor for a refused one.
+        sub = commands.add_parser(
+            command,
+            help=_HELP[command],
+            argument_default=argparse.SUPPRESS,
+            allow_abbrev=False,
+            epilog="Every flag can also be set as a NATRON_<FLAG> environment variable; a flag "
+            "given wins. tritonserver's flags that natron does not take are refused by name, "
+            "with the reason (docs/deployment.md lists them).",
+        )
+        sub.add_argument(
+            "--version", action="version", version=version_line, help="print the version and exit"
+        )
         _add_settings(sub, model)
+        triton_flags.add_translated(sub, model.model_fields)
+        subs[command] = sub
+    triton_flags.refuse_the_rest(subs)
     return parser
 
 
 def parse(argv: list[str] | None = None, settings_json: str | None = None) -> RoleSettings:
     """The settings of this process, from the command line and the environment, or, for a
     child of `natron serve`, from `settings_json` (its parent's choice) and its command line.
-    Exits with a message naming the field and the value when one is invalid."""
+    Exits with status 2 and a message naming the field and the value when one is invalid,
+    and the flag when it is a tritonserver flag natron does not take."""
     parser = build_parser()
     flags = dict(vars(parser.parse_args(argv)))
     command = flags.pop("command")
+    model = ROLES[command]
     repository = flags.pop("repository", None)
     if repository is not None:
-        flags.setdefault("model_repository", repository)  # --model-repository wins, as before
-    if "load_model" in flags:
-        flags["load_model"] = tuple(flags["load_model"])
+        flags.setdefault("model_repository", [repository])  # --model-repository wins, as before
     try:
-        return load(ROLES[command], flags, settings_json)
+        flags = triton_flags.translate(flags)
+        for name, value in flags.items():
+            if isinstance(value, list):
+                flags[name] = tuple(value)
+        settings = load(model, flags, settings_json)
+        _check_metrics_config(settings)
     except SettingsError as exc:
         parser.exit(2, f"natron {command}: error: {exc}\n")
+    return settings
+
+
+def _check_metrics_config(settings: RoleSettings) -> None:
+    """The metrics settings, read as the metrics will read them. Here rather than in the
+    settings: the vocabulary's modules do not import each other."""
+    given: tuple[str, ...] = getattr(settings, "metrics_config", ())
+    if given:
+        from natron.prometheus import parse_metrics_config
+
+        try:
+            parse_metrics_config(given)
+        except ValueError as exc:
+            raise SettingsError(f"metrics_config: {exc} (--metrics-config or NATRON_METRICS_CONFIG)") from exc
+
+
+def log_formatter(settings: RoleSettings) -> logging.Formatter:
+    """The process's log lines: natron's own (local time), or, with `--log-format ISO8601`, as
+    Triton stamps them (UTC, to the second, with a Z)."""
+    line = f"%(asctime)s %(levelname)s {settings.command}[%(process)d] %(name)s: %(message)s"
+    if settings.log_format != "ISO8601":
+        return logging.Formatter(line)
+    # The same stamp as the logging API's (natron/logsettings.py), which reads it back.
+    formatter = logging.Formatter(line, datefmt=ISO8601_DATEFMT)
+    formatter.converter = time.gmtime
+    return formatter
+
+
+def configure_logging(settings: RoleSettings) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(log_formatter(settings))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
 
 
 def _run(
@@ -222,7 +314,9 @@ class _CountingExecutor(ThreadPoolExecutor):
     """The event loop's default executor, counting the blocking calls still running in it."""
 
     def __init__(self, thread_name_prefix: str) -> None:
-        super().__init__(thread_name_prefix=thread_name_prefix)
+        # Threads start only when needed; enough for the most model loads a worker allows
+        # (--model-load-thread-count) next to the other blocking calls.
+        super().__init__(max_workers=MAX_MODEL_LOAD_THREADS + 8, thread_name_prefix=thread_name_prefix)
         self._busy_lock = threading.Lock()
         self.busy = 0
 
@@ -258,10 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     _remember_early_signals()
     # Read once and removed: what a parent sent is for this process, not for its descendants.
     settings = parse(argv, os.environ.pop(SETTINGS_ENV, None))
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {settings.command}[%(process)d] %(name)s: %(message)s",
-    )
+    configure_logging(settings)
     # Imported per role: a worker process loads no gateway code, and the reverse.
     service: Callable[[asyncio.Event], Awaitable[None]]
     budget_s = settings.shutdown_timeout_s

@@ -46,22 +46,31 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 
-def expected_models(repository: Path) -> set[str]:
+def expected_models(repositories: tuple[Path, ...]) -> set[str]:
+    """The names the router publishes a record for, across every repository: a name found in
+    several is one record (UNAVAILABLE, see router/repository.py)."""
     names = set()
-    for child in repository.iterdir():
-        if child.is_dir() and not child.name.startswith("."):
-            with contextlib.suppress(InvalidArgument):
-                names.add(check_name("model", child.name))
+    for repository in repositories:
+        for child in repository.iterdir():
+            if child.is_dir() and not child.name.startswith("."):
+                with contextlib.suppress(InvalidArgument):
+                    names.add(check_name("model", child.name))
     return names
 
 
 async def wait_settled(
-    nats_url: str, subjects: Subjects, repository: Path, http_port: int, timeout_s: float, stop: asyncio.Event
+    nats_url: str,
+    subjects: Subjects,
+    repositories: tuple[Path, ...],
+    http_port: int | None,
+    timeout_s: float,
+    stop: asyncio.Event,
 ) -> list[ModelRecord] | None:
-    """The repository's records once no version is LOADING and the gateway answers ready."""
+    """The repositories' records once no version is LOADING and the gateway answers ready on
+    `http_port` (with None, serving no HTTP, once the records have settled)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    expected = expected_models(repository)
+    expected = expected_models(repositories)
     nc = await jetstream.connect(nats_url, name="natron-serve")
     # The models bucket followed as every service follows it, not read whole on every check.
     records = BucketMirror("model record", ModelRecord.from_json)
@@ -74,7 +83,7 @@ async def wait_settled(
                 settled = expected <= records.values.keys() and not any(
                     s.state == LOADING for r in records.values.values() for s in r.versions.values()
                 )
-                if settled and await _gateway_ready(http, http_port):
+                if settled and (http_port is None or await _gateway_ready(http, http_port)):
                     return sorted(records.values.values(), key=lambda r: r.name)
                 await asyncio.sleep(0.2)
         return None
@@ -188,6 +197,7 @@ def plan_children(
         "nats_url": nats_url,
         "prefix": settings.prefix,
         "log_level": settings.log_level,
+        "log_format": settings.log_format,
         "parent_pid": parent_pid,
         "shutdown_timeout_s": settings.shutdown_timeout_s,
     }
@@ -209,7 +219,12 @@ def plan_children(
             ),
         )
     ]
-    compute = {**common, **drain, "throttle_ms": settings.throttle_ms}
+    compute = {
+        **common,
+        **drain,
+        "throttle_ms": settings.throttle_ms,
+        "model_load_thread_count": settings.model_load_thread_count,
+    }
     if gpus:
         # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
         # its own capacity; the CPU serves only where no GPU is.
@@ -247,7 +262,11 @@ def plan_children(
             **common,
             "http_port": settings.http_port,
             "http_address": settings.http_address,
-            "metrics_port": settings.metrics_port,
+            "allow_http": settings.allow_http,
+            # The gateway serves metrics where it has a port for them: without metrics, none.
+            "metrics_port": settings.metrics_port if settings.allow_metrics else 0,
+            "allow_metrics": settings.allow_metrics,
+            "metrics_config": settings.metrics_config,
             "max_body_mb": settings.max_payload_mb,
             "http_workers": settings.http_workers,
             "grpc_address": settings.grpc_address,
@@ -270,8 +289,24 @@ def stop_bound_s(shutdown_timeout_s: float) -> float:
     return shutdown_timeout_s + SUPERVISOR_GRACE_S + NATS_STOP_TIMEOUT_S + 1.0
 
 
+def endpoint_lines(settings: ServeSettings, nats_url: str) -> list[str]:
+    """What `natron serve` prints under the model table: where it serves."""
+    lines = []
+    if settings.allow_http:
+        lines.append(
+            f"HTTP endpoint:    http://{settings.http_address}:{settings.http_port}"
+            + (f" ({settings.http_workers} processes)" if settings.http_workers > 1 else "")
+        )
+    if settings.allow_grpc:
+        lines.append(f"gRPC endpoint:    {settings.grpc_address}:{settings.grpc_port}")
+    if settings.allow_metrics and settings.metrics_port:
+        lines.append(f"Metrics endpoint: http://{settings.http_address}:{settings.metrics_port}/metrics")
+    lines.append(f"NATS:             {nats_url}")
+    return lines
+
+
 async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
-    repository, subjects = settings.model_repository, Subjects(settings.prefix)
+    repositories, subjects = settings.model_repository, Subjects(settings.prefix)
     server: EmbeddedNatsServer | None = None
     supervisor = Supervisor()
     # Fresh for each run: counters of an earlier run's gateways must not count again.
@@ -297,22 +332,21 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
         await supervisor.start()
         records = await until(
             stop,
-            wait_settled(nats_url, subjects, repository, settings.http_port, settings.ready_timeout_s, stop),
+            wait_settled(
+                nats_url,
+                subjects,
+                repositories,
+                settings.http_port if settings.allow_http else None,
+                settings.ready_timeout_s,
+                stop,
+            ),
         )
         if records is None and not stop.is_set():
             log.warning(
                 "models did not settle within %.0f s; serving what is ready", settings.ready_timeout_s
             )
         elif records is not None:
-            print_table(
-                records,
-                [
-                    f"HTTP endpoint:    http://{settings.http_address}:{settings.http_port}"
-                    + (f" ({settings.http_workers} processes)" if settings.http_workers > 1 else ""),
-                    f"Metrics endpoint: http://{settings.http_address}:{settings.metrics_port}/metrics",
-                    f"NATS:             {nats_url}",
-                ],
-            )
+            print_table(records, endpoint_lines(settings, nats_url))
         await stop.wait()
     except Stopped:
         pass

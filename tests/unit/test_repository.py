@@ -1,4 +1,5 @@
-"""Model repository scan, config parsing and completion, version policies."""
+"""Model repository scan (one repository or several), config parsing and completion, version
+policies."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from natron import config as cfg
 from natron.errors import InvalidArgument
 from natron.records import LOADING, UNAVAILABLE, VersionState
-from router.repository import scan_model, scan_repository
+from router.repository import find_model, scan_folders, scan_model, scan_repositories
 
 ONNX_CONFIG = """
 name: "{name}"
@@ -79,12 +80,78 @@ def test_names_that_cannot_be_subject_tokens_are_skipped(tmp_path: Path) -> None
     make_model(tmp_path, "good", [1])
     make_model(tmp_path, "bad.name", [1], config=ONNX_CONFIG.format(name="bad.name", extra=""))
     (tmp_path / ".hidden").mkdir()
-    assert [r.name for r in scan_repository(tmp_path)] == ["good"]
+    assert [r.name for r in scan_repositories([tmp_path])] == ["good"]
 
 
 def test_a_missing_repository_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="not a directory"):
-        scan_repository(tmp_path / "nope")
+        scan_repositories([tmp_path / "nope"])
+
+
+def test_a_missing_repository_among_several_fails_the_whole_scan(tmp_path: Path) -> None:
+    # Not "every model of the missing one was removed": a poll would unload them all.
+    make_model(tmp_path / "a", "m", [1])
+    with pytest.raises(InvalidArgument, match=f"'{tmp_path / 'b'}' is not a directory"):
+        scan_repositories([tmp_path / "a", tmp_path / "b"])
+
+
+def test_two_repositories_scan_as_one_sorted_by_name(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_model(a, "zeta", [1])
+    make_model(a, "alpha", [1, 2])
+    make_model(b, "mid", [3])
+    records = scan_repositories([a, b])
+    assert [r.name for r in records] == ["alpha", "mid", "zeta"]
+    assert all(r.reason == "" for r in records)
+    paths = {r.name: Path(r.path) for r in records}
+    assert paths == {
+        "alpha": (a / "alpha").resolve(),
+        "mid": (b / "mid").resolve(),
+        "zeta": (a / "zeta").resolve(),
+    }
+    assert list(next(r for r in records if r.name == "mid").versions) == ["3"]
+    # The order the repositories are given in does not change what is served.
+    assert [r.to_json() for r in scan_repositories([b, a])] == [r.to_json() for r in records]
+
+
+def test_a_name_in_two_repositories_is_unavailable_naming_both(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    make_model(a, "twice", [1])
+    make_model(b, "twice", [2])
+    make_model(b, "once", [1])
+    c.mkdir()
+    records = {r.name: r for r in scan_repositories([a, b, c])}
+    assert records["once"].reason == ""
+    twice = records["twice"]
+    assert twice.reason == f"not unique across the model repositories: in {a}, {b}"
+    # Not served from either: no config, no version, nothing a worker could load.
+    assert twice.config is None and twice.versions == {}
+    assert twice.generation == twice.compute_generation() != ""
+
+
+def test_a_duplicate_changes_generation_when_the_repositories_holding_it_change(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for repo in (a, b, c):
+        make_model(repo, "m", [1])
+    in_ab = scan_folders("m", find_model([a, b], "m"))
+    assert in_ab.generation == scan_folders("m", find_model([a, b], "m")).generation
+    in_ac = scan_folders("m", find_model([a, c], "m"))
+    assert in_ac.reason.endswith(f"in {a}, {c}")
+    assert in_ac.generation != in_ab.generation
+
+
+def test_find_model_looks_in_every_repository_in_order(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_model(a, "first", [1])
+    make_model(b, "second", [1])
+    make_model(b, "first", [1])
+    (a / "not_a_model").write_text("a file, not a folder")
+    assert find_model([a, b], "second") == [b / "second"]
+    assert find_model([a, b], "first") == [a / "first", b / "first"]
+    assert find_model([a, b], "missing") == []
+    assert find_model([a, b], "not_a_model") == []
+    record = scan_folders("second", find_model([a, b], "second"))
+    assert record.reason == "" and Path(record.path) == (b / "second").resolve()
 
 
 def test_config_json_keeps_int64_as_numbers_and_strings_as_strings() -> None:

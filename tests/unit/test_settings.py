@@ -58,16 +58,34 @@ def test_a_list_reads_comma_separated_from_its_variable_and_repeated_from_its_fl
     monkeypatch.setenv("NATRON_LOAD_MODEL", "a, b")
     monkeypatch.setenv("NATRON_MODEL_REPOSITORY", str(repository))
     assert isinstance(router := parse(["router"]), RouterSettings)
-    assert router.load_model == ("a", "b") and router.model_repository == repository.resolve()
+    assert router.load_model == ("a", "b") and router.model_repository == (repository.resolve(),)
     assert isinstance(router := parse(["router", "--load-model", "x", "--load-model", "y"]), RouterSettings)
     assert router.load_model == ("x", "y")
+
+
+@pytest.mark.parametrize("model", [ServeSettings, RouterSettings])
+def test_several_model_repositories_read_from_the_variable_and_travel_to_a_child_whole(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: type[ServeSettings] | type[RouterSettings]
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    monkeypatch.setenv("NATRON_MODEL_REPOSITORY", f"{b},{a},")
+    settings = load(model, {})
+    assert settings.model_repository == (b.resolve(), a.resolve())
+    # As `natron serve` hands a router its settings: the tuple, in its order, read back as is.
+    monkeypatch.delenv("NATRON_MODEL_REPOSITORY")
+    assert load(model, {}, settings.model_dump_json()).model_repository == (b.resolve(), a.resolve())
+    monkeypatch.setenv("NATRON_MODEL_REPOSITORY", " , ")
+    with pytest.raises(SettingsError, match=r"model_repository=\(\): Tuple should have at least 1 item"):
+        load(model, {})
 
 
 def test_the_model_repository_flag_wins_over_the_positional_one(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     settings = parse(["serve", str(tmp_path / "a"), "--model-repository", str(tmp_path / "b")])
-    assert isinstance(settings, ServeSettings) and settings.model_repository == tmp_path / "b"
+    assert isinstance(settings, ServeSettings) and settings.model_repository == (tmp_path / "b",)
 
 
 @pytest.mark.parametrize(
@@ -110,11 +128,14 @@ def test_the_command_line_refuses_a_bad_value_with_its_name_and_exit_status_2(
 
 
 def test_every_flag_of_every_command_has_a_help_line() -> None:
+    """Those a command takes: the tritonserver flags it refuses are no flags of its own
+    (tests/unit/test_cli_flags.py)."""
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     for name, sub in commands.choices.items():
         for action in sub._actions:
-            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            if action.dest != argparse.SUPPRESS:
+                assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
 
 
 def test_the_flags_triton_has_keep_tritons_names() -> None:
