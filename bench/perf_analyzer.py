@@ -1,5 +1,5 @@
 """Drives Triton's perf_analyzer for bench/sidebyside.py: one concurrency level against one
-model, binary tensors over HTTP, about `duration_s` of load.
+model, binary tensors over HTTP or gRPC, about `duration_s` of load.
 
 perf_analyzer measures in windows until three in a row agree; here the stability threshold is
 set so loose that the first three always agree, and each window is a third of the cell (the
@@ -49,7 +49,13 @@ _COLUMNS: Final = {
 
 
 def command(
-    binary: Path, host_port: str, model: str, concurrency: int, duration_s: float, report: Path
+    binary: Path,
+    host_port: str,
+    model: str,
+    concurrency: int,
+    duration_s: float,
+    report: Path,
+    protocol: str = "http",
 ) -> list[str]:
     interval_ms = max(200, round(duration_s * 1000 / WINDOWS))
     return [
@@ -57,7 +63,8 @@ def command(
         "-m", model,
         "-x", MODEL_VERSION,
         "-u", host_port,
-        "-i", "http",
+        "-i", protocol,
+        # gRPC carries tensors raw whatever these say; over HTTP they ask for binary data.
         "--input-tensor-format=binary",
         "--output-tensor-format=binary",
         "--concurrency-range", f"{concurrency}:{concurrency}",
@@ -94,12 +101,14 @@ def run(
     model: str,
     concurrency: int,
     duration_s: float,
+    protocol: str = "http",
 ) -> dict[str, Any]:
-    """One perf_analyzer run; the point in bench.py's units (req/s, ms) plus the raw columns."""
+    """One perf_analyzer run; the point in bench.py's units (req/s, ms) plus the raw columns.
+    `base_url`: http://host:port, or host:port of the gRPC endpoint with `protocol` "grpc"."""
     host_port = base_url.removeprefix("http://").removeprefix("https://")
     with tempfile.TemporaryDirectory(prefix="natron-pa-") as tmp:
         report = Path(tmp) / "report.csv"
-        args = command(binary, host_port, model, concurrency, duration_s, report)
+        args = command(binary, host_port, model, concurrency, duration_s, report, protocol)
         timeout_s = duration_s * 1.2 * MAX_TRIALS / WINDOWS + 60
         try:
             result = subprocess.run(

@@ -7,9 +7,9 @@ Both servers run at once, each on its twin of the same ONNX files (bench/anchor_
 natron through its ONNX Runtime backend, Triton through a Python-backend model that runs the
 same file with onnxruntime and the same session options. Only one of them is loaded at a time:
 for each model (tiny, mlp), each concurrency (1, 32, 128) and each load generator (wrk with
-bench/infer.lua's JSON bodies; perf_analyzer with binary tensors over HTTP), one server and then
-the other gets the same cell, the order alternating from cell to cell so that neither always
-runs on a machine the other has just warmed.
+bench/infer.lua's JSON bodies; perf_analyzer with binary tensors over HTTP and over gRPC), one
+server and then the other gets the same cell, the order alternating from cell to cell so that
+neither always runs on a machine the other has just warmed.
 
 Around each cell the script reads utime + stime of every process of both servers from /proc:
 the loaded one's CPU per request, by role for natron (gateway, worker, nats-server, router,
@@ -78,10 +78,11 @@ from bench.triton import (
 from broker.server import free_ports
 
 CONCURRENCY: Final = (1, 32, 128)
-LOADS: Final = ("wrk", "perf_analyzer")
+LOADS: Final = ("wrk", "perf_analyzer", "perf_analyzer_grpc")
 LOAD_TITLES: Final = {
     "wrk": "wrk, JSON bodies (bench/infer.lua)",
     "perf_analyzer": "perf_analyzer, binary tensors over HTTP",
+    "perf_analyzer_grpc": "perf_analyzer over gRPC (raw tensors)",
 }
 NATRON: Final = "natron"
 TRITON: Final = "Triton"
@@ -197,6 +198,7 @@ class Side:
     name: str
     server: ServerProcess
     base_url: str
+    grpc_url: str  # host:port
     role_of: RoleOf
     metadata: dict[str, Any] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # model -> why it is not measured
@@ -211,21 +213,22 @@ class Side:
 
 
 def natron_side(repo: Path, extra: list[str], log_path: Path) -> Side:
-    http_port, metrics_port, nats_port = free_ports(3)
+    http_port, metrics_port, nats_port, grpc_port = free_ports(4)
     command = [
         *natron_command(), "serve", str(repo),
         "--http-address", "127.0.0.1", "--http-port", str(http_port),
+        "--grpc-address", "127.0.0.1", "--grpc-port", str(grpc_port),
         "--metrics-port", str(metrics_port), "--nats-port", str(nats_port),
         *extra,
     ]  # fmt: skip
     server = ServerProcess(NATRON, command, log_path)
-    return Side(NATRON, server, f"http://127.0.0.1:{http_port}", natron_role)
+    return Side(NATRON, server, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", natron_role)
 
 
 def triton_side(install: TritonInstall, repo: Path, extra: list[str], log_path: Path) -> Side:
     ports = TritonPorts(*free_ports(3))
     server = ServerProcess(TRITON, server_command(install, repo, ports, extra), log_path)
-    return Side(TRITON, server, f"http://127.0.0.1:{ports.http}", triton_role)
+    return Side(TRITON, server, f"http://127.0.0.1:{ports.http}", f"127.0.0.1:{ports.grpc}", triton_role)
 
 
 @contextlib.contextmanager
@@ -327,13 +330,15 @@ def _load(side: Side, cell: Cell, body: Path, settings: Settings) -> dict[str, A
             "wrk": raw,
         }
     assert settings.perf_analyzer is not None
+    grpc = cell.load == "perf_analyzer_grpc"
     return perf_analyzer.run(
         settings.perf_analyzer,
         settings.perf_analyzer_env,
-        side.base_url,
+        side.grpc_url if grpc else side.base_url,
         cell.model,
         cell.concurrency,
         settings.duration_s,
+        "grpc" if grpc else "http",
     )
 
 

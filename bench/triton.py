@@ -125,8 +125,8 @@ class TritonPorts:
 def server_command(
     install: TritonInstall, repo: Path, ports: TritonPorts, extra: list[str] | None = None
 ) -> list[str]:
-    """tritonserver serving `repo` over HTTP only; `env` in front sets its variables, then execs
-    it, so the process we hold (and signal) is tritonserver itself."""
+    """tritonserver serving `repo` over HTTP and gRPC (on loopback); `env` in front sets its
+    variables, then execs it, so the process we hold (and signal) is tritonserver itself."""
     variables = [f"{key}={value}" for key, value in install.server_env().items()]
     return [
         "env", *variables,
@@ -135,7 +135,8 @@ def server_command(
         "--backend-directory", str(install.backends),
         "--http-address", "127.0.0.1",
         "--http-port", str(ports.http),
-        "--allow-grpc", "false",
+        "--allow-grpc", "true",
+        "--grpc-address", "127.0.0.1",
         "--grpc-port", str(ports.grpc),
         "--metrics-port", str(ports.metrics),
         *(extra or []),

@@ -20,11 +20,12 @@ its request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -278,6 +279,23 @@ class Requester:
         answer raises its NatronError. A consumer that stops early (a client gone) cancels the
         request: the worker stops sending, and a model that checks `is_cancelled()` stops.
         """
+        # Closed with this generator, so a consumer that stops early cancels at once.
+        async with contextlib.aclosing(
+            self.stream_marked(request, version, idle_timeout_s, headers)
+        ) as answers:
+            async for answer, final in answers:
+                if answer.outputs or not final:
+                    yield answer
+
+    async def stream_marked(
+        self,
+        request: InferRequest,
+        version: str,
+        idle_timeout_s: float,
+        headers: dict[str, str] | None = None,
+    ) -> AsyncGenerator[tuple[InferResponse, bool], None]:
+        """`stream`, with each answer's final flag, and the final flag alone as an answer with
+        no outputs: what Triton's gRPC stream tells its clients (`triton_final_response`)."""
         payload = self._payload(request)
         token = str(next(self._counter))
         reply_to = f"{self._inbox}.{token}"
@@ -298,10 +316,10 @@ class Requester:
                 if isinstance(item, NatronError):
                     finished = True
                     raise item
-                if item.outputs or not final:
-                    yield item
                 if final:
                     finished = True
+                yield item, final
+                if final:
                     return
         finally:
             del self._streams[token]

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
-import nats.errors
-import orjson
 from aiohttp import web
 
 from broker import jetstream
 from broker.requester import Requester
-from broker.subjects import check_name
-from broker.view import ModelRegistry, ModelView
-from gateway import infer, stats, streaming
+from broker.view import ModelRegistry
+from gateway import answers, infer, logging_api, sharedmemory, stats, streaming, trace_api
 from gateway.fleet import FleetView
+from gateway.health import not_ready_reason
 from gateway.keys import (
     FLEET,
     GATEWAY_TASKS,
@@ -33,14 +30,10 @@ from gateway.keys import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
-from natron import __version__
-from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable, Unsupported
+from natron.errors import InvalidArgument
 from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
-
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
-
 
 # -- health and metadata -------------------------------------------------------------------
 
@@ -50,40 +43,19 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    nc = request.app[NATS]
-    if nc.is_connected and request.app[REGISTRY].synced.is_set():
+    reason = not_ready_reason(request.app)
+    if reason is None:
         return web.Response(status=200)
-    return error_response(503, "gateway is not connected to NATS or has not synced the model view")
+    return error_response(503, reason)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "natron", "version": __version__, "extensions": EXTENSIONS})
-
-
-def _tensor_metadata(view: ModelView, outputs: bool) -> list[dict[str, Any]]:
-    spec = view.spec
-    if spec is None:
-        return []
-    batch = [-1] if spec.batching else []
-    tensors = spec.outputs if outputs else spec.inputs
-    return [{"name": t.name, "datatype": t.datatype, "shape": batch + list(t.dims)} for t in tensors.values()]
+    return json_response(answers.server_metadata())
 
 
 async def model_metadata(request: web.Request) -> web.Response:
     view, version = model_view(request)
-    if version and version not in view.record.versions:
-        raise InvalidArgument(f"model '{view.record.name}' has no version {version}")
-    config = view.record.config or {}
-    versions = sorted(view.record.versions, key=int)
-    return json_response(
-        {
-            "name": view.record.name,
-            "versions": [version] if version else versions,
-            "platform": config.get("platform") or config.get("backend", ""),
-            "inputs": _tensor_metadata(view, outputs=False),
-            "outputs": _tensor_metadata(view, outputs=True),
-        }
-    )
+    return json_response(answers.model_metadata(view, version))
 
 
 async def model_ready(request: web.Request) -> web.Response:
@@ -94,56 +66,21 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def model_config(request: web.Request) -> web.Response:
     view, version = model_view(request)
-    if version and version not in view.record.versions:
-        raise InvalidArgument(f"model '{view.record.name}' has no version {version}")
-    if view.record.config is None:
-        raise Unsupported(f"model '{view.record.name}' has no valid config: {view.record.reason}")
-    return json_response(view.record.config)
+    return json_response(answers.model_config(view, version))
 
 
 async def repository_index(request: web.Request) -> web.Response:
     ready_only = json_object(await request.read(), "repository index").get("ready", False)
     if not isinstance(ready_only, bool):
         raise InvalidArgument("'ready' must be a boolean")
-    index: list[dict[str, str]] = []
-    for view in request.app[REGISTRY].all():
-        for version in sorted(view.record.versions, key=int):
-            state = view.record.versions[version]
-            if ready_only and state.state != "READY":
-                continue
-            entry = {"name": view.record.name, "version": version, "state": state.state}
-            if state.reason:
-                entry["reason"] = state.reason
-            index.append(entry)
-        if not view.record.versions and not ready_only:
-            index.append({"name": view.record.name, "state": "UNAVAILABLE", "reason": view.record.reason})
-    return json_response(index)
+    return json_response(answers.repository_index(request.app[REGISTRY], ready_only))
 
 
 async def _control(request: web.Request, verb: str) -> web.Response:
-    """Forward a load/unload to the router and answer once it has taken effect fleet-wide."""
-    name = check_name("model", request.match_info["model"])
     params = json_object(await request.read(), verb).get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidArgument("'parameters' must be a JSON object")
-    options = request.app[OPTIONS]
-    message: dict[str, Any] = {"name": name, "parameters": params}
-    if verb == "unload":
-        message["unload_dependents"] = bool(params.get("unload_dependents", False))
-    try:
-        reply = await request.app[NATS].request(
-            options.subjects.ctl(verb), orjson.dumps(message), timeout=options.control_timeout_s
-        )
-    except nats.errors.NoRespondersError:
-        raise Unavailable("no router is running to load or unload models") from None
-    except nats.errors.TimeoutError:
-        raise DeadlineExceeded(
-            f"{verb} of '{name}' did not finish within {options.control_timeout_s:.0f} s"
-        ) from None
-    answer = orjson.loads(reply.data)
-    status = int(answer.get("status", 500))
-    if status != 200:
-        raise NatronError.from_status(status, str(answer.get("error", f"{verb} failed")))
+    await answers.control(request.app, verb, request.match_info["model"], params)
     return web.Response(status=200)
 
 
@@ -218,7 +155,7 @@ async def _requester_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def essential_tasks(app: web.Application) -> tuple[EssentialTasks, ...]:
     """What the process's runner watches: a failure here ends the gateway."""
-    return (app[REGISTRY].tasks, app[FLEET].tasks, app[GATEWAY_TASKS])
+    return (app[REGISTRY].tasks, app[FLEET].tasks, app[GATEWAY_TASKS], app[sharedmemory.SHARED_MEMORY].tasks)
 
 
 def create_app(
@@ -249,4 +186,7 @@ def create_app(
     app.router.add_post("/v2/repository/models/{model}/unload", unload_model)
     stats.add_routes(app)
     streaming.add_routes(app, drain_timeout_s)
+    sharedmemory.add_routes(app)
+    logging_api.add_routes(app)
+    trace_api.add_routes(app)
     return app

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from gateway import kserve
 from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
+from gateway.sharedmemory import SHARED_MEMORY, RegionMiss
+from gateway.tracing import TRACER, RequestTrace
 from natron.errors import InvalidArgument, NatronError, Unsupported
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,9 @@ async def handle(
     started_s = loop.time()
     status = 500
     names = ["-"]  # the request id for the log, once known
+    traced: list[RequestTrace] = []  # its span, when the trace settings sample it
     try:
-        answer = await _infer(app, model, version, header, read, names)
+        answer = await _infer(app, model, version, header, read, names, traced)
         status = 200
         return answer
     except NatronError as exc:
@@ -84,6 +87,8 @@ async def handle(
     finally:
         duration_s = loop.time() - started_s
         metrics.observe(model, version, status, duration_s)
+        for trace in traced:
+            trace.end(status)
         request_id = names[0]
         if status >= 500:
             log.warning("infer %s id=%s -> %d in %.2f ms", model, request_id, status, duration_s * 1e3)
@@ -96,7 +101,13 @@ async def handle(
 
 
 async def _infer(
-    app: web.Application, model: str, version: str, header: HeaderLookup, read: BodyReader, names: list[str]
+    app: web.Application,
+    model: str,
+    version: str,
+    header: HeaderLookup,
+    read: BodyReader,
+    names: list[str],
+    traced: list[RequestTrace],
 ) -> InferAnswer:
     view = app[REGISTRY].get(model)
     target = view.resolve(version)
@@ -115,7 +126,16 @@ async def _infer(
                 f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
             ) from None
     body = await read()
-    parsed = kserve.parse_infer_body(body, header_length, spec.name, target)
+    shm = app.get(SHARED_MEMORY)
+    resolver = shm.window if shm is not None else None
+    try:
+        parsed = kserve.parse_infer_body(body, header_length, spec.name, target, resolver)
+    except RegionMiss:
+        assert shm is not None
+        # Registered through another gateway process an instant ago, so not yet in this one's
+        # copy of the registrations: read them, and parse once more (a second miss is the 400).
+        await shm.refresh()
+        parsed = kserve.parse_infer_body(body, header_length, spec.name, target, resolver)
     rows = spec.validate(parsed.request)
     request_id = parsed.request.id
     if not request_id:
@@ -124,8 +144,14 @@ async def _infer(
     names[0] = parsed.request.id
     options = app[OPTIONS]
     timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
-    # W3C trace context travels on to the worker, so a configured tracer can join the spans.
-    trace = {k: v for k in _TRACE_HEADERS if (v := header(k)) is not None}
+    # W3C trace context travels on to the worker, so its spans join the trace: the gateway's
+    # own span's when the trace settings sample this request, else the client's as it came.
+    request_trace = app[TRACER].begin(model, target, parsed.request.id, header)
+    if request_trace is not None:
+        traced.append(request_trace)
+        trace = request_trace.headers
+    else:
+        trace = {k: v for k in _TRACE_HEADERS if (v := header(k)) is not None}
     # Requests of a batching model may share a broker message with others of the same moment.
     response = await app[REQUESTER].infer(
         parsed.request,

@@ -27,6 +27,10 @@ settings.register_profile("fast", _UNTIMED, max_examples=100)
 settings.register_profile("thorough", _UNTIMED, max_examples=1000)
 settings.load_profile(os.environ.get("NATRON_HYPOTHESIS_PROFILE", "fast"))
 
+# Every natron process a test starts serves gRPC on a free port unless the test names one:
+# processes of concurrent tests would otherwise all ask for Triton's 8001.
+os.environ.setdefault("NATRON_GRPC_PORT", "0")
+
 # Every model of examples/build_models.py but the 68 MB MLP, which only the benchmark needs.
 TEST_MODELS = [
     "tiny",

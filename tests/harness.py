@@ -93,6 +93,7 @@ class Served:
     metrics_url: str
     output: Path
     repository: Path
+    grpc_url: str  # 127.0.0.1:port, as tritonclient.grpc wants it
 
 
 def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -122,14 +123,15 @@ def natron_serve(
 ) -> Iterator[Served]:
     """`natron serve` as users run it (embedded NATS, router, gateway, worker, orchestrator) on
     free ports, until `ready` models answer ready; stopped with Ctrl-C (SIGINT) afterwards."""
-    http_port, metrics_port, nats_port = free_ports(3)
+    http_port, metrics_port, nats_port, grpc_port = free_ports(4)
     output = log_dir / "serve.log"
     with output.open("wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "natron", "serve", str(repository),
                 "--http-port", str(http_port), "--metrics-port", str(metrics_port),
-                "--nats-port", str(nats_port), "--http-address", "127.0.0.1", *extra_args,
+                "--nats-port", str(nats_port), "--http-address", "127.0.0.1",
+                "--grpc-port", str(grpc_port), "--grpc-address", "127.0.0.1", *extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -146,6 +148,7 @@ def natron_serve(
                 f"http://127.0.0.1:{metrics_port}/metrics",
                 output,
                 repository,
+                f"127.0.0.1:{grpc_port}",
             )
         except BaseException:
             print(output.read_text(errors="replace")[-8000:])

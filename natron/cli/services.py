@@ -21,23 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
 import uuid
 from pathlib import Path
 
+import grpc
 from aiohttp import web
 
-from broker import jetstream
+from broker import jetstream, shared_settings
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
+from gateway import grpc_service
 from gateway.app import create_app, essential_tasks
 from gateway.fastpath import FastPath
 from gateway.keys import FLEET, REGISTRY, GatewayOptions
 from gateway.metrics import GatewayMetrics
 from gateway.stats import create_metrics_app
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
+from natron.prometheus import parse_metrics_config
 from natron.settings import (
     GatewaySettings,
     OrchestratorSettings,
@@ -46,6 +50,7 @@ from natron.settings import (
     exactly,
 )
 from natron.tasks import Stopped, until
+from natron.tracing import ProcessSpans
 from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
 from workers.devices import CPU, Device, pick_device
@@ -77,7 +82,7 @@ def gateway_options(settings: GatewaySettings) -> GatewayOptions:
 
 def router_options(settings: RouterSettings) -> RouterOptions:
     return RouterOptions(
-        repository=settings.model_repository,
+        repositories=settings.model_repository,
         control_mode=settings.model_control_mode,
         poll_interval_s=settings.repository_poll_secs,
         load_models=settings.load_model,
@@ -90,9 +95,13 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
     """A worker's options; an orchestrator's are a CPU worker's with no compute tuning."""
     device: Device = CPU
     throttle_s, cpu_threads = 0.0, 0
+    # An orchestrator's loads (ensembles) are quick: it loads as many at once as a worker does
+    # by default.
+    load_threads: int = WorkerSettings.model_fields["model_load_thread_count"].default
     if isinstance(settings, WorkerSettings):
         device = pick_device(settings.device)
         throttle_s, cpu_threads = settings.throttle_ms / 1000, settings.cpu_threads
+        load_threads = settings.model_load_thread_count
     return WorkerOptions(
         worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
@@ -101,6 +110,7 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         drain_timeout_s=min(settings.drain_timeout_s, drain_budget_s(settings.shutdown_timeout_s)),
         throttle_s=throttle_s,
         cpu_threads=cpu_threads,
+        model_load_threads=load_threads,
     )
 
 
@@ -168,11 +178,17 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         return server()
 
     fast = FastPath(app, aiohttp_connection, options.max_body_bytes)
+    grpc_server: grpc.aio.Server | None = None
 
-    async def drain_fast_path(_: web.Application) -> None:
-        await fast.shutdown(drain_s)
+    async def drain(_: web.Application) -> None:
+        # Both protocols drain together, within the one drain budget, before the requester
+        # and the views close (aiohttp's cleanup contexts run after this).
+        draining = [fast.shutdown(drain_s)]
+        if grpc_server is not None:
+            draining.append(grpc_server.stop(drain_s))
+        await asyncio.gather(*draining)
 
-    app.on_shutdown.append(drain_fast_path)
+    app.on_shutdown.append(drain)
     listener: asyncio.Server | None = None
     metrics_runner: web.AppRunner | None = None
     try:
@@ -185,21 +201,28 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
             # The fleet view too: a restarted gateway's statistics must not read zero.
             await until(stop, app[REGISTRY].synced.wait(), essential)
             await until(stop, app[FLEET].synced.wait(), essential)
-        listener = await asyncio.get_running_loop().create_server(
-            fast, host, port, backlog=1024, reuse_address=True, reuse_port=shared or None
-        )
-        if shared:
-            log.info(
-                "gateway %d of %d listening on http://%s:%d (port shared)",
-                (settings.http_worker_index or 0) + 1,
-                settings.http_workers,
-                host,
-                port,
+        if settings.allow_http:
+            listener = await asyncio.get_running_loop().create_server(
+                fast, host, port, backlog=1024, reuse_address=True, reuse_port=shared or None
             )
-        else:
-            log.info("gateway listening on http://%s:%d", host, port)
-        if metrics_port:
-            metrics_runner = await _serve_metrics(create_metrics_app(app), host, metrics_port)
+            if shared:
+                log.info(
+                    "gateway %d of %d listening on http://%s:%d (port shared)",
+                    (settings.http_worker_index or 0) + 1,
+                    settings.http_workers,
+                    host,
+                    port,
+                )
+            else:
+                log.info("gateway listening on http://%s:%d", host, port)
+        if settings.allow_grpc:
+            grpc_server, grpc_port = await grpc_service.start_server(
+                app, settings.grpc_address, settings.grpc_port, shared_port=shared
+            )
+            log.info("gateway serving gRPC on %s:%d", settings.grpc_address, grpc_port)
+        if metrics_port and settings.allow_metrics:
+            metrics_app = create_metrics_app(app, parse_metrics_config(settings.metrics_config))
+            metrics_runner = await _serve_metrics(metrics_app, host, metrics_port)
         await until(stop, None, essential)
     finally:
         if metrics_runner is not None:
@@ -207,6 +230,8 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         if listener is not None:
             listener.close()
         await runner.cleanup()
+        if grpc_server is not None:
+            await grpc_server.stop(0)  # stopped already, unless startup failed before the drain
 
 
 async def run_router(settings: RouterSettings, stop: asyncio.Event) -> None:
@@ -217,19 +242,23 @@ async def run_router(settings: RouterSettings, stop: asyncio.Event) -> None:
 async def _router(settings: RouterSettings, stop: asyncio.Event) -> None:
     options, metrics_port = router_options(settings), settings.metrics_port
     nc = await until(stop, jetstream.connect(settings.nats_url, name="natron-router"))
+    # The deployment's log settings (/v2/logging), applied to this process as they change.
+    log_settings = shared_settings.start_following_log_settings(nc, Subjects(settings.prefix), "router")
     try:
         router = Router(nc, Subjects(settings.prefix), options)
+        essential = (*router.essential, log_settings)
         metrics_runner: web.AppRunner | None = None
         try:
-            await until(stop, router.start(), router.essential)
+            await until(stop, router.start(), essential)
             if metrics_port:
                 metrics_runner = await _serve_metrics(router_metrics_app(router, nc), "0.0.0.0", metrics_port)
-            await until(stop, None, router.essential)
+            await until(stop, None, essential)
         finally:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             await router.stop()
     finally:
+        await log_settings.stop()
         await jetstream.close_connection(nc)
 
 
@@ -240,28 +269,37 @@ async def run_worker(settings: WorkerSettings | OrchestratorSettings, stop: asyn
 
 
 async def _worker(settings: WorkerSettings | OrchestratorSettings, stop: asyncio.Event) -> None:
-    options, metrics_port = worker_options(settings), settings.metrics_port
+    # Spans of the requests its gateways trace, exported as the trace settings say.
+    spans = ProcessSpans("natron-worker")
+    options, metrics_port = dataclasses.replace(worker_options(settings), spans=spans), settings.metrics_port
     orchestrator = isinstance(settings, OrchestratorSettings)
     worker_id, device, subjects = options.worker_id, options.device, Subjects(settings.prefix)
     nc = await until(stop, jetstream.connect(settings.nats_url, name=f"natron-{worker_id}"))
+    # The deployment's log and trace settings, applied to this process as they change.
+    log_settings = shared_settings.start_following_log_settings(nc, subjects, worker_id)
+    trace_settings = shared_settings.start_following_trace_settings(nc, subjects, worker_id, spans)
     try:
         service: Worker | Orchestrator = (
             Orchestrator(nc, subjects, options) if orchestrator else Worker(nc, subjects, options)
         )
         worker = service.worker if isinstance(service, Orchestrator) else service
+        essential = (*service.essential, log_settings, trace_settings)
         metrics_runner: web.AppRunner | None = None
         try:
-            await until(stop, service.start(), service.essential)
+            await until(stop, service.start(), essential)
             log.info("worker %s serving on %s", worker_id, device.name)
             if metrics_port:
                 metrics_runner = await _serve_metrics(worker_metrics_app(worker, nc), "0.0.0.0", metrics_port)
-            await until(stop, None, service.essential)
+            await until(stop, None, essential)
         finally:
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
             # Unloads and drains, also after a loop died or a partial start.
             await service.stop()
     finally:
+        await trace_settings.stop()
+        await log_settings.stop()
+        await spans.close()
         await jetstream.close_connection(nc)
 
 

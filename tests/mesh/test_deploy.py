@@ -610,9 +610,9 @@ def test_the_gateway_is_probed_on_the_kserve_health_endpoints() -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert {p["name"] for p in container["ports"]} == {"http", "metrics"}
+    assert {p["name"] for p in container["ports"]} == {"http", "grpc", "metrics"}
     (service,) = [d for d in documents if d["kind"] == "Service"]
-    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "metrics"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "grpc", "metrics"}
 
 
 def test_the_workers_and_router_read_the_model_repository_from_the_same_volume() -> None:
