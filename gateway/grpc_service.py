@@ -13,9 +13,7 @@ import asyncio
 import base64
 import contextlib
 import functools
-import itertools
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -27,9 +25,10 @@ from tritonclient.grpc import service_pb2 as pb
 
 from broker.view import ModelView
 from gateway import answers, grpc_codec, health, logging_api, stats, trace_api
+from gateway.infer import new_request_id, trace_headers
 from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import unexpected_error
-from gateway.sharedmemory import SHARED_MEMORY, RegionMiss
+from gateway.sharedmemory import SHARED_MEMORY
 from gateway.tracing import TRACER
 from natron.errors import NatronError, Unsupported
 from natron.inference import InferResponse
@@ -37,6 +36,7 @@ from natron.inference import InferResponse
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", pb.SystemSharedMemoryStatusResponse, pb.CudaSharedMemoryStatusResponse)
 
 # natron's statuses (HTTP's) as the gRPC codes Triton answers the same cases with.
 _CODES: Final[dict[int, grpc.StatusCode]] = {
@@ -50,10 +50,6 @@ _CODES: Final[dict[int, grpc.StatusCode]] = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-
-_ID_PREFIX = f"grpc{os.getpid():x}-"
-_ids = itertools.count(1)
-_TRACE_HEADERS = ("traceparent", "tracestate")
 
 
 def status_code(status: int) -> grpc.StatusCode:
@@ -247,17 +243,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         target = view.resolve(request.model_version)
         if view.spec is None:
             raise Unsupported(f"model '{view.record.name}' has no valid config")
-        shm = self._app[SHARED_MEMORY]
-        try:
-            infer = grpc_codec.parse_request(request, shm.window)
-        except RegionMiss:
-            # Registered through another gateway process an instant ago: read the
-            # registrations, and parse once more (a second miss is the error).
-            await shm.refresh()
-            infer = grpc_codec.parse_request(request, shm.window)
+        infer = await self._app[SHARED_MEMORY].parse(lambda window: grpc_codec.parse_request(request, window))
         parsed = infer.parsed
         if not parsed.request.id:
-            parsed.request.id = f"{_ID_PREFIX}{next(_ids)}"
+            parsed.request.id = new_request_id()
         timeout_s = self._app[OPTIONS].default_timeout_s
         if parsed.timeout_us:
             timeout_s = parsed.timeout_us / 1e6
@@ -265,12 +254,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             remaining = context.time_remaining()
             if remaining is not None:
                 timeout_s = max(remaining, 1e-3)
-        trace = {
-            key: value
-            for key, value in (context.invocation_metadata() or ())
-            if key in _TRACE_HEADERS and isinstance(value, str)
+        metadata = {
+            key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
-        return infer, view, target, timeout_s, trace or None
+        return infer, view, target, timeout_s, trace_headers(metadata.get) or None
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         infer, view, target, timeout_s, trace = await self._prepare(request, context)
@@ -291,7 +278,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 timeout_s,
                 headers=trace if traced is None else traced.headers,
                 rows=rows,
-                max_rows=spec.max_batch_size if spec.batching else 1,
+                max_rows=spec.max_rows,
             )
             status = 200
         except NatronError as exc:
@@ -326,7 +313,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 timeout_s,
                 headers=trace,
                 rows=rows,
-                max_rows=spec.max_batch_size if spec.batching else 1,
+                max_rows=spec.max_rows,
             )
             send(answer(response, True))
             return
@@ -348,10 +335,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         regions = await self._app[SHARED_MEMORY].system_status(request.name or None)
-        return json_format.ParseDict(
-            {"regions": {region["name"]: region for region in regions}},
-            pb.SystemSharedMemoryStatusResponse(),
-        )
+        return _regions(regions, pb.SystemSharedMemoryStatusResponse())
 
     @_unary
     async def SystemSharedMemoryRegister(
@@ -374,11 +358,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
         regions = await self._app[SHARED_MEMORY].cuda_status(request.name or None)
-        return json_format.ParseDict(
-            {"regions": {region["name"]: region for region in regions}},
-            pb.CudaSharedMemoryStatusResponse(),
-            ignore_unknown_fields=True,
-        )
+        return _regions(regions, pb.CudaSharedMemoryStatusResponse())
 
     @_unary
     async def CudaSharedMemoryRegister(
@@ -405,6 +385,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     @_unary
     async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
         return await logging_api.log_settings_rpc(self._app, request)
+
+
+def _regions(regions: list[dict[str, Any]], response: R) -> R:
+    """A shared memory status answer: the regions by name, as Triton's JSON lists them."""
+    return json_format.ParseDict(
+        {"regions": {region["name"]: region for region in regions}}, response, ignore_unknown_fields=True
+    )
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

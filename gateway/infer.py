@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway import kserve
 from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
-from gateway.sharedmemory import SHARED_MEMORY, RegionMiss
+from gateway.sharedmemory import SHARED_MEMORY
 from gateway.tracing import TRACER, RequestTrace
 from natron.errors import InvalidArgument, NatronError, Unsupported
 
@@ -26,6 +26,16 @@ _ID_PREFIX = f"gw{os.getpid():x}-"
 _ids = itertools.count(1)
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one (the wire needs one, for logs and cancels)."""
+    return f"{_ID_PREFIX}{next(_ids)}"
+
+
+def trace_headers(header: HeaderLookup) -> dict[str, str]:
+    """The client's W3C trace context, which travels on to the worker."""
+    return {key: value for key in _TRACE_HEADERS if (value := header(key)) is not None}
 
 
 @dataclass(slots=True)
@@ -126,21 +136,14 @@ async def _infer(
                 f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
             ) from None
     body = await read()
-    shm = app.get(SHARED_MEMORY)
-    resolver = shm.window if shm is not None else None
-    try:
-        parsed = kserve.parse_infer_body(body, header_length, spec.name, target, resolver)
-    except RegionMiss:
-        assert shm is not None
-        # Registered through another gateway process an instant ago, so not yet in this one's
-        # copy of the registrations: read them, and parse once more (a second miss is the 400).
-        await shm.refresh()
-        parsed = kserve.parse_infer_body(body, header_length, spec.name, target, resolver)
+    parsed = await app[SHARED_MEMORY].parse(
+        lambda window: kserve.parse_infer_body(body, header_length, spec.name, target, window)
+    )
     rows = spec.validate(parsed.request)
     request_id = parsed.request.id
     if not request_id:
         # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
-        parsed.request.id = f"{_ID_PREFIX}{next(_ids)}"
+        parsed.request.id = new_request_id()
     names[0] = parsed.request.id
     options = app[OPTIONS]
     timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
@@ -151,7 +154,7 @@ async def _infer(
         traced.append(request_trace)
         trace = request_trace.headers
     else:
-        trace = {k: v for k in _TRACE_HEADERS if (v := header(k)) is not None}
+        trace = trace_headers(header)
     # Requests of a batching model may share a broker message with others of the same moment.
     response = await app[REQUESTER].infer(
         parsed.request,
@@ -159,7 +162,7 @@ async def _infer(
         timeout_s,
         headers=trace or None,
         rows=rows,
-        max_rows=spec.max_batch_size if spec.batching else 1,
+        max_rows=spec.max_rows,
     )
     out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
     return InferAnswer(out, json_length)

@@ -47,10 +47,10 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -64,6 +64,8 @@ from gateway.keys import NATS, OPTIONS
 from gateway.middleware import json_object, json_response
 from natron.errors import InvalidArgument, NotFound, Unavailable, Unsupported
 from natron.tasks import EssentialTasks
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +394,16 @@ class SharedMemoryRegistry:
         if entry.mapping is None:
             entry.mapping = MappedRegion.open(entry.region)
         return entry.mapping.window(offset, byte_size)
+
+    async def parse(self, parse: Callable[[Callable[[str, int, int], memoryview]], T]) -> T:
+        """`parse(window)`, the infer parsers of HTTP and gRPC alike: a region registered
+        through another gateway process an instant ago is not yet in this one's copy of the
+        registrations, so a miss reads them and parses once more (a second miss is the 400)."""
+        try:
+            return parse(self.window)
+        except RegionMiss:
+            await self.refresh()
+            return parse(self.window)
 
     async def lookup(self, region: str, offset: int, byte_size: int) -> memoryview:
         """`window`, reading the bucket once when this process has not heard of `region`."""

@@ -60,6 +60,11 @@ class ModelSpec:
     def batching(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def max_rows(self) -> int:
+        """The most rows of requests one execution takes: what a coalesced message may hold."""
+        return self.max_batch_size if self.batching else 1
+
     def validate(self, request: InferRequest) -> int:
         """Raise InvalidArgument naming the first mistake; return the batch size (1 if none)."""
         model = self.name

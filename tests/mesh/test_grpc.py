@@ -225,6 +225,17 @@ def test_errors_map_to_tritons_codes(client: grpcclient.InferenceServerClient) -
         assert needle in info.value.message()
 
 
+def test_an_expired_deadline_is_deadline_exceeded_not_a_hang(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    inp = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+    inp.set_data_from_numpy(np.ones((1, 16), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("tiny", [inp], timeout=1)  # one microsecond, Triton's `timeout` parameter
+    assert status_of(info) == "StatusCode.DEADLINE_EXCEEDED"
+    assert "tiny" in info.value.message()
+
+
 def test_a_request_larger_than_grpcs_default_limit(client: grpcclient.InferenceServerClient) -> None:
     # 5 MiB: past gRPC's 4 MiB default, within the server's 8 MiB payload.
     data = np.arange(5 * 1024 * 1024 // 4, dtype=np.float32).reshape(1, -1)
@@ -346,6 +357,22 @@ def test_errors_arrive_in_the_stream_and_it_goes_on(backend_served: Served) -> N
     assert single.get_response().parameters["triton_final_response"].bool_param
     assert single.as_numpy("OUTPUT0").tolist() == [[2] * 16]
     assert [r.as_numpy("OUT").tolist() for r in by_id["g1"][:2]] == [[1], [2]]
+
+
+def test_a_stream_that_goes_quiet_past_its_deadline_ends_with_an_error(backend_served: Served) -> None:
+    client = grpcclient.InferenceServerClient(backend_served.grpc_url)
+    values = grpcclient.InferInput("IN", [1], "INT32")
+    values.set_data_from_numpy(np.array([1], dtype=np.int32))
+    delay = grpcclient.InferInput("DELAY_MS", [1], "UINT32")
+    delay.set_data_from_numpy(np.array([3000], dtype=np.uint32))
+
+    def send() -> None:
+        # Each answer comes 3 s after the last; the request allows 0.3 s of silence.
+        client.async_stream_infer("repeat", [values, delay], request_id="quiet", timeout=300_000)
+
+    ((result, error),) = _collect(client, send, 1)
+    assert result is None
+    assert "repeat" in str(error) and "sent nothing" in str(error)
 
 
 def test_model_infer_on_a_decoupled_model_is_unimplemented(backend_served: Served) -> None:
