@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import NoReturn
+from typing import Literal
 
 import nats
 from nats.aio.client import Client
@@ -29,6 +28,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from broker.recovery import reconnects_of
 from broker.subjects import Subjects
 from natron.errors import Unavailable
 
@@ -44,12 +44,47 @@ class QueuePolicy:
     # normally far shorter, this only bounds garbage.
     max_age_s: float = 300.0
     # Redelivery of requests whose worker died before acknowledging them.
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 4.0
     max_deliver: int = 3
 
 
+@dataclass(slots=True, frozen=True)
+class Storage:
+    """Where the mesh's JetStream state lives: the work queue and the KV buckets.
+
+    memory: fastest, gone when the broker restarts (the services re-create what they own, and
+    the requests it held are lost); file: kept across a restart, so a request the broker
+    acknowledged is answered after it comes back. `replicas` is 3 on a 3-node cluster, so
+    losing a node loses nothing."""
+
+    kind: Literal["memory", "file"] = "memory"
+    replicas: int = 1
+
+    @property
+    def type(self) -> StorageType:
+        return StorageType.FILE if self.kind == "file" else StorageType.MEMORY
+
+
+# nats-py pings every PING_INTERVAL_S and reconnects after MAX_OUTSTANDING_PINGS unanswered:
+# a broker that stops answering (paused, or a network gone quiet) is noticed within about
+# 4.5 s, before the router's heartbeat timeout, instead of after nats-py's default 4 minutes.
+PING_INTERVAL_S = 1.5
+MAX_OUTSTANDING_PINGS = 2
+
+
+def server_urls(url: str) -> list[str]:
+    """A NATS URL, or a cluster's comma-separated list of them."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError(f"no NATS server in {url!r}")
+    return urls
+
+
 async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Client:
-    """A connection that reconnects for ever: services outlive broker restarts."""
+    """A connection that reconnects for ever, to any server of `url` (one, or a cluster's
+    comma-separated list): services outlive broker restarts and the loss of a node. Each
+    reconnect starts a new epoch (broker.recovery), after which the services re-assert their
+    state."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection %s: %s", name, exc)
@@ -61,20 +96,25 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
             log.warning("nats connection %s lost, reconnecting", name)
 
     async def on_reconnected() -> None:
-        log.info("nats connection %s re-established", name)
+        if client:
+            log.info("nats connection %s re-established to %s", name, client[0].connected_url)
+            reconnects_of(client[0]).bump()
 
     nc = await nats.connect(
-        url,
+        servers=server_urls(url),
         name=name,
         connect_timeout=connect_timeout_s,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         allow_reconnect=True,
+        ping_interval=PING_INTERVAL_S,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
     client.append(nc)
+    reconnects_of(nc)
     return nc
 
 
@@ -100,59 +140,17 @@ async def close_connection(nc: Client, timeout_s: float = 3.0) -> None:
             await asyncio.wait_for(nc.close(), timeout_s)
 
 
-class BrokerStateLost(Exception):
-    """A stream this process relies on is gone or was made anew: the broker restarted without
-    its JetStream state (natron keeps its stream and buckets in memory)."""
-
-
-async def watch_state(nc: Client, subjects: Subjects, poll_s: float = 1.0) -> NoReturn:
-    """Raise BrokerStateLost once any of the mesh's state streams (`subjects.state_streams`) is
-    gone or was created anew after a reconnect.
-
-    A KV watch or a durable consumer does not survive its stream: after a broker restart that
-    lost the streams, a process would go on heart-beating while its watchers are silent for
-    ever. Each stream's creation time, read now, is its identity; after every reconnect it is
-    read again. Errors while the broker is still coming back are retried on the next poll; only
-    "not found" or a different creation time end the watch. The poll reads a counter: no
-    request is sent while nothing reconnects."""
-    js = nc.jetstream()
-    streams = subjects.state_streams
-    created: dict[str, datetime | None] = {}
-    for stream in streams:
-        created[stream] = (await js.stream_info(stream)).created
-    checked = nc.stats["reconnects"]
-    while True:
-        await asyncio.sleep(poll_s)
-        reconnects = nc.stats["reconnects"]
-        if reconnects == checked or not nc.is_connected:
-            continue
-        try:
-            for stream in streams:
-                try:
-                    info = await js.stream_info(stream)
-                except NotFoundError:
-                    raise BrokerStateLost(f"stream {stream} is gone after a broker restart") from None
-                if info.created != created[stream]:
-                    raise BrokerStateLost(f"stream {stream} was created anew after a broker restart")
-        except BrokerStateLost:
-            raise
-        except Exception as exc:  # the broker is still coming back: look again on the next poll
-            log.info("broker state not checked yet after reconnecting: %r", exc)
-            continue
-        checked = reconnects
-
-
-def _stream_config(subjects: Subjects, policy: QueuePolicy) -> StreamConfig:
+def _stream_config(subjects: Subjects, policy: QueuePolicy, storage: Storage) -> StreamConfig:
     return StreamConfig(
         name=subjects.stream,
         subjects=[subjects.infer_all],
         retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.MEMORY,
+        storage=storage.type,
         discard=DiscardPolicy.NEW,
         discard_new_per_subject=True,
         max_msgs_per_subject=policy.max_queued_per_version,
         max_age=policy.max_age_s,
-        num_replicas=1,
+        num_replicas=storage.replicas,
     )
 
 
@@ -161,9 +159,12 @@ def _stream_config(subjects: Subjects, policy: QueuePolicy) -> StreamConfig:
 # (any service may come up first) and binds to the consumers the router made.
 
 
-async def configure_stream(js: JetStreamContext, subjects: Subjects, policy: QueuePolicy) -> None:
-    """The router's: create the inference stream, or bring an existing one to `policy`."""
-    config = _stream_config(subjects, policy)
+async def configure_stream(
+    js: JetStreamContext, subjects: Subjects, policy: QueuePolicy, storage: Storage = Storage()
+) -> None:
+    """The router's: create the inference stream, or bring an existing one to `policy` (its
+    storage kind cannot change: a stream made with another one is an error to fix by hand)."""
+    config = _stream_config(subjects, policy, storage)
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -171,11 +172,11 @@ async def configure_stream(js: JetStreamContext, subjects: Subjects, policy: Que
         await js.update_stream(config)
 
 
-async def ensure_stream(js: JetStreamContext, subjects: Subjects) -> None:
+async def ensure_stream(js: JetStreamContext, subjects: Subjects, storage: Storage = Storage()) -> None:
     """Anyone else's: create the stream with the default policy when it is missing, and leave an
     existing one as its owner configured it."""
     try:
-        await js.add_stream(_stream_config(subjects, QueuePolicy()))
+        await js.add_stream(_stream_config(subjects, QueuePolicy(), storage))
     except BadRequestError:
         pass  # exists, configured otherwise by the router: that is its to decide
 
@@ -251,7 +252,7 @@ class BucketChange:
     value: bytes | None  # None: the key was deleted or purged
 
 
-async def follow_bucket(kv: KeyValue) -> AsyncIterator[BucketChange | None]:
+async def follow_bucket(kv: KeyValue) -> AsyncGenerator[BucketChange | None, None]:
     """Every key's current value, then every change as it happens; `None` once, when the
     current values have all been delivered (at once for an empty bucket)."""
     watcher = await kv.watchall()
@@ -269,8 +270,12 @@ async def follow_bucket(kv: KeyValue) -> AsyncIterator[BucketChange | None]:
             await watcher.stop()  # type: ignore[no-untyped-call]
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, bucket: str, storage: Storage = Storage()) -> KeyValue:
+    """The bucket, created with `storage` when it is missing (the first service to need it
+    makes it; an existing one is used as it is)."""
     try:
         return await js.key_value(bucket)
     except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.MEMORY))
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=storage.type, replicas=storage.replicas)
+        )

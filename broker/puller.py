@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker.codec import MAX_BATCH_ENTRIES
+from broker.recovery import reconnects_of
 from broker.subjects import BATCH
 from natron.timers import LOOP_TIMER_RESOLUTION_S, PRECISE
 
@@ -121,6 +122,7 @@ class CapacityPuller:
         self._pending = 0  # messages waiting in the consumer, as of the last delivery
 
     async def start(self) -> None:
+        reconnects_of(self._nc).listen(self._on_reconnect)
         self._inbox = self._nc.new_inbox()
         self._sub = await self._nc.subscribe(
             self._inbox, cb=self._on_message, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -129,6 +131,7 @@ class CapacityPuller:
     async def close(self) -> None:
         """Stop asking; messages delivered but not taken go back to the consumer (NAK)."""
         self._closed = True
+        reconnects_of(self._nc).unlisten(self._on_reconnect)
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
@@ -140,6 +143,12 @@ class CapacityPuller:
         self._arrivals.clear()
         self._entries.clear()
         self._held_entries = 0
+        self._event.set()
+
+    def _on_reconnect(self) -> None:
+        """A pull sent on the broken connection died with it (a restarted broker forgot it; one
+        on another node of a cluster never heard of it): ask again now, not after its expiry."""
+        self._outstanding = 0
         self._event.set()
 
     # -- deliveries --------------------------------------------------------------------------

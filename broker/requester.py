@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker import codec, reply
+from broker.recovery import reconnects_of
 from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, Subjects
 from natron.errors import DeadlineExceeded, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
@@ -59,6 +60,7 @@ class _Stream:
     model: str
     version: str
     queued: bool = False
+    epoch: int = 0  # the connection's reconnect count when it was made
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class _Pending:
     model: str
     version: str
     queued: bool = False
+    epoch: int = 0  # the connection's reconnect count when it was made
 
 
 @dataclass(slots=True)
@@ -97,6 +100,7 @@ class Requester:
 
     def __init__(self, nc: Client, subjects: Subjects, owner: str | None = None) -> None:
         self._nc = nc
+        self._reconnects = reconnects_of(nc)
         self._subjects = subjects
         self._inbox = subjects.inbox(owner or uuid.uuid4().hex[:12])
         self._prefix_len = len(self._inbox) + 1
@@ -129,11 +133,30 @@ class Requester:
                 await sub.unsubscribe()
             except Exception:  # connection already closed: nothing left to unsubscribe
                 pass
+        self.fail_in_flight(Unavailable("requester closed"))
+
+    def fail_in_flight(self, error: NatronError, unqueued_before: int | None = None) -> int:
+        """End requests and streams in flight with `error`; how many ended.
+
+        All of them when the broker that held them forgot them (it restarted without its
+        state): no answer is coming. With `unqueued_before` (a reconnect count), only those
+        made before that reconnect that the broker never acknowledged: published into a
+        connection that broke, they may never have reached it, and would otherwise wait out
+        their deadlines."""
+
+        def lost(queued: bool, epoch: int) -> bool:
+            return unqueued_before is None or (not queued and epoch < unqueued_before)
+
+        ended = 0
         for pending in [*self._pending.values(), *(p for b in self._batches.values() for p in b.pendings)]:
-            if not pending.future.done():
-                pending.future.set_exception(Unavailable("requester closed"))
+            if not pending.future.done() and lost(pending.queued, pending.epoch):
+                pending.future.set_exception(error)
+                ended += 1
         for stream in self._streams.values():
-            stream.queue.put_nowait((Unavailable("requester closed"), True))
+            if lost(stream.queued, stream.epoch):
+                stream.queue.put_nowait((error, True))
+                ended += 1
+        return ended
 
     async def __aenter__(self) -> Requester:
         await self.start()
@@ -161,7 +184,7 @@ class Requester:
         """
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
         loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), request.model, version)
+        pending = _Pending(loop.create_future(), request.model, version, epoch=self._reconnects.count)
         data_bytes = 0
         for tensor in request.inputs:
             data_bytes += tensor.data.nbytes
@@ -299,7 +322,7 @@ class Requester:
         payload = self._payload(request)
         token = str(next(self._counter))
         reply_to = f"{self._inbox}.{token}"
-        state = _Stream(asyncio.Queue(), request.model, version)
+        state = _Stream(asyncio.Queue(), request.model, version, epoch=self._reconnects.count)
         self._streams[token] = state
         finished = False
         try:
@@ -336,7 +359,13 @@ class Requester:
         headers: dict[str, str] | None,
     ) -> None:
         """Into the work queue; JetStream acknowledges to `<reply_to>.a`, the worker answers to
-        `reply_to` (a header, since JetStream owns the message's reply subject)."""
+        `reply_to` (a header, since JetStream owns the message's reply subject).
+
+        While the connection is down nothing is published: nats-py would hold the message in
+        its reconnect buffer and the caller would wait out its whole deadline for a broker that
+        may not come back. Refused at once, the client can retry elsewhere."""
+        if not self._nc.is_connected:
+            raise Unavailable("the broker is unavailable (the connection to NATS is down); retry shortly")
         try:
             await self._nc.publish(
                 self._subjects.infer(model, version),
@@ -450,6 +479,8 @@ class Requester:
             error = reply.publish_ack_error(msg, stream.model, stream.version)
             if error is not None:
                 stream.queue.put_nowait((error, True))
+            else:
+                stream.queued = True
             return
         for answer in reply.decode_reply(msg):
             stream.queue.put_nowait(answer)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from nats.js.kv import KeyValue
 
 from broker.mirror import BucketMirror
+from broker.recovery import Reconnects
 from natron import config as cfg
 from natron.errors import NotFound, Unavailable
 from natron.records import READY, ModelRecord
@@ -89,8 +90,9 @@ class ModelRegistry:
                 log.warning("model '%s' config unusable here: %s", record.name, exc)
         return ModelView(record, spec)
 
-    async def start(self, kv: KeyValue) -> None:
-        self.tasks.spawn(self._mirror.follow(kv), "follow-models")
+    async def start(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
+        """Follow `kv`; with `reconnects`, watched again after each reconnect."""
+        self.tasks.spawn(self._mirror.follow(kv, reconnects=reconnects), "follow-models")
 
     async def stop(self) -> None:
         await self.tasks.stop()

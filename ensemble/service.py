@@ -11,7 +11,7 @@ import dataclasses
 
 from nats.aio.client import Client
 
-from broker import jetstream
+from broker import jetstream, recovery
 from broker.requester import Requester
 from broker.subjects import Subjects
 from broker.view import ModelRegistry
@@ -44,8 +44,10 @@ class Orchestrator:
         return (*self.worker.essential, self._registry.tasks)
 
     async def start(self) -> None:
-        models_kv = await jetstream.ensure_bucket(self._nc.jetstream(), self._subjects.models_bucket)
-        await self._registry.start(models_kv)
+        models_kv = await jetstream.ensure_bucket(
+            self._nc.jetstream(), self._subjects.models_bucket, self.worker.storage
+        )
+        await self._registry.start(models_kv, recovery.reconnects_of(self._nc))
         await self._requester.start()
         await self.worker.start()
 

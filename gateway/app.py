@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from broker import jetstream
+from broker import jetstream, recovery
 from broker.requester import Requester
 from broker.view import ModelRegistry
 from gateway import answers, infer, logging_api, sharedmemory, stats, streaming, trace_api
@@ -30,7 +30,7 @@ from gateway.keys import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
-from natron.errors import InvalidArgument
+from natron.errors import InvalidArgument, Unavailable
 from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
@@ -108,15 +108,16 @@ async def _connection_ctx(app: web.Application) -> AsyncIterator[None]:
     nc = await jetstream.connect(options.nats_url, name="natron-gateway")
     app[NATS] = nc
     try:
-        await jetstream.ensure_stream(nc.jetstream(), options.subjects)
+        await jetstream.ensure_stream(nc.jetstream(), options.subjects, options.storage)
         yield
     finally:
         await jetstream.close_connection(nc)
 
 
 async def _model_view_ctx(app: web.Application) -> AsyncIterator[None]:
-    bucket = app[OPTIONS].subjects.models_bucket
-    await app[REGISTRY].start(await jetstream.ensure_bucket(app[NATS].jetstream(), bucket))
+    options = app[OPTIONS]
+    kv = await jetstream.ensure_bucket(app[NATS].jetstream(), options.subjects.models_bucket, options.storage)
+    await app[REGISTRY].start(kv, recovery.reconnects_of(app[NATS]))
     try:
         yield
     finally:
@@ -124,19 +125,50 @@ async def _model_view_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _fleet_view_ctx(app: web.Application) -> AsyncIterator[None]:
-    bucket = app[OPTIONS].subjects.workers_bucket
-    await app[FLEET].start(await jetstream.ensure_bucket(app[NATS].jetstream(), bucket))
+    options = app[OPTIONS]
+    kv = await jetstream.ensure_bucket(
+        app[NATS].jetstream(), options.subjects.workers_bucket, options.storage
+    )
+    await app[FLEET].start(kv, recovery.reconnects_of(app[NATS]))
     try:
         yield
     finally:
         await app[FLEET].stop()
 
 
+async def _reassert(app: web.Application, lost: bool) -> None:
+    """After a reconnect: the stream and buckets (this gateway may be the first service back
+    after a broker that lost them); the views watch again by themselves. When the broker lost
+    its state, the requests it held are gone: their callers get 503 now, not a 504 at their
+    deadline."""
+    options, js = app[OPTIONS], app[NATS].jetstream()
+    await jetstream.ensure_stream(js, options.subjects, options.storage)
+    subjects = options.subjects
+    for bucket in (subjects.models_bucket, subjects.workers_bucket, sharedmemory.bucket_name(subjects)):
+        await jetstream.ensure_bucket(js, bucket, options.storage)
+    if REQUESTER not in app:
+        return
+    if lost:
+        ended = app[REQUESTER].fail_in_flight(
+            Unavailable("the broker restarted without its queue, and this request with it; retry")
+        )
+    else:
+        ended = app[REQUESTER].fail_in_flight(
+            Unavailable("the connection to the broker broke before it took this request; retry"),
+            unqueued_before=recovery.reconnects_of(app[NATS]).count,
+        )
+    if ended:
+        log.warning("%d request(s) in flight were lost with the broker connection: answered 503", ended)
+
+
 async def _broker_state_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The views' KV watches go silent if the broker comes back without its buckets: watch
-    for that, so the gateway restarts instead of serving a stale picture for ever."""
-    subjects = app[OPTIONS].subjects
-    app[GATEWAY_TASKS].spawn(jetstream.watch_state(app[NATS], subjects), "gateway-broker-state")
+    """After every reconnect, re-assert what the gateway needs (broker/recovery.py)."""
+    app[GATEWAY_TASKS].spawn(
+        recovery.reassert_after_reconnects(
+            app[NATS], app[OPTIONS].subjects, "gateway", lambda lost: _reassert(app, lost)
+        ),
+        "gateway-reassert",
+    )
     try:
         yield
     finally:

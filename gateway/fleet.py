@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from broker.mirror import BucketMirror
+from broker.recovery import Reconnects
 from broker.subjects import Subjects
 from natron.records import READY, WorkerReport
 from natron.stats import StatsQuery, empty_stats, merge, progress, read_stats_answer
@@ -171,8 +172,9 @@ class FleetView:
                     latest[key] = {k: v for k, v in answered.items() if k != "sketches"}
         return latest
 
-    async def start(self, kv: KeyValue) -> None:
-        self.tasks.spawn(self._mirror.follow(kv), "follow-workers")
+    async def start(self, kv: KeyValue, reconnects: Reconnects | None = None) -> None:
+        """Follow `kv`; with `reconnects`, watched again after each reconnect."""
+        self.tasks.spawn(self._mirror.follow(kv, reconnects=reconnects), "follow-workers")
 
     async def stop(self) -> None:
         await self.tasks.stop()

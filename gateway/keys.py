@@ -3,11 +3,12 @@ every handler module reads them without importing the app that registers the han
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from nats.aio.client import Client
 
+from broker.jetstream import Storage
 from broker.requester import Requester
 from broker.subjects import Subjects
 from broker.view import ModelRegistry, ModelView
@@ -28,6 +29,8 @@ class GatewayOptions:
     # Ready (HTTP /v2/health/ready, gRPC ServerReady) only once the models settled and a
     # worker is live, as Triton's --strict-readiness; False: once connected and synced.
     strict_readiness: bool = True
+    # Where the stream and buckets live when this gateway is the first to need them.
+    storage: Storage = field(default_factory=Storage)
 
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)

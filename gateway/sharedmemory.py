@@ -58,12 +58,13 @@ import orjson
 from aiohttp import web
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from broker import jetstream
+from broker import jetstream, recovery
+from broker.recovery import Reconnects
 from broker.subjects import Subjects
 from gateway.keys import NATS, OPTIONS
 from gateway.middleware import json_object, json_response
 from natron.errors import InvalidArgument, NotFound, Unavailable, Unsupported
-from natron.tasks import EssentialTasks
+from natron.tasks import EssentialTasks, cancel_and_wait
 
 T = TypeVar("T")
 
@@ -283,15 +284,16 @@ class SharedMemoryRegistry:
 
     # -- life ------------------------------------------------------------------------------
 
-    async def start(self, kv: KeyValue, scope: str | None) -> None:
+    async def start(self, kv: KeyValue, scope: str | None, reconnects: Reconnects | None = None) -> None:
         """Follow `scope`'s registrations in `kv`; `scope` None: system shared memory is
-        unsupported on this host (no /dev/shm)."""
+        unsupported on this host (no /dev/shm). With `reconnects`, the watch is opened again
+        after each reconnect."""
         self._kv = kv
         self._scope = scope
         if scope is None:
             return
         watcher = await kv.watch(f"{scope}.>")
-        self.tasks.spawn(self._follow(watcher), "follow-shared-memory")
+        self.tasks.spawn(self._follow(watcher, reconnects), "follow-shared-memory")
 
     async def stop(self) -> None:
         """Stop following and unmap every region no request holds. Safe to call twice."""
@@ -301,7 +303,36 @@ class SharedMemoryRegistry:
                 entry.mapping.close()
         self._regions.clear()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+    async def _follow(self, watcher: KeyValue.KeyWatcher, reconnects: Reconnects | None) -> None:
+        epoch = reconnects.count if reconnects is not None else 0
+        while True:
+            watching = asyncio.ensure_future(self._watch(watcher))
+            if reconnects is None:
+                await watching
+            bumped = asyncio.ensure_future(reconnects.wait_after(epoch) if reconnects else asyncio.sleep(0))
+            try:
+                await asyncio.wait((watching, bumped), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait([watching, bumped], 2.0)
+            if bumped.cancelled():
+                if not watching.cancelled() and watching.exception() is not None:
+                    raise watching.exception()  # type: ignore[misc]
+                raise RuntimeError("the shared memory registrations watch ended")
+            assert reconnects is not None and self._kv is not None
+            epoch = reconnects.count
+            # A broker that lost its state numbers revisions anew: what the new watch delivers
+            # is current, whatever its revision. A region lost with that state is registered
+            # again by its client (a request naming it gets a 400 meanwhile).
+            self._revisions.clear()
+            while True:
+                try:
+                    watcher = await self._kv.watch(f"{self._scope}.>")
+                    break
+                except Exception as exc:  # the bucket is not back yet
+                    log.info("shared memory watch not opened again yet: %r", exc)
+                    await asyncio.sleep(0.5)
+
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
             async for entry in watcher:
                 if entry is not None:
@@ -583,8 +614,9 @@ async def _cuda_status(request: web.Request) -> web.Response:
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[SHARED_MEMORY]
-    kv = await jetstream.ensure_bucket(app[NATS].jetstream(), bucket_name(app[OPTIONS].subjects))
-    await registry.start(kv, host_scope())
+    options = app[OPTIONS]
+    kv = await jetstream.ensure_bucket(app[NATS].jetstream(), bucket_name(options.subjects), options.storage)
+    await registry.start(kv, host_scope(), recovery.reconnects_of(app[NATS]))
     try:
         yield
     finally:

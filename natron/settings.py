@@ -44,6 +44,7 @@ PositiveSeconds = Annotated[float, Field(gt=0)]
 LogLevel = Literal["debug", "info", "warning", "error"]
 # Triton's --log-format: "default" is natron's own line, ISO8601 stamps it in UTC as Triton does.
 LogFormat = Literal["default", "ISO8601"]
+StorageKind = Literal["memory", "file"]
 ControlMode = Literal["none", "poll", "explicit"]
 
 # What tritonserver calls a setting that natron names otherwise: the command line takes both
@@ -161,10 +162,26 @@ class _Base(BaseSettings):
         return value
 
 
-class CommonSettings(_Base):
+class _Storage(BaseSettings):
+    """Where the mesh's JetStream state lives (broker/jetstream.py, Storage): every role has it,
+    since whichever service needs the stream or a bucket first makes it."""
+
+    model_config = _CONFIG
+
+    jetstream_replicas: Annotated[
+        int, Field(ge=1, le=5, description="replicas of the stream and buckets (3 on a 3-node cluster)")
+    ] = 1
+
+
+class CommonSettings(_Storage, _Base):
     """A service alone, against a NATS server somewhere."""
 
-    nats_url: Annotated[str, Field(min_length=1, description="the NATS server")] = DEFAULT_NATS_URL
+    nats_url: Annotated[
+        str, Field(min_length=1, description="the NATS server, or a cluster's comma-separated URLs")
+    ] = DEFAULT_NATS_URL
+    jetstream_storage: Annotated[
+        StorageKind, Field(description="memory (lost when the broker restarts) or file (kept)")
+    ] = "memory"
 
 
 class _Repository(BaseSettings):
@@ -219,9 +236,11 @@ class _Queues(BaseSettings):
 
     model_config = _CONFIG
 
+    # Two heartbeats: a worker keeps what it holds alive every third of this, so only a dead
+    # (or frozen) one lets it run out.
     ack_wait_s: Annotated[
         PositiveSeconds, Field(description="redeliver a dead worker's requests after this long")
-    ] = 10.0
+    ] = 4.0
 
 
 class _Drain(BaseSettings):
@@ -339,13 +358,29 @@ class OrchestratorSettings(_Drain, CommonSettings):
     metrics_port: Annotated[Port, Field(description="the orchestrator's own metrics; 0: none")] = 0
 
 
-class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Base):
+class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Storage, _Base):
     command: ClassVar[str] = "serve"
 
     nats_url: Annotated[
-        str | None, Field(min_length=1, description="this NATS server (default: an embedded one)")
+        str | None,
+        Field(min_length=1, description="this NATS server or cluster (default: an embedded one)"),
     ] = None
-    nats_port: Annotated[Port, Field(description="port of the embedded NATS server")] = 4222
+    nats_port: Annotated[Port, Field(description="port of the embedded NATS server (a cluster's first)")] = (
+        4222
+    )
+    nats_cluster: Annotated[
+        int,
+        Field(
+            ge=1, le=5, description="embedded NATS servers, as one JetStream cluster (3 survives one loss)"
+        ),
+    ] = 1
+    jetstream_storage: Annotated[
+        StorageKind | None,
+        Field(description="memory or file (default: file with --jetstream-dir, else memory)"),
+    ] = None
+    jetstream_dir: Annotated[
+        Path | None, Field(description="where the embedded NATS server keeps JetStream's files")
+    ] = None
     max_payload_mb: Annotated[
         int,
         Field(ge=1, le=MAX_PAYLOAD_LIMIT_MB, description="NATS max_payload and the largest HTTP body (MiB)"),

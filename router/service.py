@@ -36,9 +36,10 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from broker import jetstream
+from broker import jetstream, recovery
 from broker.mirror import BucketMirror
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
@@ -69,6 +70,7 @@ class RouterOptions:
     load_timeout_s: float = 300.0
     upload_dir: Path | None = None  # uploaded model files; None: a temporary folder
     queue: jetstream.QueuePolicy = field(default_factory=jetstream.QueuePolicy)
+    storage: jetstream.Storage = field(default_factory=jetstream.Storage)
 
     def __post_init__(self) -> None:
         if not self.repositories:
@@ -152,12 +154,13 @@ class Router:
 
     async def start(self) -> None:
         js = self._nc.jetstream()
-        await jetstream.configure_stream(js, self._subjects, self._options.queue)
-        self._models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
-        self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
+        await self._ensure_state(js)
         if self._options.upload_dir is None:
             self._upload_tmp = tempfile.TemporaryDirectory(prefix="natron-uploads-")
-        self.tasks.spawn(jetstream.watch_state(self._nc, self._subjects), "router-broker-state")
+        self.tasks.spawn(
+            recovery.reassert_after_reconnects(self._nc, self._subjects, "router", self._reassert),
+            "router-reassert",
+        )
         # Know the fleet before publishing anything: a restarted router must not flash
         # "no live worker" over models that are being served.
         self.tasks.spawn(self._watch_workers(), "router-watch-workers")
@@ -193,6 +196,30 @@ class Router:
             self._options.control_mode,
             len(loaded),
         )
+
+    async def _ensure_state(self, js: JetStreamContext) -> None:
+        """The stream as this router's queue policy wants it, and the buckets."""
+        storage = self._options.storage
+        await jetstream.configure_stream(js, self._subjects, self._options.queue, storage)
+        self._models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket, storage)
+        self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket, storage)
+
+    async def _reassert(self, lost: bool) -> None:
+        """After a reconnect: the stream, the buckets, every consumer and every record again (a
+        broker that lost them gets them back; one that kept them sees the same values). The
+        workers get a fresh heartbeat window: a gap in the broker is no sign of their death."""
+        js = self._nc.jetstream()
+        await self._ensure_state(js)
+        now = asyncio.get_running_loop().time()
+        for worker_id in self._last_seen_s:
+            self._last_seen_s[worker_id] = now
+        async with self._lock:
+            for name, version in sorted(self._queues):
+                await jetstream.configure_consumer(js, self._subjects, name, version, self._options.queue)
+            self._published.clear()
+            await self._publish()
+            if lost and any(name not in self._published for name in self._records):
+                raise Unavailable("not every model record was published again")
 
     async def stop(self) -> None:
         """Stop taking control requests (one in flight is answered 503), then the loops. Safe
@@ -381,7 +408,7 @@ class Router:
 
     async def _watch_workers(self) -> None:
         assert self._workers_kv is not None
-        await self._fleet.follow(self._workers_kv, self._on_report)
+        await self._fleet.follow(self._workers_kv, self._on_report, recovery.reconnects_of(self._nc))
 
     async def _on_report(
         self, worker_id: str, before: WorkerReport | None, after: WorkerReport | None
@@ -404,6 +431,8 @@ class Router:
         timeout_s = self._options.heartbeat_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout_s / 3))
+            if not self._nc.is_connected:
+                continue  # no heartbeat can reach this router now: none is late
             now = loop.time()
             dead = [w for w, seen in self._last_seen_s.items() if now - seen > timeout_s]
             for worker_id in dead:

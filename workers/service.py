@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
-from broker import jetstream
+from broker import jetstream, recovery
 from broker.mirror import BucketMirror
 from broker.puller import CapacityPuller
 from broker.subjects import REPLY_TO, Subjects
@@ -81,6 +81,8 @@ class WorkerOptions:
     # How model code reaches the mesh (BLS calls from Python models).
     nats_url: str = ""
     heartbeat_interval_s: float = 2.0
+    # Where the stream and buckets live when this worker is the first to need them.
+    storage: jetstream.Storage = field(default_factory=jetstream.Storage)
     # On stop, batches in hand finish within this long; the process's shutdown budget holds it
     # and a few seconds more for closing (natron/cli/services.py).
     drain_timeout_s: float = 20.0
@@ -208,6 +210,10 @@ class Worker:
         )
 
     @property
+    def storage(self) -> jetstream.Storage:
+        return self._options.storage
+
+    @property
     def report(self) -> WorkerReport:
         return self._report
 
@@ -221,17 +227,35 @@ class Worker:
         return [i for loaded in self._loaded.values() for i in loaded.instances]
 
     async def start(self) -> None:
-        js = self._nc.jetstream()
-        await jetstream.ensure_stream(js, self._subjects)
-        models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket)
-        self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket)
+        models_kv = await self._ensure_state()
         # Answering before the first report: a gateway that sees this worker can ask it.
         self._stats_sub = await self._nc.subscribe(self._subjects.stats_query, cb=self._answer_stats)
         await self._publish_report()
-        self.tasks.spawn(jetstream.watch_state(self._nc, self._subjects), "worker-broker-state")
+        self.tasks.spawn(
+            recovery.reassert_after_reconnects(
+                self._nc, self._subjects, f"worker {self._options.worker_id}", self._reassert
+            ),
+            "worker-reassert",
+        )
         self.tasks.spawn(self._follow_models(models_kv), "worker-follow-models")
         self.tasks.spawn(self._heartbeat(), "worker-heartbeat")
         self.tasks.spawn(self._keep_alive(), "worker-keep-alive")
+
+    async def _ensure_state(self) -> KeyValue:
+        """The stream and buckets (any service may be the first up, or the first back after a
+        broker that lost them); the models bucket."""
+        js, storage = self._nc.jetstream(), self._options.storage
+        await jetstream.ensure_stream(js, self._subjects, storage)
+        models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket, storage)
+        self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket, storage)
+        return models_kv
+
+    async def _reassert(self, lost: bool) -> None:
+        """After a reconnect: the report at once, so the router counts this worker without
+        waiting for a heartbeat. What runs keeps running: the models follow their records
+        again (broker/mirror.py), and a record that comes back unchanged reloads nothing."""
+        await self._ensure_state()
+        await self._publish_report()
 
     async def stop(self) -> None:
         """Drain: stop pulling, finish batches in hand within the bound, then leave. Works after
@@ -267,7 +291,7 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as appliers:
                 self._appliers = appliers
-                await self._models.follow(models_kv, self._on_record)
+                await self._models.follow(models_kv, self._on_record, recovery.reconnects_of(self._nc))
         except BaseExceptionGroup as group:
             # One error reads better than a group of one in the log and the exit reason.
             if len(group.exceptions) == 1:

@@ -43,6 +43,7 @@ from gateway.stats import create_metrics_app
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
 from natron.prometheus import parse_metrics_config
 from natron.settings import (
+    CommonSettings,
     GatewaySettings,
     OrchestratorSettings,
     RouterSettings,
@@ -70,6 +71,10 @@ def drain_budget_s(shutdown_timeout_s: float) -> float:
     return max(shutdown_timeout_s - CLOSE_RESERVE_S, shutdown_timeout_s / 2)
 
 
+def storage(settings: CommonSettings) -> jetstream.Storage:
+    return jetstream.Storage(settings.jetstream_storage, settings.jetstream_replicas)
+
+
 def gateway_options(settings: GatewaySettings) -> GatewayOptions:
     return GatewayOptions(
         nats_url=settings.nats_url,
@@ -77,6 +82,7 @@ def gateway_options(settings: GatewaySettings) -> GatewayOptions:
         default_timeout_s=settings.default_timeout_s,
         max_body_bytes=settings.max_body_mb * MiB,
         strict_readiness=settings.strict_readiness,
+        storage=storage(settings),
     )
 
 
@@ -88,6 +94,7 @@ def router_options(settings: RouterSettings) -> RouterOptions:
         load_models=settings.load_model,
         upload_dir=settings.upload_dir,
         queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
+        storage=storage(settings),
     )
 
 
@@ -111,6 +118,7 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         throttle_s=throttle_s,
         cpu_threads=cpu_threads,
         model_load_threads=load_threads,
+        storage=storage(settings),
     )
 
 

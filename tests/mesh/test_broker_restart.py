@@ -1,0 +1,88 @@
+"""The broker goes away under load and comes back: no process restarts, nothing loads again,
+no answer is wrong, no request waits past its deadline, and clients are told 503 with a reason
+while the broker is away (bench/faults.py runs the same scenarios and prints their figures)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.faults import Outcome, broker_kill, broker_pause, mesh_for
+from examples.build_models import build
+
+pytestmark = pytest.mark.mesh
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("faults")
+    build(repo, ["tiny"], quiet=True)
+    return repo
+
+
+# The gateway's deadline in these meshes (bench/faults.py), and what answering at it may take.
+DEADLINE_MS = 30_000
+MARGIN_MS = 2_000
+
+
+def check_survived(outcome: Outcome) -> None:
+    print(outcome)
+    assert outcome.wrong == 0
+    assert outcome.lost == 0, "a request got no answer at all"
+    # Nothing hung: every request was answered by its deadline at the latest.
+    for phase in (outcome.before, outcome.during, outcome.after):
+        assert phase.longest_ms < DEADLINE_MS + MARGIN_MS, phase
+    assert outcome.before.ok == outcome.before.requests > 0
+    assert outcome.recovered_s is not None, "service did not come back"
+    assert outcome.after.requests > 0 and outcome.after.by_status == {"200": outcome.after.requests}
+    assert outcome.processes_restarted == []
+    assert outcome.model_reloads == 0, "the worker loaded its model again"
+    assert outcome.ready_during == 503, "the gateway said ready while it had no broker"
+
+
+def test_a_broker_killed_under_load_comes_back_empty_and_the_mesh_rebuilds_its_state(
+    repository: Path,
+) -> None:
+    """Memory storage: the queue, consumers and buckets are gone with the broker. The router
+    re-creates them and re-publishes the records, the worker its report; requests held by the
+    dead broker are answered 503 and new ones are refused at once while it is away."""
+    with mesh_for(repository) as mesh:
+        outcome = broker_kill(mesh, "broker-kill-memory")
+        check_survived(outcome)
+        # Killed, the broker closes the connections: nobody waits for a deadline.
+        assert outcome.during.longest_ms < DEADLINE_MS / 2, outcome.during
+        assert set(outcome.during.by_status) <= {"200", "503"}, outcome.during
+        assert outcome.during.by_status.get("503", 0) > 0
+        assert "lost with the broker connection" in mesh.log("gateway") or "503" in outcome.during.by_status
+        assert "re-asserted" in mesh.log("router")
+
+
+def test_with_file_storage_requests_the_broker_acknowledged_are_answered_after_it_restarts(
+    repository: Path,
+) -> None:
+    """A slow worker keeps a queue: the requests in it when the broker dies are stored, and
+    are answered once it is back, not failed."""
+    with mesh_for(repository, "--jetstream-storage", "file") as mesh:
+        mesh.processes["w0"].terminate()
+        mesh.wait_exit("w0")
+        mesh.start_worker("w0", "--jetstream-storage", "file", "--throttle-ms", "100")
+        mesh.wait_until(lambda: mesh.infer_tiny(1.0).status_code == 200, 30, "the slow worker serving")
+        outcome = broker_kill(mesh, "broker-kill-file")
+        check_survived(outcome)
+        # Stored requests waited for the broker and got their answers: some requests that
+        # began before the broker died ended with a 200 after it was back.
+        assert outcome.during.ok > 0
+        assert set(outcome.during.by_status) <= {"200", "503"}, outcome.during
+
+
+def test_a_broker_paused_past_the_heartbeat_timeout_reloads_nothing(repository: Path) -> None:
+    """SIGSTOP for 10 s, longer than the router's 6 s heartbeat timeout: the router does not
+    count the worker dead for a gap in its own view, and the worker reloads nothing. An answer
+    the worker sent before the gateway had subscribed again is lost with the old connection:
+    its request ends at its deadline (504), never later."""
+    with mesh_for(repository) as mesh:
+        outcome = broker_pause(mesh, "broker-pause-10s")
+        check_survived(outcome)
+        assert set(outcome.during.by_status) <= {"200", "503", "504"}, outcome.during
+        assert "stopped heart-beating" not in mesh.log("router")
