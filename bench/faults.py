@@ -172,13 +172,15 @@ def outcome(
 
 
 @contextmanager
-def mesh_for(repository: Path, *service_args: str) -> Iterator[Mesh]:
-    """nats-server, router, one worker and a gateway, `tiny` ready; `service_args` go to each."""
+def mesh_for(repository: Path, *service_args: str, workers: int = 1) -> Iterator[Mesh]:
+    """nats-server, router, `workers` workers (w0, w1, ...) and a gateway, `tiny` ready;
+    `service_args` go to each."""
     mesh = Mesh(repository, router_args=list(service_args))
     try:
         mesh.start_nats()
         mesh.start_router()
-        mesh.start_worker("w0", *service_args)
+        for index in range(workers):
+            mesh.start_worker(f"w{index}", *service_args)
         mesh.natron("gateway", "gateway", "--nats-url", mesh.nats_url, "--http-port", str(mesh.http_port),
                     "--http-address", "127.0.0.1", "--default-timeout-s", "30", *service_args)  # fmt: skip
         mesh.wait_ready("tiny")
@@ -272,13 +274,26 @@ def broker_pause(mesh: Mesh, scenario: str, pause_s: float = 10.0) -> Outcome:
     )
 
 
+def worker_kill(mesh: Mesh, scenario: str) -> Outcome:
+    """SIGKILL worker w1 of two: what it held comes back to the consumer after the ack wait
+    (two heartbeats), and w0 answers it."""
+
+    def kill() -> None:
+        mesh.processes["w1"].kill()
+        mesh.processes["w1"].wait()
+
+    return run_fault(mesh, scenario, kill, lambda: None, 0.0, settle_s=8.0)
+
+
 SCENARIOS: dict[str, Callable[[Path], Outcome]] = {}
 
 
-def _scenario(name: str, *service_args: str) -> Callable[[Callable[[Mesh, str], Outcome]], None]:
+def _scenario(
+    name: str, *service_args: str, workers: int = 1
+) -> Callable[[Callable[[Mesh, str], Outcome]], None]:
     def register(run: Callable[[Mesh, str], Outcome]) -> None:
         def scenario(repository: Path) -> Outcome:
-            with mesh_for(repository, *service_args) as mesh:
+            with mesh_for(repository, *service_args, workers=workers) as mesh:
                 return run(mesh, name)
 
         SCENARIOS[name] = scenario
@@ -289,6 +304,7 @@ def _scenario(name: str, *service_args: str) -> Callable[[Callable[[Mesh, str], 
 _scenario("broker-kill-memory")(broker_kill)
 _scenario("broker-kill-file", "--jetstream-storage", "file")(broker_kill)
 _scenario("broker-pause-10s")(broker_pause)
+_scenario("worker-kill", workers=2)(worker_kill)
 
 
 # -- the report ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import Outcome, broker_kill, broker_pause, mesh_for
+from bench.faults import Outcome, broker_kill, broker_pause, mesh_for, worker_kill
 from examples.build_models import build
 
 pytestmark = pytest.mark.mesh
@@ -86,3 +86,17 @@ def test_a_broker_paused_past_the_heartbeat_timeout_reloads_nothing(repository: 
         check_survived(outcome)
         assert set(outcome.during.by_status) <= {"200", "503", "504"}, outcome.during
         assert "stopped heart-beating" not in mesh.log("router")
+
+
+def test_a_killed_workers_requests_are_answered_by_another_within_the_ack_wait(repository: Path) -> None:
+    """Two workers; one is SIGKILLed under load. The requests it held come back after the ack
+    wait (two heartbeats, 4 s: the survivor keeps its own alive every third of it), not after
+    the 10 s it used to be; none is lost or answered wrong."""
+    with mesh_for(repository, workers=2) as mesh:
+        outcome = worker_kill(mesh, "worker-kill")
+        print(outcome)
+        assert outcome.wrong == outcome.lost == 0
+        for phase in (outcome.before, outcome.during, outcome.after):
+            assert set(phase.by_status) == {"200"}, phase
+        assert outcome.during.longest_ms < 8_000, outcome.during
+        assert outcome.processes_restarted == ["w1"]
