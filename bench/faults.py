@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         build(repository, ["tiny"], quiet=True)
         for name in args.only or list(SCENARIOS):
             outcomes.append(SCENARIOS[name](repository))
-    Console().print(table(outcomes))
+    Console(width=240).print(table(outcomes))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"faults-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.write_text(json.dumps([asdict(o) for o in outcomes], indent=2))

@@ -72,6 +72,11 @@ class _Pending:
     epoch: int = 0  # the connection's reconnect count when it was made
 
 
+def _fail_unless_done(future: asyncio.Future[InferResponse], error: NatronError) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 @dataclass(slots=True)
 class _Batch:
     """The requests for one model version gathered in one turn of the event loop."""
@@ -157,6 +162,19 @@ class Requester:
                 stream.queue.put_nowait((error, True))
                 ended += 1
         return ended
+
+    def bound_in_flight(self, before: int, within_s: float, error: NatronError) -> int:
+        """Requests the broker took before reconnect `before` end with `error` unless answered
+        within `within_s`: an answer a worker sent while this connection was down went nowhere
+        (core NATS keeps nothing for a subscriber that is not there), so it may never come.
+        How many are bounded."""
+        loop = asyncio.get_running_loop()
+        bounded = 0
+        for pending in [*self._pending.values(), *(p for b in self._batches.values() for p in b.pendings)]:
+            if not pending.future.done() and pending.queued and pending.epoch < before:
+                loop.call_later(within_s, _fail_unless_done, pending.future, error)
+                bounded += 1
+        return bounded
 
     async def __aenter__(self) -> Requester:
         await self.start()

@@ -136,6 +136,11 @@ async def _fleet_view_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[FLEET].stop()
 
 
+# A request the broker took before a reconnect is answered within this long after it, or
+# given up with 503: its answer may have been sent while this gateway was away.
+ANSWER_AFTER_RECONNECT_S = 10.0
+
+
 async def _reassert(app: web.Application, lost: bool) -> None:
     """After a reconnect: the stream and buckets (this gateway may be the first service back
     after a broker that lost them); the views watch again by themselves. When the broker lost
@@ -153,9 +158,17 @@ async def _reassert(app: web.Application, lost: bool) -> None:
             Unavailable("the broker restarted without its queue, and this request with it; retry")
         )
     else:
-        ended = app[REQUESTER].fail_in_flight(
+        requester, epoch = app[REQUESTER], recovery.reconnects_of(app[NATS]).count
+        ended = requester.fail_in_flight(
             Unavailable("the connection to the broker broke before it took this request; retry"),
-            unqueued_before=recovery.reconnects_of(app[NATS]).count,
+            unqueued_before=epoch,
+        )
+        requester.bound_in_flight(
+            epoch,
+            ANSWER_AFTER_RECONNECT_S,
+            Unavailable(
+                "the connection to the broker broke while this request ran; its answer may be lost; retry"
+            ),
         )
     if ended:
         log.warning("%d request(s) in flight were lost with the broker connection: answered 503", ended)

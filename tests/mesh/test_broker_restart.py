@@ -80,11 +80,11 @@ def test_a_broker_paused_past_the_heartbeat_timeout_reloads_nothing(repository: 
     """SIGSTOP for 10 s, longer than the router's 6 s heartbeat timeout: the router does not
     count the worker dead for a gap in its own view, and the worker reloads nothing. An answer
     the worker sent before the gateway had subscribed again is lost with the old connection:
-    its request ends at its deadline (504), never later."""
+    its request gets 503 at most 10 s after the reconnect, not a 504 at its deadline."""
     with mesh_for(repository) as mesh:
         outcome = broker_pause(mesh, "broker-pause-10s")
         check_survived(outcome)
-        assert set(outcome.during.by_status) <= {"200", "503", "504"}, outcome.during
+        assert set(outcome.during.by_status) <= {"200", "503"}, outcome.during
         assert "stopped heart-beating" not in mesh.log("router")
 
 
