@@ -96,6 +96,12 @@ class Subjects:
         return (self.stream, f"KV_{self.models_bucket}", f"KV_{self.workers_bucket}")
 
     @property
+    def files_bucket(self) -> str:
+        """Object store: model versions' files by content, and their manifests
+        (broker/objects.py; written by the router and `natron push`, read by workers)."""
+        return f"{self.prefix}_files"
+
+    @property
     def shm_bucket(self) -> str:
         """System shared memory registrations of the gateways, keyed by host and region name."""
         return f"{self.prefix}_shm"

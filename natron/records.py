@@ -63,6 +63,9 @@ class ModelRecord:
     serving_config: dict[str, Any] | None = None
     # Why the last load of this model failed while this record served on; "" when it did not.
     failure: str = ""
+    # version -> digest of its files in the model store (broker/objects.py); empty when the
+    # router does not publish them. Part of the generation: other contents, another load.
+    digests: dict[str, str] = field(default_factory=dict)
 
     def presented_config(self) -> dict[str, Any] | None:
         """The config clients see: the serving one while a load is under way."""
@@ -71,7 +74,8 @@ class ModelRecord:
     def compute_generation(self) -> str:
         digest = hashlib.sha256(
             orjson.dumps(
-                [self.path, self.config, sorted(self.versions), self.files], option=orjson.OPT_SORT_KEYS
+                [self.path, self.config, sorted(self.versions), self.files, self.digests],
+                option=orjson.OPT_SORT_KEYS,
             )
         )
         return digest.hexdigest()[:16]
@@ -90,6 +94,7 @@ class ModelRecord:
                 "files": self.files,
                 "serving_config": self.serving_config,
                 "failure": self.failure,
+                "digests": self.digests,
             }
         )
 
@@ -108,6 +113,7 @@ class ModelRecord:
             files=raw.get("files", ""),
             serving_config=raw.get("serving_config"),
             failure=raw.get("failure", ""),
+            digests=raw.get("digests", {}),
         )
 
     def settled(self) -> bool:

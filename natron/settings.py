@@ -45,6 +45,10 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 # Triton's --log-format: "default" is natron's own line, ISO8601 stamps it in UTC as Triton does.
 LogFormat = Literal["default", "ISO8601"]
 StorageKind = Literal["memory", "file"]
+# The model store (broker/objects.py): where the router publishes each version's files, and
+# where a worker takes them from (workers/model_cache.py).
+ModelFilesStore = Literal["off", "memory", "file"]
+ModelFilesMode = Literal["auto", "path", "store"]
 ControlMode = Literal["none", "poll", "explicit"]
 
 # What tritonserver calls a setting that natron names otherwise: the command line takes both
@@ -184,9 +188,8 @@ class CommonSettings(_Storage, _Base):
     ] = "memory"
 
 
-class _Repository(BaseSettings):
-    """The model repositories and how their models are loaded: `natron serve`'s and the
-    router's alike, as the router is the one that scans them."""
+class _Repositories(BaseSettings):
+    """Model repositories: the router's, `natron serve`'s and `natron push`'s."""
 
     model_config = _CONFIG
 
@@ -199,6 +202,23 @@ class _Repository(BaseSettings):
         Field(min_length=1, description="a Triton model repository (repeatable)"),
         AfterValidator(_directories),
     ]
+
+    @field_validator("model_repository", mode="before")
+    @classmethod
+    def _repositories(cls, value: object) -> object:
+        if isinstance(value, Path):
+            return (value,)
+        if isinstance(value, str):
+            return tuple(Path(part.strip()) for part in value.split(",") if part.strip())
+        return value
+
+
+class _Repository(_Repositories):
+    """The model repositories and how their models are loaded: `natron serve`'s and the
+    router's alike, as the router is the one that scans them."""
+
+    model_config = _CONFIG
+
     model_control_mode: Annotated[
         ControlMode, Field(description="none (load all, fixed), poll (follow changes), explicit")
     ] = "none"
@@ -218,15 +238,6 @@ class _Repository(BaseSettings):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
-        return value
-
-    @field_validator("model_repository", mode="before")
-    @classmethod
-    def _repositories(cls, value: object) -> object:
-        if isinstance(value, Path):
-            return (value,)
-        if isinstance(value, str):
-            return tuple(Path(part.strip()) for part in value.split(",") if part.strip())
         return value
 
 
@@ -330,6 +341,13 @@ class RouterSettings(_Queues, _Repository, CommonSettings):
     command: ClassVar[str] = "router"
 
     metrics_port: Annotated[Port, Field(description="the router's own metrics; 0: none")] = 0
+    model_files_store: Annotated[
+        ModelFilesStore,
+        Field(
+            description="publish each version's files to the model store with this storage, for workers "
+            "without the repository; off: workers read the repository's folders"
+        ),
+    ] = "file"
 
 
 class WorkerSettings(_Compute, _Drain, CommonSettings):
@@ -344,6 +362,19 @@ class WorkerSettings(_Compute, _Drain, CommonSettings):
         Field(description="'cpu', 'gpu:N' or 'gpu:<UUID>' (GPU or MIG slice)"),
     ] = "cpu"
     metrics_port: Annotated[Port, Field(description="this worker's own metrics; 0: none")] = 0
+    model_files: Annotated[
+        ModelFilesMode,
+        Field(
+            description="where a version's files come from: auto (the repository's folder where this host "
+            "has it, else the model store), path (the folder only), store (the store only)"
+        ),
+    ] = "auto"
+    model_cache_dir: Annotated[
+        Path | None, Field(description="the model store's files on this host (default: a temp dir)")
+    ] = None
+    model_cache_gb: Annotated[
+        float, Field(gt=0, description="bound of the model cache (GiB); versions in use are never evicted")
+    ] = 32.0
 
 
 class OrchestratorSettings(_Drain, CommonSettings):
@@ -392,10 +423,30 @@ class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Storage, _B
     ] = 120.0
 
 
-RoleSettings = GatewaySettings | RouterSettings | WorkerSettings | OrchestratorSettings | ServeSettings
+class PushSettings(_Repositories, CommonSettings):
+    """`natron push REPO`: a repository's model files into the model store, as a router
+    publishes them."""
+
+    command: ClassVar[str] = "push"
+
+    model_files_store: Annotated[
+        StorageKind, Field(description="storage of the model store's bucket, when this makes it")
+    ] = "file"
+
+
+RoleSettings = (
+    GatewaySettings | RouterSettings | WorkerSettings | OrchestratorSettings | ServeSettings | PushSettings
+)
 ROLES: dict[str, type[RoleSettings]] = {
     model.command: model
-    for model in (ServeSettings, GatewaySettings, RouterSettings, WorkerSettings, OrchestratorSettings)
+    for model in (
+        ServeSettings,
+        GatewaySettings,
+        RouterSettings,
+        WorkerSettings,
+        OrchestratorSettings,
+        PushSettings,
+    )
 }
 
 S = TypeVar("S", bound=_Base)

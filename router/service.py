@@ -41,6 +41,7 @@ from nats.js.kv import KeyValue
 
 from broker import jetstream, recovery
 from broker.mirror import BucketMirror
+from broker.objects import ModelFiles, StoreKind
 from broker.subjects import Subjects, check_name
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 from natron.records import UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
@@ -71,6 +72,10 @@ class RouterOptions:
     upload_dir: Path | None = None  # uploaded model files; None: a temporary folder
     queue: jetstream.QueuePolicy = field(default_factory=jetstream.QueuePolicy)
     storage: jetstream.Storage = field(default_factory=jetstream.Storage)
+    # Publish each served version's files to the model store (broker/objects.py), a bucket
+    # with this storage, so that workers without the repository load them; None: workers read
+    # the repository's folders.
+    model_store: StoreKind | None = None
 
     def __post_init__(self) -> None:
         if not self.repositories:
@@ -136,6 +141,7 @@ class Router:
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
         self._upload_tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._files = ModelFiles(nc, subjects.files_bucket) if options.model_store is not None else None
 
     @property
     def records(self) -> dict[str, ModelRecord]:
@@ -169,6 +175,7 @@ class Router:
         previous = await self._read_published()
         records = await asyncio.to_thread(scan_repositories, self._options.repositories)
         loaded = self._initially_loaded({r.name for r in records}, previous)
+        await self._push_files([record for record in records if record.name in loaded])
         for record in records:
             if record.name not in loaded:
                 was = previous.get(record.name)
@@ -203,6 +210,8 @@ class Router:
         await jetstream.configure_stream(js, self._subjects, self._options.queue, storage)
         self._models_kv = await jetstream.ensure_bucket(js, self._subjects.models_bucket, storage)
         self._workers_kv = await jetstream.ensure_bucket(js, self._subjects.workers_bucket, storage)
+        if self._files is not None and self._options.model_store is not None:
+            await self._files.ensure_bucket(self._options.model_store, storage.replicas)
 
     async def _reassert(self, lost: bool) -> None:
         """After a reconnect: the stream, the buckets, every consumer and every record again (a
@@ -210,6 +219,9 @@ class Router:
         workers get a fresh heartbeat window: a gap in the broker is no sign of their death."""
         js = self._nc.jetstream()
         await self._ensure_state(js)
+        if lost:
+            # The model store went with the rest: the same files, the same digests, published again.
+            await self._push_files(list(self._records.values()))
         now = asyncio.get_running_loop().time()
         for worker_id in self._last_seen_s:
             self._last_seen_s[worker_id] = now
@@ -458,6 +470,7 @@ class Router:
     async def rescan(self) -> None:
         """Pick up added, removed and changed models and version folders."""
         scanned = await asyncio.to_thread(scan_repositories, self._options.repositories)
+        await self._push_files(scanned)
         sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in scanned})
         async with self._lock:
             names = {r.name for r in scanned}
@@ -478,6 +491,24 @@ class Router:
                 if attempt.error is not None and attempt.serving is not None:
                     log.warning("%s; the previous model serves on", attempt.error.message)
             await self._publish()
+
+    async def _push_files(self, records: list[ModelRecord]) -> None:
+        """Publish the files of each record's versions to the model store before the record:
+        their digests are part of its generation. Files that cannot be published (over the
+        limits, unreadable) make the model UNAVAILABLE with the reason, as a broken config
+        does; the store away raises Unavailable (a poll tries again, a load answers 503)."""
+        if self._files is None:
+            return
+        for record in records:
+            if record.reason or record.config is None:
+                continue
+            versions = sorted(record.versions, key=int)
+            try:
+                record.digests = await self._files.push_versions(record.name, Path(record.path), versions)
+            except InvalidArgument as exc:
+                record.reason = f"model files not published: {exc.message}"
+                record.versions = {v: VersionState(UNAVAILABLE, record.reason) for v in versions}
+            record.generation = record.compute_generation()
 
     # -- loads under way -----------------------------------------------------------------------
 
@@ -603,6 +634,7 @@ class Router:
         # A name in several repositories scans as UNAVAILABLE with the reason, refused below
         # as a broken config is.
         record = await asyncio.to_thread(scan_folders, name, folders, override)
+        await self._push_files([record])
         size = await asyncio.to_thread(model_size_bytes, record)
         async with self._lock:
             attempt = self._begin(record, size)

@@ -60,6 +60,7 @@ from natron.tracing import ProcessSpans
 from workers.backends import LOADERS, AnyBackend, BackendContext, Loader, load_backend
 from workers.devices import Device
 from workers.instance import ModelInstance
+from workers.model_cache import DEFAULT_CACHE_BYTES, LocalVersion, ModelFilesMode, WorkerModelFiles
 from workers.telemetry import GpuTelemetry
 from workers.warmup import run_warmup
 
@@ -101,6 +102,12 @@ class WorkerOptions:
     # Model versions loading at once (Triton's --model-load-thread-count): each holds a thread
     # of the event loop's default executor while its backends load and warm up.
     model_load_threads: int = 4
+    # Where a version's files come from (workers/model_cache.py): "path", the record's folder;
+    # "auto", that folder where this host has it, else the model store through the cache;
+    # "store", the store only. `natron worker` says "auto".
+    model_files: ModelFilesMode = "path"
+    model_cache_dir: Path | None = None  # None: a temporary folder, removed on stop
+    model_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         if self.model_load_threads < 1:
@@ -114,6 +121,8 @@ class _LoadedVersion:
     instances: list[ModelInstance] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     cancel_sub: Subscription | None = None
+    # The folder its instances were loaded from, pinned in the model cache until they are gone.
+    files: LocalVersion | None = None
 
 
 @dataclass(slots=True)
@@ -202,6 +211,9 @@ class Worker:
         # Loads given up whose threads still run: what they open is closed when they end.
         self._given_up: set[asyncio.Task[None]] = set()
         self._telemetry = GpuTelemetry(options.device)
+        self._files = WorkerModelFiles(
+            nc, subjects.files_bucket, options.model_files, options.model_cache_dir, options.model_cache_bytes
+        )
         self._context = BackendContext(
             device=options.device,
             nats_url=options.nats_url,
@@ -227,10 +239,12 @@ class Worker:
         return [i for loaded in self._loaded.values() for i in loaded.instances]
 
     async def start(self) -> None:
+        await self._files.start()
         models_kv = await self._ensure_state()
         # Answering before the first report: a gateway that sees this worker can ask it.
         self._stats_sub = await self._nc.subscribe(self._subjects.stats_query, cb=self._answer_stats)
-        await self._publish_report()
+        # A bucket just made on a cluster may not have a leader yet: the heartbeat retries.
+        await self._try_publish_report()
         self.tasks.spawn(
             recovery.reassert_after_reconnects(
                 self._nc, self._subjects, f"worker {self._options.worker_id}", self._reassert
@@ -281,6 +295,7 @@ class Worker:
                 await self._stats_sub.unsubscribe()
             self._stats_sub = None
         self._telemetry.close()
+        await self._files.close()
 
     # -- following the repository ------------------------------------------------------------
 
@@ -443,11 +458,16 @@ class Worker:
         self, record: ModelRecord, config: cfg.ModelConfig, version: str, count: int
     ) -> None:
         spec = ModelSpec.from_config(config)
-        version_dir = Path(record.path) / version
-        backends = await self._open_backends(
-            f"model '{record.name}' version {version}", config, spec, version_dir, count
-        )
-        loaded = _LoadedVersion()
+        digest = record.digests.get(version, "")
+        files = await self._files.version_dir(record.name, record.path, version, digest)
+        try:
+            backends = await self._open_backends(
+                f"model '{record.name}' version {version}", config, spec, files.path, count
+            )
+        except BaseException:
+            files.release()
+            raise
+        loaded = _LoadedVersion(files=files)
 
         # Cancellations (clients gone) reach every instance of the version on this worker.
         async def on_cancel(msg: Msg) -> None:
@@ -571,6 +591,8 @@ class Worker:
             )
         for instance in loaded.instances:
             await asyncio.to_thread(instance.release)
+        if loaded.files is not None:
+            loaded.files.release()
 
     # -- reporting ---------------------------------------------------------------------------
 

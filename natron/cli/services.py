@@ -56,6 +56,7 @@ from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
 from workers.devices import CPU, Device, pick_device
 from workers.metrics import worker_metrics_app
+from workers.model_cache import DEFAULT_CACHE_BYTES, ModelFilesMode
 from workers.service import Worker, WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def router_options(settings: RouterSettings) -> RouterOptions:
         upload_dir=settings.upload_dir,
         queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
         storage=storage(settings),
+        model_store=None if settings.model_files_store == "off" else settings.model_files_store,
     )
 
 
@@ -105,10 +107,15 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
     # An orchestrator's loads (ensembles) are quick: it loads as many at once as a worker does
     # by default.
     load_threads: int = WorkerSettings.model_fields["model_load_thread_count"].default
+    # An orchestrator's ensembles have no files to fetch.
+    model_files: ModelFilesMode = "path"
+    cache_dir, cache_bytes = None, DEFAULT_CACHE_BYTES
     if isinstance(settings, WorkerSettings):
         device = pick_device(settings.device)
         throttle_s, cpu_threads = settings.throttle_ms / 1000, settings.cpu_threads
         load_threads = settings.model_load_thread_count
+        model_files, cache_dir = settings.model_files, settings.model_cache_dir
+        cache_bytes = int(settings.model_cache_gb * 1024 * MiB)
     return WorkerOptions(
         worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
@@ -119,6 +126,9 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         cpu_threads=cpu_threads,
         model_load_threads=load_threads,
         storage=storage(settings),
+        model_files=model_files,
+        model_cache_dir=cache_dir,
+        model_cache_bytes=cache_bytes,
     )
 
 

@@ -366,7 +366,7 @@ def test_a_boolean_in_none_of_the_accepted_spellings_is_refused(
     [
         ("worker", "--http-port", "natron serve and natron gateway"),
         ("gateway", "--backend-config", "natron serve and natron worker"),
-        ("gateway", "--model-repository", "natron serve and natron router"),
+        ("gateway", "--model-repository", "natron serve, natron router and natron push"),
         ("router", "--allow-metrics", "natron serve and natron gateway"),
         ("ensemble", "--model-load-thread-count", "natron serve and natron worker"),
         ("worker", "--strict-readiness", "natron serve and natron gateway"),

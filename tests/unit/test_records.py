@@ -52,7 +52,7 @@ def test_a_model_record_from_an_older_router_takes_defaults_for_what_it_lacks() 
     record = ModelRecord.from_json(orjson.dumps(minimal))
     assert record.versions == {"1": VersionState(LOADING, "")}
     assert (record.reason, record.generation, record.placement, record.files) == ("", "", {}, "")
-    assert (record.serving_config, record.failure) == (None, "")
+    assert (record.serving_config, record.failure, record.digests) == (None, "", {})
 
 
 def test_the_generation_changes_with_what_a_worker_loads_and_only_with_that() -> None:
@@ -66,6 +66,7 @@ def test_the_generation_changes_with_what_a_worker_loads_and_only_with_that() ->
     assert record.compute_generation() == before  # states, placement, what serves: no reload
     for change in (
         lambda r: setattr(r, "files", "other"),
+        lambda r: setattr(r, "digests", {"1": "a" * 64}),
         lambda r: setattr(r, "path", "/elsewhere"),
         lambda r: r.config.update(max_batch_size=4),
         lambda r: r.versions.update({"3": VersionState(LOADING)}),
