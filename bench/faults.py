@@ -15,7 +15,9 @@ prints the figures for docs/reliability.md and writes them as JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import random
 import signal
 import tempfile
@@ -26,12 +28,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import nats
 import requests
 from rich.console import Console
 from rich.table import Table
 
+from broker.subjects import Subjects
 from examples.build_models import build
-from tests.harness import Mesh
+from tests.harness import Mesh, Served, child_processes, natron_serve
 
 # A request with no answer within this long counts as lost (the gateway's deadline is 30 s).
 CLIENT_TIMEOUT_S = 40.0
@@ -285,6 +289,80 @@ def worker_kill(mesh: Mesh, scenario: str) -> Outcome:
     return run_fault(mesh, scenario, kill, lambda: None, 0.0, settle_s=8.0)
 
 
+def serve_fault(served: Served, scenario: str, fault: Callable[[], None], fault_s: float) -> Outcome:
+    """As `run_fault`, against `natron serve`: no heal (serve's supervision is the heal)."""
+    services = [pid for pid, cmd in child_processes(served.pid) if " natron " in cmd]
+    load = Load(served.url)
+    load.start()
+    try:
+        time.sleep(2.0)
+        loads = served.output.read_text().count("model 'tiny' version 1 ready")
+        fault_start = time.monotonic()
+        fault()
+        time.sleep(fault_s * 0.8)
+        try:
+            ready_during = requests.get(f"{served.url}/v2/health/ready", timeout=2).status_code
+        except requests.RequestException:
+            ready_during = 0
+        time.sleep(fault_s * 0.2)
+        fault_end = time.monotonic()
+        recovered_at = load.first_ok_after(fault_end, 60.0)
+        time.sleep(4.0)
+    finally:
+        samples = load.stop()
+    now = [pid for pid, cmd in child_processes(served.pid) if " natron " in cmd]
+    before, during, after, recovered = outcome(scenario, samples, fault_start, fault_end, recovered_at)
+    return Outcome(
+        scenario,
+        round(fault_end - fault_start, 2),
+        recovered,
+        before,
+        during,
+        after,
+        ["a natron service"] if now != services else [],
+        served.output.read_text().count("model 'tiny' version 1 ready") - loads,
+        ready_during,
+    )
+
+
+def cluster_node_kill(served: Served, scenario: str) -> Outcome:
+    """`natron serve --nats-cluster 3`: SIGKILL the node that leads the inference stream (the
+    hard case: a leader election, and every connection to that node moves); serve starts it
+    again."""
+    first_port = int(served.nats_url.rsplit(":", 1)[1])
+    port = first_port + asyncio.run(_stream_leader(served.nats_url, first_port))
+
+    def kill() -> None:
+        for pid, cmd in child_processes(served.pid):
+            if "nats-server" in cmd and _node_port(pid) == port:
+                os.kill(pid, signal.SIGKILL)
+                return
+        raise RuntimeError(f"no nats-server of natron serve on port {port}")
+
+    return serve_fault(served, scenario, kill, 3.0)
+
+
+async def _stream_leader(nats_url: str, first_port: int) -> int:
+    """The index of the node leading the inference stream (nodes are named natron-<index>)."""
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(Subjects().stream)
+        assert info.cluster is not None and info.cluster.leader is not None
+        return int(info.cluster.leader.rsplit("-", 1)[1])
+    finally:
+        await nc.close()
+
+
+def _node_port(pid: int) -> int | None:
+    """The client port of the nats-server `pid`, from the config file it was started with."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    conf = Path(args[args.index(b"-c") + 1].decode())
+    for line in conf.read_text().splitlines():
+        if line.startswith("listen:"):
+            return int(line.rsplit(":", 1)[1].strip().strip('"'))
+    return None
+
+
 SCENARIOS: dict[str, Callable[[Path], Outcome]] = {}
 
 
@@ -305,6 +383,15 @@ _scenario("broker-kill-memory")(broker_kill)
 _scenario("broker-kill-file", "--jetstream-storage", "file")(broker_kill)
 _scenario("broker-pause-10s")(broker_pause)
 _scenario("worker-kill", workers=2)(worker_kill)
+
+
+def _cluster_scenario(repository: Path) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="natron-faults-serve-") as logs:
+        with natron_serve(repository, ["tiny"], Path(logs), ("--nats-cluster", "3")) as served:
+            return cluster_node_kill(served, "cluster-node-kill")
+
+
+SCENARIOS["cluster-node-kill"] = _cluster_scenario
 
 
 # -- the report ----------------------------------------------------------------------------------

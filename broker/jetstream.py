@@ -70,6 +70,10 @@ class Storage:
 # 4.5 s, before the router's heartbeat timeout, instead of after nats-py's default 4 minutes.
 PING_INTERVAL_S = 1.5
 MAX_OUTSTANDING_PINGS = 2
+# A publish that finds nats-py's buffer full waits for the socket to take it, and without a
+# bound for ever: a node that stopped reading (a cluster peer dying) would hold requests past
+# their deadlines. After this it returns; the bytes stay buffered and go out when they can.
+FLUSH_TIMEOUT_S = 2.0
 
 
 def server_urls(url: str) -> list[str]:
@@ -109,6 +113,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
         allow_reconnect=True,
         ping_interval=PING_INTERVAL_S,
         max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+        flush_timeout=FLUSH_TIMEOUT_S,
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,

@@ -260,6 +260,12 @@ def decode_batch_reply(msg: Msg) -> list[tuple[int, InferResponse | NatronError]
         return InternalError(f"undecodable response: {exc}")
 
 
+def nobody_stored(msg: Msg) -> bool:
+    """JetStream's answer to a publish says no server took it (no stream, or none with a leader
+    now)."""
+    return bool(msg.headers) and msg.headers.get("Status") == _NO_RESPONDERS  # type: ignore[union-attr]
+
+
 def publish_ack_error(msg: Msg, model: str, version: str) -> NatronError | None:
     """The error in JetStream's answer to a publish, or None when the request is queued."""
     headers = msg.headers or {}

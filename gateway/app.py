@@ -30,7 +30,7 @@ from gateway.keys import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
-from natron.errors import InvalidArgument, Unavailable
+from natron.errors import InvalidArgument
 from natron.tasks import EssentialTasks
 
 log = logging.getLogger(__name__)
@@ -136,16 +136,16 @@ async def _fleet_view_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[FLEET].stop()
 
 
-# A request the broker took before a reconnect is answered within this long after it, or
-# given up with 503: its answer may have been sent while this gateway was away.
+# A request the broker kept across a reconnect is answered within this long after it, or given
+# up with 503: its answer may have been sent while this gateway was away.
 ANSWER_AFTER_RECONNECT_S = 10.0
 
 
 async def _reassert(app: web.Application, lost: bool) -> None:
     """After a reconnect: the stream and buckets (this gateway may be the first service back
-    after a broker that lost them); the views watch again by themselves. When the broker lost
-    its state, the requests it held are gone: their callers get 503 now, not a 504 at their
-    deadline."""
+    after a broker that lost them); the views watch again by themselves. Requests the broker
+    never took, or forgot with its state, are published again; none waits for its deadline
+    for an answer that cannot come (broker/requester.py, recover_in_flight)."""
     options, js = app[OPTIONS], app[NATS].jetstream()
     await jetstream.ensure_stream(js, options.subjects, options.storage)
     subjects = options.subjects
@@ -153,25 +153,13 @@ async def _reassert(app: web.Application, lost: bool) -> None:
         await jetstream.ensure_bucket(js, bucket, options.storage)
     if REQUESTER not in app:
         return
-    if lost:
-        ended = app[REQUESTER].fail_in_flight(
-            Unavailable("the broker restarted without its queue, and this request with it; retry")
+    resent, ended = await app[REQUESTER].recover_in_flight(
+        recovery.reconnects_of(app[NATS]).count, lost, ANSWER_AFTER_RECONNECT_S
+    )
+    if resent or ended:
+        log.warning(
+            "after the reconnect: %d request(s) published again, %d stream(s) ended with 503", resent, ended
         )
-    else:
-        requester, epoch = app[REQUESTER], recovery.reconnects_of(app[NATS]).count
-        ended = requester.fail_in_flight(
-            Unavailable("the connection to the broker broke before it took this request; retry"),
-            unqueued_before=epoch,
-        )
-        requester.bound_in_flight(
-            epoch,
-            ANSWER_AFTER_RECONNECT_S,
-            Unavailable(
-                "the connection to the broker broke while this request ran; its answer may be lost; retry"
-            ),
-        )
-    if ended:
-        log.warning("%d request(s) in flight were lost with the broker connection: answered 503", ended)
 
 
 async def _broker_state_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -94,6 +94,7 @@ class Served:
     output: Path
     repository: Path
     grpc_url: str  # 127.0.0.1:port, as tritonclient.grpc wants it
+    pid: int = 0  # the natron serve process
 
 
 def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -115,6 +116,22 @@ def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], t
         wait_until(ready, timeout_s, "natron serve ready", 0.2)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; models not ready: {pending}") from None
+
+
+def child_processes(parent: int) -> list[tuple[int, str]]:
+    """The live children of `parent`, with their command lines (arguments joined by spaces)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[1]) == parent and stat[0] != "Z":
+            children.append((int(entry.name), cmd))
+    return sorted(children)
 
 
 @contextlib.contextmanager
@@ -149,6 +166,7 @@ def natron_serve(
                 output,
                 repository,
                 f"127.0.0.1:{grpc_port}",
+                process.pid,
             )
         except BaseException:
             print(output.read_text(errors="replace")[-8000:])

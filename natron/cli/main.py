@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
+from broker.server import BrokerPortInUse
 from natron.cli import triton_flags
 from natron.logsettings import ISO8601_DATEFMT
 from natron.settings import (
@@ -35,6 +36,7 @@ from natron.settings import (
     TRITON_SPELLINGS,
     GatewaySettings,
     OrchestratorSettings,
+    PushSettings,
     RoleSettings,
     RouterSettings,
     SettingsError,
@@ -53,6 +55,7 @@ _METAVARS = {
     "load_model": "NAME",
     "model_repository": "DIR",
     "upload_dir": "DIR",
+    "model_cache_dir": "DIR",
     "metrics_config": "SETTING=VALUE",
 }
 
@@ -62,6 +65,7 @@ _HELP = {
     "router": "the control plane alone",
     "worker": "one worker process alone",
     "ensemble": "the ensemble orchestrator alone",
+    "push": "put a model repository's files in the model store, for workers without it",
 }
 
 
@@ -254,6 +258,9 @@ def _run(
         except ServiceFailed as exc:
             log.error("%s; exiting with status 1 (a supervisor restarts this service)", exc)
             code = 1
+        except BrokerPortInUse as exc:  # a refusal to explain, not a crash to trace
+            log.error("%s", exc)
+            code = 1
         except Exception:
             log.exception("failed; exiting with status 1")
             code = 1
@@ -368,6 +375,19 @@ def main(argv: list[str] | None = None) -> None:
         from natron.cli.services import run_worker
 
         service = functools.partial(run_worker, settings)
+    elif isinstance(settings, PushSettings):
+        from broker.subjects import Subjects
+        from natron.cli.push import run_push
+
+        files_bucket = Subjects(settings.prefix).files_bucket
+        service = functools.partial(
+            run_push,
+            settings.nats_url,
+            files_bucket,
+            settings.model_repository,
+            settings.model_files_store,
+            settings.jetstream_replicas,
+        )
     else:
         from natron.cli.serve import serve, stop_bound_s
 

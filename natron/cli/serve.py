@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from broker import jetstream
+from broker.cluster import EmbeddedNatsCluster
 from broker.mirror import BucketMirror
 from broker.server import EmbeddedNatsServer, ServerOptions
 from broker.subjects import Subjects, check_name
@@ -34,6 +35,7 @@ from natron.settings import (
     RoleSettings,
     RouterSettings,
     ServeSettings,
+    StorageKind,
     WorkerSettings,
     exactly,
     settings_json,
@@ -193,8 +195,11 @@ def plan_children(
     this process's NATRON_* variables: those were read once, into `settings`, and a worker
     must not pick up, say, NATRON_METRICS_PORT meant for the gateway. With --http-workers
     above 1, the gateways share `gateway_metrics_dir` (see `gateway_children`)."""
+    kind, replicas = storage_of(settings)
     common = {
         "nats_url": nats_url,
+        "jetstream_storage": kind,
+        "jetstream_replicas": replicas,
         "prefix": settings.prefix,
         "log_level": settings.log_level,
         "log_format": settings.log_format,
@@ -215,6 +220,9 @@ def plan_children(
                     "load_model": settings.load_model,
                     "upload_dir": settings.upload_dir,
                     "ack_wait_s": settings.ack_wait_s,
+                    # One box: its workers read the repository where it is, so the router
+                    # does not copy every model into the broker as well.
+                    "model_files_store": "off",
                 },
             ),
         )
@@ -224,6 +232,7 @@ def plan_children(
         **drain,
         "throttle_ms": settings.throttle_ms,
         "model_load_thread_count": settings.model_load_thread_count,
+        "model_files": "path",  # the repository is on this box (and the router publishes none)
     }
     if gpus:
         # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
@@ -281,6 +290,47 @@ def plan_children(
 
 # The embedded nats-server gets this long to stop after the children, then it is killed.
 NATS_STOP_TIMEOUT_S = 3.0
+# A nats-server that keeps dying is started again after at most this long.
+NATS_MAX_BACKOFF_S = 5.0
+
+
+def storage_of(settings: ServeSettings) -> tuple[StorageKind, int]:
+    """The mesh's JetStream storage: file where a directory is given for it (or asked), memory
+    otherwise; replicas as asked, or one per embedded node up to 3."""
+    kind: StorageKind = settings.jetstream_storage or ("file" if settings.jetstream_dir else "memory")
+    replicas = settings.jetstream_replicas
+    if replicas == 1 and settings.nats_url is None and settings.nats_cluster > 1:
+        replicas = min(3, settings.nats_cluster)
+    return kind, replicas
+
+
+async def supervise_broker(server: EmbeddedNatsServer, stop: asyncio.Event) -> None:
+    """Start the embedded nats-server again whenever it exits before `stop`, on the same port
+    and store, logging why; backing off while it keeps failing. The services reconnect by
+    themselves and re-assert their state (broker/recovery.py)."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    while not stop.is_set():
+        started_s = loop.time()
+        code = await server.wait_exit()
+        if stop.is_set():
+            return
+        if loop.time() - started_s > 30:
+            failures = 0
+        backoff_s = 0.0 if failures == 0 else min(NATS_MAX_BACKOFF_S, 0.25 * 2**failures)
+        log.error(
+            "nats-server (port %d) exited with code %s; starting it again%s",
+            server.port,
+            code,
+            f" in {backoff_s:.1f} s" if backoff_s else "",
+        )
+        await asyncio.sleep(backoff_s)
+        try:
+            await server.restart()
+            log.warning("nats-server (port %d) is back", server.port)
+        except Exception as exc:
+            failures += 1
+            log.error("nats-server (port %d) did not start again: %s", server.port, exc)
 
 
 def stop_bound_s(shutdown_timeout_s: float) -> float:
@@ -307,7 +357,8 @@ def endpoint_lines(settings: ServeSettings, nats_url: str) -> list[str]:
 
 async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
     repositories, subjects = settings.model_repository, Subjects(settings.prefix)
-    server: EmbeddedNatsServer | None = None
+    broker: EmbeddedNatsCluster | EmbeddedNatsServer | None = None
+    broker_watches: list[asyncio.Task[None]] = []
     supervisor = Supervisor()
     # Fresh for each run: counters of an earlier run's gateways must not count again.
     metrics_dir = (
@@ -316,15 +367,25 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
     try:
         nats_url = settings.nats_url
         if nats_url is None:
-            server = EmbeddedNatsServer(
-                ServerOptions(
-                    port=settings.nats_port,
-                    host="0.0.0.0" if settings.http_address == "0.0.0.0" else "127.0.0.1",
-                    max_payload_bytes=settings.max_payload_mb * MiB,
-                )
+            options = ServerOptions(
+                port=settings.nats_port,
+                host="0.0.0.0" if settings.http_address == "0.0.0.0" else "127.0.0.1",
+                max_payload_bytes=settings.max_payload_mb * MiB,
+                store_dir=settings.jetstream_dir,
             )
-            await until(stop, server.start())
-            nats_url = f"nats://127.0.0.1:{server.port}"
+            # --nats-cluster N: N nodes on consecutive ports, one JetStream cluster.
+            broker = (
+                EmbeddedNatsCluster(settings.nats_cluster, options)
+                if settings.nats_cluster > 1
+                else EmbeddedNatsServer(options)
+            )
+            await until(stop, broker.start())
+            nodes = broker.nodes if isinstance(broker, EmbeddedNatsCluster) else [broker]
+            nats_url = ",".join(f"nats://127.0.0.1:{node.port}" for node in nodes)
+            broker_watches = [
+                asyncio.create_task(supervise_broker(node, stop), name=f"supervise-nats-server-{index}")
+                for index, node in enumerate(nodes)
+            ]
         gpus = await asyncio.to_thread(discover_gpus)
         for child in plan_children(settings, nats_url, gpus, socket.gethostname(), os.getpid(), metrics_dir):
             args, env = child.command()
@@ -360,5 +421,6 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
-            if server is not None:
-                await server.stop(NATS_STOP_TIMEOUT_S)
+            await cancel_and_wait(broker_watches, 2.0)
+            if broker is not None:
+                await broker.stop(NATS_STOP_TIMEOUT_S)

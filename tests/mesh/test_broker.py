@@ -61,10 +61,15 @@ async def test_a_full_queue_is_refused_at_once_with_503(nc: Client, subjects: Su
         assert requester.in_flight == 0
 
 
-async def test_a_request_without_a_stream_is_503(nc: Client, subjects: Subjects) -> None:
-    async with Requester(nc, subjects) as requester:
+async def test_a_request_without_a_stream_is_503_once_the_failover_window_is_over(
+    nc: Client, subjects: Subjects
+) -> None:
+    """Nobody to store it is passing in a cluster electing a leader, so the requester publishes
+    again for a while (FAILOVER_RETRY_S), then answers 503 with the reason."""
+    async with Requester(nc, subjects, failover_retry_s=0.5) as requester:
         with pytest.raises(Unavailable, match="no inference queue"):
             await requester.infer(request(1), "1", 30.0)
+        assert requester.in_flight == 0
 
 
 async def test_a_request_nobody_takes_ends_at_its_deadline(nc: Client, subjects: Subjects) -> None:

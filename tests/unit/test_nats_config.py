@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,70 @@ def test_a_max_payload_nats_server_would_refuse_is_refused_naming_it(tmp_path: P
 def test_a_port_must_be_chosen_before_the_config_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="port"):
         config_text(ServerOptions(), tmp_path)
+
+
+def test_a_single_server_config_is_exactly_what_it_was_before_clusters(tmp_path: Path) -> None:
+    # Pinned byte for byte: `natron serve`, the harness and every deployment configure a single
+    # server with it, and no cluster setting may leak into theirs.
+    assert config_text(ServerOptions(port=4333), Path("/data/js")) == (
+        'listen: "127.0.0.1:4333"\n'
+        "max_payload: 16777216\n"
+        "max_pending: 67108864\n"
+        "jetstream {\n"
+        '  store_dir: "/data/js"\n'
+        "  max_memory_store: 1073741824\n"
+        "}\n"
+    )
+
+
+def test_a_cluster_node_names_itself_listens_for_routes_and_routes_to_the_others() -> None:
+    options = ServerOptions(
+        port=4222,
+        server_name="natron-0",
+        cluster_port=6222,
+        routes=("nats-route://127.0.0.1:6223", "nats-route://127.0.0.1:6224"),
+    )
+    text = config_text(options, Path("/data/js"))
+    assert text.endswith(
+        'server_name: "natron-0"\n'
+        "cluster {\n"
+        '  name: "natron"\n'
+        '  listen: "127.0.0.1:6222"\n'
+        "  routes [\n"
+        '    "nats-route://127.0.0.1:6223"\n'
+        '    "nats-route://127.0.0.1:6224"\n'
+        "  ]\n"
+        "}\n"
+    )
+    # The single-server part is the same as without a cluster.
+    assert text.startswith(config_text(ServerOptions(port=4222), Path("/data/js")))
+
+
+def test_a_cluster_listens_on_the_servers_host_under_the_name_asked(tmp_path: Path) -> None:
+    text = config_text(
+        ServerOptions(port=4222, host="0.0.0.0", server_name="a", cluster_port=6222, cluster_name="edge"),
+        tmp_path,
+    )
+    assert 'listen: "0.0.0.0:6222"' in text and 'name: "edge"' in text
+    assert "routes [\n  ]" in text  # a first node, which the others route to
+
+
+NODE = ServerOptions(port=4222, server_name="n", cluster_port=6222)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (replace(NODE, server_name=None), "server_name"),
+        (replace(NODE, cluster_port=0), "cluster_port=0"),
+        (replace(NODE, cluster_port=None, routes=("nats-route://127.0.0.1:6223",)), "need a cluster_port"),
+        (replace(NODE, routes=("127.0.0.1:6223",)), "nats-route"),
+        (replace(NODE, server_name='n" x'), "server_name='n\" x'"),
+        (replace(NODE, cluster_name="my cluster"), "cluster_name='my cluster'"),
+    ],
+)
+def test_a_cluster_setting_nats_server_would_misread_is_refused_naming_it(
+    tmp_path: Path, options: ServerOptions, message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_text(options, tmp_path)
