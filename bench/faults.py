@@ -50,6 +50,7 @@ class Sample:
     end_s: float
     status: int  # 0: no answer (timeout, broken connection)
     correct: bool
+    reason: str = ""  # the error's text, for a status other than 200
 
 
 class Load:
@@ -76,11 +77,14 @@ class Load:
                 start = time.monotonic()
                 try:
                     response = http.post(self._url, data=json.dumps(body), timeout=CLIENT_TIMEOUT_S)
-                    status = response.status_code
-                    correct = status != 200 or response.json()["outputs"][0]["data"] == [2 * value + 1] * 16
-                except (requests.RequestException, ValueError, KeyError):
-                    status, correct = 0, True
-                sample = Sample(start, time.monotonic(), status, correct)
+                    status, reason = response.status_code, ""
+                    if status == 200:
+                        correct = response.json()["outputs"][0]["data"] == [2 * value + 1] * 16
+                    else:
+                        correct, reason = True, response.text[:200]
+                except (requests.RequestException, ValueError, KeyError) as exc:
+                    status, correct, reason = 0, True, repr(exc)[:200]
+                sample = Sample(start, time.monotonic(), status, correct, reason)
                 with self._lock:
                     self.samples.append(sample)
                 if status != 200:
@@ -117,6 +121,7 @@ class Phase:
     lost: int = 0
     p99_ms: float = 0.0
     longest_ms: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)  # error texts, counted
 
 
 def _phase(samples: list[Sample]) -> Phase:
@@ -127,6 +132,8 @@ def _phase(samples: list[Sample]) -> Phase:
         phase.ok += sample.status == 200
         phase.wrong += not sample.correct
         phase.lost += sample.status == 0
+        if sample.reason:
+            phase.reasons[sample.reason] = phase.reasons.get(sample.reason, 0) + 1
     if latencies:
         phase.p99_ms = round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1)
         phase.longest_ms = round(latencies[-1], 1)
@@ -145,6 +152,8 @@ class Outcome:
     model_reloads: int  # times the worker loaded `tiny` again during the scenario
     # /v2/health/ready late in the fault (0: no answer): a gateway that lost NATS says 503.
     ready_during: int = 0
+    # The requests in flight when the fault began (a part of `during`).
+    in_flight: Phase = field(default_factory=Phase)
 
     @property
     def wrong(self) -> int:
@@ -244,6 +253,7 @@ def run_fault(
     finally:
         samples = load.stop()
     before, during, after, recovered = outcome(scenario, samples, fault_start, fault_end, recovered_at)
+    in_flight = _phase([s for s in samples if s.start_s < fault_start <= s.end_s])
     return Outcome(
         scenario,
         round(fault_end - fault_start, 2),
@@ -254,6 +264,7 @@ def run_fault(
         _restarted(mesh, pids),
         _loads(mesh) - loads,
         ready_during,
+        in_flight,
     )
 
 
@@ -312,6 +323,7 @@ def serve_fault(served: Served, scenario: str, fault: Callable[[], None], fault_
         samples = load.stop()
     now = [pid for pid, cmd in child_processes(served.pid) if " natron " in cmd]
     before, during, after, recovered = outcome(scenario, samples, fault_start, fault_end, recovered_at)
+    in_flight = _phase([s for s in samples if s.start_s < fault_start <= s.end_s])
     return Outcome(
         scenario,
         round(fault_end - fault_start, 2),
@@ -322,6 +334,7 @@ def serve_fault(served: Served, scenario: str, fault: Callable[[], None], fault_
         ["a natron service"] if now != services else [],
         served.output.read_text().count("model 'tiny' version 1 ready") - loads,
         ready_during,
+        in_flight,
     )
 
 

@@ -50,6 +50,7 @@ _FAILOVER_PAUSE_S = 0.25
 # A publish JetStream has not acknowledged within this long is published again (should both
 # copies be stored, the first answer is taken and the second dropped: answered once).
 _PUBACK_TIMEOUT_S = 3.0
+_SWEEP_S = 1.0
 # A request with more tensor data than this goes alone: its bytes would dominate the message
 # anyway, and alone it keeps the encoder's zero-copy path.
 COALESCE_MAX_REQUEST_BYTES = 64 * 1024
@@ -91,6 +92,7 @@ class _Sent:
     pendings: list[_Pending]
     epoch: int  # the reconnect count when it was last published
     refused_since_ns: int = 0  # when the broker first had no one to store it (0: never)
+    published_ns: int = 0  # when it was last published
 
 
 def _fail_unless_done(future: asyncio.Future[InferResponse], error: NatronError) -> None:
@@ -147,6 +149,7 @@ class Requester:
         # stream published twice could interleave two answer sequences).
         self._sent: dict[str, _Sent] = {}
         self._retries: set[asyncio.Future[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._sub: Subscription | None = None
 
     @property
@@ -154,6 +157,7 @@ class Requester:
         return len(self._pending) + sum(batch.remaining for batch in self._batches.values())
 
     async def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_S, self._sweep)
         # pending_msgs_limit: answers are consumed as fast as they come; a burst of a few
         # thousand concurrent answers must not be dropped as a slow consumer.
         self._sub = await self._nc.subscribe(
@@ -170,6 +174,9 @@ class Requester:
                 await sub.unsubscribe()
             except Exception:  # connection already closed: nothing left to unsubscribe
                 pass
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for retry in list(self._retries):
             retry.cancel()
         self.fail_in_flight(Unavailable("requester closed"))
@@ -211,7 +218,7 @@ class Requester:
             if lost or not all(p.queued for p in live):
                 for pending in live:
                     pending.queued, pending.epoch = False, epoch
-                sent.epoch = epoch
+                sent.epoch, sent.published_ns = epoch, time.time_ns()
                 await self._nc.publish(
                     sent.subject,
                     sent.payload,  # type: ignore[arg-type]  # nats-py sends any buffer
@@ -459,10 +466,16 @@ class Requester:
         all_headers = {REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})}
         if pendings is not None:
             token = reply_to[self._prefix_len :]
-            sent = self._sent[token] = _Sent(
-                subject, payload, all_headers, deadline_ns, pendings, self._reconnects.count
+            self._sent[token] = _Sent(
+                subject,
+                payload,
+                all_headers,
+                deadline_ns,
+                pendings,
+                self._reconnects.count,
+                0,
+                time.time_ns(),
             )
-            asyncio.get_running_loop().call_later(_PUBACK_TIMEOUT_S, self._check_stored, token, sent)
         try:
             await self._nc.publish(
                 subject,
@@ -530,24 +543,29 @@ class Requester:
         retry.add_done_callback(self._retries.discard)
         return True
 
-    def _check_stored(self, token: str, sent: _Sent) -> None:
-        """JetStream has not answered the publish of `sent`: the node it went through lost it
-        on the way to the stream's leader (a cluster peer dying), or the broker stalled.
-        Published again, and checked again, until it is stored or its requests are over."""
-        if self._sent.get(token) is not sent or time.time_ns() >= sent.deadline_ns:
-            return
-        live = [p for p in sent.pendings if not p.future.done()]
-        if not live or all(p.queued for p in live):
-            return
-        retry = asyncio.ensure_future(self._publish_again(sent, 0.0))
-        self._retries.add(retry)
-        retry.add_done_callback(self._retries.discard)
-        asyncio.get_running_loop().call_later(_PUBACK_TIMEOUT_S, self._check_stored, token, sent)
+    def _sweep(self) -> None:
+        """Every _SWEEP_S: a message JetStream has not acknowledged within _PUBACK_TIMEOUT_S was
+        lost on its way to the stream's leader (a cluster peer dying) or the broker stalled. It
+        is published again, until it is stored or its requests are over. `_sent` holds only
+        what is in flight, so a sweep costs little; one timer, not one per request."""
+        now_ns = time.time_ns()
+        for sent in list(self._sent.values()):
+            if now_ns - sent.published_ns < _PUBACK_TIMEOUT_S * 1e9 or now_ns >= sent.deadline_ns:
+                continue
+            live = [p for p in sent.pendings if not p.future.done()]
+            if not live or all(p.queued for p in live):
+                continue
+            sent.published_ns = now_ns
+            retry = asyncio.ensure_future(self._publish_again(sent, 0.0))
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
+        self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_S, self._sweep)
 
     async def _publish_again(self, sent: _Sent, after_s: float) -> None:
         await asyncio.sleep(after_s)
         if all(p.future.done() for p in sent.pendings):
             return
+        sent.published_ns = time.time_ns()
         try:
             await self._nc.publish(
                 sent.subject,

@@ -89,11 +89,16 @@ class Subjects:
         return f"{self.prefix}_workers"
 
     @property
+    def workers_stream(self) -> str:
+        """The stream behind the workers bucket (JetStream names it `KV_<bucket>`)."""
+        return f"KV_{self.workers_bucket}"
+
+    @property
     def state_streams(self) -> tuple[str, ...]:
         """The JetStream streams the mesh's state lives in: the inference queue and the streams
         behind the two KV buckets (JetStream names a bucket's stream `KV_<bucket>`). A broker
         that comes back without them has lost that state (see broker.jetstream.watch_state)."""
-        return (self.stream, f"KV_{self.models_bucket}", f"KV_{self.workers_bucket}")
+        return (self.stream, f"KV_{self.models_bucket}", self.workers_stream)
 
     @property
     def files_bucket(self) -> str:

@@ -115,6 +115,10 @@ def _devices_sans_telemetry(report: WorkerReport) -> list[dict[str, Any]]:
     return [{k: v for k, v in device.items() if k != "telemetry"} for device in report.devices]
 
 
+# How long the reaper waits for the workers bucket to answer before it counts itself blind.
+_PROBE_TIMEOUT_S = 1.0
+
+
 class Router:
     def __init__(self, nc: Client, subjects: Subjects, options: RouterOptions) -> None:
         self._nc = nc
@@ -441,11 +445,20 @@ class Router:
         assert self._workers_kv is not None
         loop = asyncio.get_running_loop()
         timeout_s = self._options.heartbeat_timeout_s
+        js = self._nc.jetstream()
+        blind = False
         while True:
             await asyncio.sleep(min(1.0, timeout_s / 3))
-            if not self._nc.is_connected:
-                continue  # no heartbeat can reach this router now: none is late
+            if not self._nc.is_connected or not await self._bucket_writable(js):
+                # No heartbeat can be written or reach this router now (the broker is away, or
+                # a cluster is electing the bucket's leader): none is late for that.
+                blind = True
+                continue
             now = loop.time()
+            if blind:
+                blind = False
+                for worker_id in self._last_seen_s:
+                    self._last_seen_s[worker_id] = now
             dead = [w for w, seen in self._last_seen_s.items() if now - seen > timeout_s]
             for worker_id in dead:
                 log.warning("worker %s stopped heart-beating; placing its models elsewhere", worker_id)
@@ -456,6 +469,14 @@ class Router:
             if dead:
                 async with self._lock:
                     await self._publish()
+
+    async def _bucket_writable(self, js: JetStreamContext) -> bool:
+        """The workers bucket has a leader that answers: workers can write their heartbeats."""
+        try:
+            await asyncio.wait_for(js.stream_info(self._subjects.workers_stream), _PROBE_TIMEOUT_S)
+            return True
+        except Exception:  # no responders, timeout, reconnecting
+            return False
 
     # -- poll mode ---------------------------------------------------------------------------
 
