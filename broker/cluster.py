@@ -76,7 +76,11 @@ class EmbeddedNatsCluster:
 
     def _node_options(self) -> list[ServerOptions]:
         opts, size = self._options, self._size
-        spare = iter(free_ports(2 * size))
+        # Free ports for what is not given, none of them a given one: a route listener on
+        # port+1 would make node 1's client port look taken.
+        given = {opts.port + i for i in range(size)} if opts.port else set()
+        given |= {opts.cluster_port + i for i in range(size)} if opts.cluster_port else set()
+        spare = iter([port for port in free_ports(2 * size + len(given)) if port not in given])
         client_ports = [opts.port + i if opts.port else next(spare) for i in range(size)]
         cluster_ports = [opts.cluster_port + i if opts.cluster_port else next(spare) for i in range(size)]
         route_host = "127.0.0.1" if opts.host == "0.0.0.0" else opts.host

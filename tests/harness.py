@@ -118,6 +118,24 @@ def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], t
         raise AssertionError(f"{exc}; models not ready: {pending}") from None
 
 
+def free_consecutive_ports(count: int, avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """The first of `count` consecutive loopback ports that are all free now."""
+    for _ in range(100):
+        base = free_ports(1)[0]
+        ports = range(base, base + count)
+        if avoid & set(ports) or base + count > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in ports:
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def child_processes(parent: int) -> list[tuple[int, str]]:
     """The live children of `parent`, with their command lines (arguments joined by spaces)."""
     children = []
@@ -140,7 +158,10 @@ def natron_serve(
 ) -> Iterator[Served]:
     """`natron serve` as users run it (embedded NATS, router, gateway, worker, orchestrator) on
     free ports, until `ready` models answer ready; stopped with Ctrl-C (SIGINT) afterwards."""
-    http_port, metrics_port, nats_port, grpc_port = free_ports(4)
+    http_port, metrics_port, grpc_port = free_ports(3)
+    # `--nats-cluster N` puts node i on the NATS port plus i: keep N ports free in a row.
+    cluster = extra_args[extra_args.index("--nats-cluster") + 1] if "--nats-cluster" in extra_args else "1"
+    nats_port = free_consecutive_ports(int(cluster), avoid={http_port, metrics_port, grpc_port})
     output = log_dir / "serve.log"
     with output.open("wb") as log:
         process = subprocess.Popen(
