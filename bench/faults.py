@@ -202,21 +202,9 @@ def mesh_for(repository: Path, *service_args: str, workers: int = 1) -> Iterator
         mesh.stop()
 
 
-def _pids(mesh: Mesh) -> dict[str, int]:
-    return {name: p.pid for name, p in mesh.processes.items() if name != "nats"}
-
-
-def _restarted(mesh: Mesh, pids: dict[str, int]) -> list[str]:
-    return sorted(
-        name
-        for name, pid in pids.items()
-        if mesh.processes[name].pid != pid or mesh.processes[name].poll() is not None
-    )
-
-
-def _ready(mesh: Mesh) -> int:
+def _ready(url: str) -> int:
     try:
-        return requests.get(f"{mesh.url}/v2/health/ready", timeout=2).status_code
+        return requests.get(f"{url}/v2/health/ready", timeout=2).status_code
     except requests.RequestException:
         return 0
 
@@ -225,8 +213,38 @@ def _loads(mesh: Mesh) -> int:
     return mesh.log("w0").count("model 'tiny' version 1 ready")
 
 
+@dataclass(slots=True, frozen=True)
+class Target:
+    """What a fault runs against: its URL, how many times it has loaded `tiny`, and which of
+    its natron processes run (to tell that none was restarted)."""
+
+    url: str
+    loads: Callable[[], int]
+    processes: Callable[[], dict[str, int]]  # name -> pid, of those running
+
+
+def mesh_target(mesh: Mesh) -> Target:
+    return Target(
+        mesh.url,
+        lambda: _loads(mesh),
+        lambda: {name: p.pid for name, p in mesh.processes.items() if name != "nats" and p.poll() is None},
+    )
+
+
+def serve_target(served: Served) -> Target:
+    return Target(
+        served.url,
+        lambda: served.output.read_text().count("model 'tiny' version 1 ready"),
+        lambda: {
+            cmd.split(" natron ", 1)[1].split()[0]: pid
+            for pid, cmd in child_processes(served.pid)
+            if " natron " in cmd
+        },
+    )
+
+
 def run_fault(
-    mesh: Mesh,
+    target: Target,
     scenario: str,
     fault: Callable[[], None],
     heal: Callable[[], None],
@@ -235,16 +253,16 @@ def run_fault(
 ) -> Outcome:
     """Load for 2 s, `fault()`, wait `fault_s`, `heal()`, wait for the first good answer, load
     `settle_s` more; the outcome."""
-    pids = _pids(mesh)
-    load = Load(mesh.url)
+    processes = target.processes()
+    load = Load(target.url)
     load.start()
     try:
         time.sleep(2.0)
-        loads = _loads(mesh)  # not before: the log line of the first load may come after ready
+        loads = target.loads()  # not before: the log line of the first load may come after ready
         fault_start = time.monotonic()
         fault()
         time.sleep(fault_s * 0.8)
-        ready_during = _ready(mesh)
+        ready_during = _ready(target.url)
         time.sleep(fault_s * 0.2)
         heal()
         fault_end = time.monotonic()
@@ -254,6 +272,7 @@ def run_fault(
         samples = load.stop()
     before, during, after, recovered = outcome(scenario, samples, fault_start, fault_end, recovered_at)
     in_flight = _phase([s for s in samples if s.start_s < fault_start <= s.end_s])
+    now = target.processes()
     return Outcome(
         scenario,
         round(fault_end - fault_start, 2),
@@ -261,8 +280,8 @@ def run_fault(
         before,
         during,
         after,
-        _restarted(mesh, pids),
-        _loads(mesh) - loads,
+        sorted(name for name, pid in processes.items() if now.get(name) != pid),
+        target.loads() - loads,
         ready_during,
         in_flight,
     )
@@ -275,13 +294,13 @@ def broker_kill(mesh: Mesh, scenario: str, outage_s: float = 3.0) -> Outcome:
         mesh.processes["nats"].kill()
         mesh.processes["nats"].wait()
 
-    return run_fault(mesh, scenario, kill, mesh.start_nats, outage_s)
+    return run_fault(mesh_target(mesh), scenario, kill, mesh.start_nats, outage_s)
 
 
 def broker_pause(mesh: Mesh, scenario: str, pause_s: float = 10.0) -> Outcome:
     """SIGSTOP nats-server for `pause_s`, then SIGCONT."""
     return run_fault(
-        mesh,
+        mesh_target(mesh),
         scenario,
         lambda: mesh.signal("nats", signal.SIGSTOP),
         lambda: mesh.signal("nats", signal.SIGCONT),
@@ -297,45 +316,7 @@ def worker_kill(mesh: Mesh, scenario: str) -> Outcome:
         mesh.processes["w1"].kill()
         mesh.processes["w1"].wait()
 
-    return run_fault(mesh, scenario, kill, lambda: None, 0.0, settle_s=8.0)
-
-
-def serve_fault(served: Served, scenario: str, fault: Callable[[], None], fault_s: float) -> Outcome:
-    """As `run_fault`, against `natron serve`: no heal (serve's supervision is the heal)."""
-    services = [pid for pid, cmd in child_processes(served.pid) if " natron " in cmd]
-    load = Load(served.url)
-    load.start()
-    try:
-        time.sleep(2.0)
-        loads = served.output.read_text().count("model 'tiny' version 1 ready")
-        fault_start = time.monotonic()
-        fault()
-        time.sleep(fault_s * 0.8)
-        try:
-            ready_during = requests.get(f"{served.url}/v2/health/ready", timeout=2).status_code
-        except requests.RequestException:
-            ready_during = 0
-        time.sleep(fault_s * 0.2)
-        fault_end = time.monotonic()
-        recovered_at = load.first_ok_after(fault_end, 60.0)
-        time.sleep(4.0)
-    finally:
-        samples = load.stop()
-    now = [pid for pid, cmd in child_processes(served.pid) if " natron " in cmd]
-    before, during, after, recovered = outcome(scenario, samples, fault_start, fault_end, recovered_at)
-    in_flight = _phase([s for s in samples if s.start_s < fault_start <= s.end_s])
-    return Outcome(
-        scenario,
-        round(fault_end - fault_start, 2),
-        recovered,
-        before,
-        during,
-        after,
-        ["a natron service"] if now != services else [],
-        served.output.read_text().count("model 'tiny' version 1 ready") - loads,
-        ready_during,
-        in_flight,
-    )
+    return run_fault(mesh_target(mesh), scenario, kill, lambda: None, 0.0, settle_s=8.0)
 
 
 def cluster_node_kill(served: Served, scenario: str) -> Outcome:
@@ -352,7 +333,7 @@ def cluster_node_kill(served: Served, scenario: str) -> Outcome:
                 return
         raise RuntimeError(f"no nats-server of natron serve on port {port}")
 
-    return serve_fault(served, scenario, kill, 3.0)
+    return run_fault(serve_target(served), scenario, kill, lambda: None, 3.0)
 
 
 async def _stream_leader(nats_url: str, first_port: int) -> int:
