@@ -324,7 +324,7 @@ def cluster_node_kill(served: Served, scenario: str) -> Outcome:
     hard case: a leader election, and every connection to that node moves); serve starts it
     again."""
     first_port = int(served.nats_url.rsplit(":", 1)[1])
-    port = first_port + asyncio.run(_stream_leader(served.nats_url, first_port))
+    port = first_port + asyncio.run(_stream_leader(served, first_port))
 
     def kill() -> None:
         for pid, cmd in child_processes(served.pid):
@@ -336,9 +336,9 @@ def cluster_node_kill(served: Served, scenario: str) -> Outcome:
     return run_fault(serve_target(served), scenario, kill, lambda: None, 3.0)
 
 
-async def _stream_leader(nats_url: str, first_port: int) -> int:
+async def _stream_leader(served: Served, first_port: int) -> int:
     """The index of the node leading the inference stream (nodes are named natron-<index>)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(served.nats_url, **served.nats_options("admin"))
     try:
         info = await nc.jetstream().stream_info(Subjects().stream)
         assert info.cluster is not None and info.cluster.leader is not None

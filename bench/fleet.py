@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -66,6 +66,7 @@ from bench.bench import (
     run_wrk,
     write_json,
 )
+from broker.auth import seed_path
 from broker.server import ServerOptions, config_text, find_nats_server, free_ports
 from broker.subjects import Subjects
 from natron.records import READY, ModelRecord, WorkerReport
@@ -177,6 +178,14 @@ class Mesh:
     nats_url: str
     base_url: str
     workers: list[str]
+    # nats.connect's credentials for reading the broker's state (an operator's: admin).
+    nats_options: dict[str, str] = field(default_factory=dict)
+
+
+def admin_options(creds_dir: Path | None) -> dict[str, str]:
+    """nats.connect's arguments for the admin role of a `natron serve` keeping its credentials in
+    `creds_dir` (None: a broker without authorization, as `start_mesh` runs)."""
+    return {} if creds_dir is None else {"nkeys_seed": str(seed_path(creds_dir, "admin"))}
 
 
 def start_mesh(
@@ -241,11 +250,16 @@ def _runs(report: WorkerReport, model: str, generation: str) -> bool:
 
 
 async def wait_placed(
-    nats_url: str, model: str, count: int, timeout_s: float, check: Callable[[], None]
+    nats_url: str,
+    model: str,
+    count: int,
+    timeout_s: float,
+    check: Callable[[], None],
+    nats_options: dict[str, str] | None = None,
 ) -> list[str]:
     """The workers `model` is placed on, once there are `count` and each reports it READY."""
     subjects = Subjects()
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **(nats_options or {}))
     try:
         js = nc.jetstream()
         deadline = time.monotonic() + timeout_s
@@ -272,12 +286,14 @@ async def wait_placed(
         await nc.close()
 
 
-async def served_after_heartbeat(nats_url: str, model: str, workers: Sequence[str]) -> dict[str, int]:
+async def served_after_heartbeat(
+    nats_url: str, model: str, workers: Sequence[str], nats_options: dict[str, str] | None = None
+) -> dict[str, int]:
     """Each worker's cumulative inference count for `model`, from the first report every worker
     publishes after this call (so it counts everything answered before the call)."""
     subjects = Subjects()
     model_version = f"{model}/{VERSION}"
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **(nats_options or {}))
     try:
         js = nc.jetstream()
         before = await _entries(js, subjects.workers_bucket)
@@ -323,10 +339,10 @@ def measure_point(
         raise BenchError(f"{label}: a single {model} request answered {status}: {answer[:300]!r}")
     if settings.warmup_s > 0:
         run_wrk(mesh.base_url, model, body_path, concurrency, settings.warmup_s, settings.wrk_threads)
-    before = asyncio.run(served_after_heartbeat(mesh.nats_url, model, mesh.workers))
+    before = asyncio.run(served_after_heartbeat(mesh.nats_url, model, mesh.workers, mesh.nats_options))
     console.print(f"[dim]{label}: {model} at concurrency {concurrency} for {settings.duration_s} s")
     point = run_wrk(mesh.base_url, model, body_path, concurrency, settings.duration_s, settings.wrk_threads)
-    after = asyncio.run(served_after_heartbeat(mesh.nats_url, model, mesh.workers))
+    after = asyncio.run(served_after_heartbeat(mesh.nats_url, model, mesh.workers, mesh.nats_options))
     served = {w: after[w] - before[w] for w in mesh.workers}
     total = sum(served.values())
     point["server"] = label
@@ -346,15 +362,17 @@ def scale_point(workers: int, repo: Path, body: Path, settings: FleetSettings, l
         *natron_command(), "serve", str(repo), "--workers", str(workers),
         "--http-port", str(http_port), "--http-address", "127.0.0.1",
         "--metrics-port", str(metrics_port), "--nats-port", str(nats_port),
+        "--nats-creds-dir", str(logs / f"creds-{workers}w"),
     ]  # fmt: skip
+    options = admin_options(logs / f"creds-{workers}w")
     with Fleet(f"scale-{workers}w", logs) as fleet:
         console.print(f"[dim]starting {' '.join(command)}")
         server = fleet.start("natron", command)
         ready_s = server.wait_ready(ready_urls(base_url, [SCALE_MODEL]), SERVER_READY_TIMEOUT_S)
         placed = asyncio.run(
-            wait_placed(nats_url, SCALE_MODEL, workers, SERVER_READY_TIMEOUT_S, fleet.check_alive)
+            wait_placed(nats_url, SCALE_MODEL, workers, SERVER_READY_TIMEOUT_S, fleet.check_alive, options)
         )
-        mesh = Mesh(nats_url, base_url, placed)
+        mesh = Mesh(nats_url, base_url, placed, options)
         point = measure_point(f"{workers} worker(s)", mesh, SCALE_MODEL, body, SCALE_CONCURRENCY, settings)
     point["workers"] = workers
     point["ready_s"] = ready_s

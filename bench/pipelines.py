@@ -59,6 +59,7 @@ from bench.bench import (
     write_json,
 )
 from bench.fleet import _interrupt, _signals_held
+from broker.auth import seed_path
 from broker.requester import Requester
 from broker.server import free_ports
 from broker.subjects import Subjects
@@ -158,6 +159,8 @@ def build_repo(into: Path, models: Sequence[str]) -> Path:
 class Served:
     base_url: str
     nats_url: str
+    # nats.connect's arguments to connect as a client of this deployment.
+    nats_options: dict[str, str] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -165,11 +168,17 @@ def serving(repo: Path, models: Sequence[str], log_path: Path) -> Iterator[tuple
     """`natron serve` of `repo`, ready for `models`; stopped (SIGINT, SIGKILL after bench.py's
     grace period) however the `with` ends, with Ctrl-C held off meanwhile."""
     http_port, metrics_port, nats_port = free_ports(3)
-    served = Served(f"http://127.0.0.1:{http_port}", f"nats://127.0.0.1:{nats_port}")
+    creds_dir = log_path.parent / f"{log_path.stem}-creds"
+    served = Served(
+        f"http://127.0.0.1:{http_port}",
+        f"nats://127.0.0.1:{nats_port}",
+        {"nkeys_seed": str(seed_path(creds_dir, "client"))},
+    )
     command = [
         *natron_command(), "serve", str(repo),
         "--http-port", str(http_port), "--http-address", "127.0.0.1",
         "--metrics-port", str(metrics_port), "--nats-port", str(nats_port),
+        "--nats-creds-dir", str(creds_dir),
     ]  # fmt: skip
     console.print(f"[dim]starting {' '.join(command)} (log {log_path})")
     server = ServerProcess("natron", command, log_path)
@@ -559,11 +568,13 @@ async def ws_streams(base_url: str, streams: int, duration_s: float) -> dict[str
     return tally.point("websocket", streams, wall_s)
 
 
-async def nats_streams(nats_url: str, version: str, streams: int, duration_s: float) -> dict[str, Any]:
+async def nats_streams(
+    nats_url: str, version: str, streams: int, duration_s: float, nats_options: dict[str, str]
+) -> dict[str, Any]:
     """The same load straight over NATS: one connection, one `Requester`, `streams` concurrent
     `Requester.stream` calls, no gateway."""
     tally = StreamTally()
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3, **nats_options)
     try:
         async with Requester(nc, Subjects()) as requester:
 
@@ -618,7 +629,7 @@ def measure_streams(served: Served, settings: Settings) -> dict[str, Any]:
     def load(transport: str, streams: int, duration_s: float) -> dict[str, Any]:
         if transport == "websocket":
             return run_async(ws_streams(served.base_url, streams, duration_s))
-        return run_async(nats_streams(served.nats_url, version, streams, duration_s))
+        return run_async(nats_streams(served.nats_url, version, streams, duration_s, served.nats_options))
 
     for transport in STREAM_TRANSPORTS:  # a check that each transport streams right, and the warm-up
         check = load(transport, max(STREAM_CONCURRENCY), max(settings.warmup_s, 0.2))

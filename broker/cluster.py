@@ -25,6 +25,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.js.api import StorageType
 
+from broker.auth import ClientAuth
 from broker.server import EmbeddedNatsServer, ServerOptions, free_ports
 
 T = TypeVar("T")
@@ -47,11 +48,16 @@ class EmbeddedNatsCluster:
     gives node i that port plus i, zero picks free ports. `store_dir`, when named, holds one
     folder per node. Node i's server_name is `<server_name or cluster_name>-<i>`."""
 
-    def __init__(self, size: int = 3, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self, size: int = 3, options: ServerOptions | None = None, probe_auth: ClientAuth | None = None
+    ) -> None:
+        """`probe_auth`: the identity the readiness probes connect with where `options` has an
+        authorization (one that may create and delete a stream: admin)."""
         if size < 1:
             raise ValueError(f"size={size}: a cluster needs at least one node")
         self._size = size
         self._options = options or ServerOptions()
+        self._probe_auth = probe_auth
         self._nodes: list[EmbeddedNatsServer] = []
 
     @property
@@ -83,14 +89,16 @@ class EmbeddedNatsCluster:
         spare = iter([port for port in free_ports(2 * size + len(given)) if port not in given])
         client_ports = [opts.port + i if opts.port else next(spare) for i in range(size)]
         cluster_ports = [opts.cluster_port + i if opts.cluster_port else next(spare) for i in range(size)]
-        route_host = "127.0.0.1" if opts.host == "0.0.0.0" else opts.host
-        routes = [f"nats-route://{route_host}:{port}" for port in cluster_ports]
+        # The nodes share one host, so the routes between them stay on loopback whatever
+        # interface the clients reach: no one else can join the cluster or read its traffic.
+        routes = [f"nats-route://127.0.0.1:{port}" for port in cluster_ports]
         return [
             replace(
                 opts,
                 port=client_ports[i],
                 server_name=name,
                 cluster_port=cluster_ports[i],
+                cluster_host="127.0.0.1",
                 routes=tuple(route for j, route in enumerate(routes) if j != i),
                 monitor_port=None if opts.monitor_port is None else opts.monitor_port + i,
                 store_dir=None if opts.store_dir is None else opts.store_dir / name,
@@ -138,7 +146,7 @@ class EmbeddedNatsCluster:
         deadline = loop.time() + timeout_s
         for node in self._nodes:
             if node.is_running:
-                probe = functools.partial(_account_info, node.url)
+                probe = functools.partial(_account_info, node.url, self._probe_auth)
                 await _retry(probe, deadline, f"JetStream through {node.url}")
 
     async def wait_exit(self, index: int) -> int | None:
@@ -180,11 +188,13 @@ class EmbeddedNatsCluster:
         await self.wait_jetstream(deadline - loop.time())
         replicas = min(self._size, _MAX_PROBE_REPLICAS)
         await _retry(
-            functools.partial(_probe_stream, self.urls, replicas), deadline, f"an R{replicas} stream"
+            functools.partial(_probe_stream, self.urls, replicas, self._probe_auth),
+            deadline,
+            f"an R{replicas} stream",
         )
 
 
-async def _connect(servers: str | list[str]) -> Client:
+async def _connect(servers: str | list[str], auth: ClientAuth | None) -> Client:
     async def quiet(*_: object) -> None:
         """The probes' connection problems are what they wait out, not news to log."""
 
@@ -196,19 +206,20 @@ async def _connect(servers: str | list[str]) -> Client:
         error_cb=quiet,
         disconnected_cb=quiet,
         closed_cb=quiet,
+        **(auth.connect_options() if auth is not None else {}),
     )
 
 
-async def _account_info(url: str) -> None:
-    nc = await _connect(url)
+async def _account_info(url: str, auth: ClientAuth | None) -> None:
+    nc = await _connect(url, auth)
     try:
         await nc.jetstream(timeout=_REQUEST_TIMEOUT_S).account_info()
     finally:
         await nc.close()
 
 
-async def _probe_stream(urls: list[str], replicas: int) -> None:
-    nc = await _connect(urls)
+async def _probe_stream(urls: list[str], replicas: int, auth: ClientAuth | None) -> None:
+    nc = await _connect(urls, auth)
     try:
         jsm = nc.jetstream(timeout=_REQUEST_TIMEOUT_S)
         # Idempotent: a probe whose answer was lost, or one a store kept from an earlier run,

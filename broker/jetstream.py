@@ -28,6 +28,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
+from broker.auth import ClientAuth
 from broker.recovery import reconnects_of
 from broker.subjects import Subjects
 from natron.errors import Unavailable
@@ -84,11 +85,19 @@ def server_urls(url: str) -> list[str]:
     return urls
 
 
-async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Client:
+async def connect(
+    url: str,
+    name: str,
+    *,
+    auth: ClientAuth | None = None,
+    inbox_prefix: str | None = None,
+    connect_timeout_s: float = 5.0,
+) -> Client:
     """A connection that reconnects for ever, to any server of `url` (one, or a cluster's
     comma-separated list): services outlive broker restarts and the loss of a node. Each
     reconnect starts a new epoch (broker.recovery), after which the services re-assert their
-    state."""
+    state. `auth` proves the service's role to the broker (broker/auth.py), whose private
+    inboxes start with `inbox_prefix`."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats connection %s: %s", name, exc)
@@ -117,6 +126,8 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 5.0) -> Cli
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
+        **({"inbox_prefix": inbox_prefix} if inbox_prefix else {}),
+        **(auth.connect_options() if auth is not None else {}),
     )
     client.append(nc)
     reconnects_of(nc)
@@ -187,14 +198,29 @@ async def ensure_stream(js: JetStreamContext, subjects: Subjects, storage: Stora
 
 
 async def configure_consumer(
-    js: JetStreamContext, subjects: Subjects, model: str, version: str, policy: QueuePolicy
+    js: JetStreamContext,
+    subjects: Subjects,
+    model: str,
+    version: str,
+    policy: QueuePolicy,
+    *,
+    level: int = 0,
+    default_level: bool = True,
 ) -> str:
     """The router's: the durable pull consumer every instance of `model` `version` shares,
-    created or updated to `policy` (the server updates an existing durable's ack wait)."""
-    name = subjects.consumer(model, version)
+    created or updated to `policy` (the server updates an existing durable's ack wait). A model
+    with priority levels has one per `level`; the default level's also takes the plain subject,
+    so clients that know nothing of priorities reach it."""
+    name = subjects.consumer(model, version, level if not default_level else 0)
+    plain = subjects.infer(model, version)
+    if not level:
+        filters: dict[str, object] = {"filter_subject": plain}
+    elif default_level:
+        filters = {"filter_subjects": [plain, subjects.infer(model, version, level)]}
+    else:
+        filters = {"filter_subject": subjects.infer(model, version, level)}
     config = ConsumerConfig(
         durable_name=name,
-        filter_subject=subjects.infer(model, version),
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=policy.ack_wait_s,
@@ -202,9 +228,24 @@ async def configure_consumer(
         # Outstanding pull requests from all instances of the fleet.
         max_waiting=4096,
         max_ack_pending=-1,
+        **filters,  # type: ignore[arg-type]
     )
+    # An existing durable is updated, filters included (the model's priority levels changed).
     await js.add_consumer(subjects.stream, config)
     return name
+
+
+def level_consumers(
+    subjects: Subjects, model: str, version: str, levels: int, default_level: int
+) -> list[tuple[int, str]]:
+    """(level, consumer) of each priority level of a version, highest priority first; [(0, plain
+    name)] for a model without levels. The default level keeps the plain consumer name."""
+    if not levels:
+        return [(0, subjects.consumer(model, version))]
+    return [
+        (level, subjects.consumer(model, version, 0 if level == default_level else level))
+        for level in range(1, levels + 1)
+    ]
 
 
 @dataclass(slots=True, frozen=True)
@@ -217,14 +258,21 @@ class Queue:
 
 
 async def bind_consumer(
-    js: JetStreamContext, subjects: Subjects, model: str, version: str, timeout_s: float
+    js: JetStreamContext,
+    subjects: Subjects,
+    model: str,
+    version: str,
+    timeout_s: float,
+    *,
+    name: str | None = None,
 ) -> Queue:
     """A worker's: the consumer the router made for `model` `version`. The router configures it
     before it places the version, so it is normally there at once. A worker that is quicker than
     a lagging router, or that asks while NATS reconnects, asks again until `timeout_s`, then
     raises Unavailable with the last reason: a brief outage must not leave the version
-    UNAVAILABLE until its record changes."""
-    name = subjects.consumer(model, version)
+    UNAVAILABLE until its record changes. `name`: one priority level's consumer (by default,
+    the version's plain one)."""
+    name = name or subjects.consumer(model, version)
     loop = asyncio.get_running_loop()
     deadline_s = loop.time() + timeout_s
     delay_s = 0.05
@@ -244,11 +292,17 @@ async def bind_consumer(
         delay_s = min(1.0, delay_s * 2)
 
 
-async def delete_consumer(js: JetStreamContext, subjects: Subjects, model: str, version: str) -> None:
-    try:
-        await js.delete_consumer(subjects.stream, subjects.consumer(model, version))
-    except NotFoundError:
-        pass
+async def delete_consumer(
+    js: JetStreamContext, subjects: Subjects, model: str, version: str, *, levels: int = 0
+) -> None:
+    """The version's consumer, and those of its priority levels 1..`levels` (whichever exist)."""
+    names = [subjects.consumer(model, version)]
+    names += [subjects.consumer(model, version, level) for level in range(1, levels + 1)]
+    for name in names:
+        try:
+            await js.delete_consumer(subjects.stream, name)
+        except NotFoundError:
+            pass
 
 
 @dataclass(slots=True, frozen=True)

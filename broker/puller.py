@@ -25,6 +25,27 @@ fleet's other instances; the work an instance gets is exactly what it asked for 
 free. A request the broker forgets silently (a restart) is given up after its expiry plus a
 grace period. When the puller closes, the messages delivered and not handed over go back to
 the consumer (NAK) for the fleet's other instances, as does one already on its way to it.
+
+Priority levels (`LevelPuller`): a model with Triton's `priority_levels` has one consumer per
+level, and an instance takes from them highest level first, so priorities hold across the
+fleet (every instance prefers the same requests) rather than per instance:
+
+1. First, each level above the highest one it holds a message of is asked (`no_wait`, one
+   message) whether anything waits there, highest first: after an execution, what waits at a
+   higher level goes before anything else, even before a message a lower level delivered
+   meanwhile. A level whose long-poll is still outstanding is empty (a request there would
+   have been delivered to it) and is not asked.
+2. With nothing anywhere, it keeps a long-poll for one message on every level.
+3. With a message in hand, it asks each level, highest first, for as many as the room left
+   (`no_wait`; not those found empty this round), so the room fills from the top.
+4. Lingering (`max_queue_delay`), each level without a request outstanding is asked for the
+   room until the linger deadline.
+5. It hands over what it holds highest level first; what does not fit waits for the next round.
+
+The price, paid only by models with levels: a round asks each level once (a round trip each),
+and the long-polls of the levels that stayed empty while the instance took work remain
+outstanding while it executes, so such an instance may be handed one message per level that
+another, idle instance could have taken; it runs them in its next round, first.
 """
 
 from __future__ import annotations
@@ -32,7 +53,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 from nats.aio.client import Client
@@ -58,6 +81,7 @@ class Delivery:
 
     msg: Msg
     arrival_s: float
+    level: int = 0  # the priority level whose consumer delivered it (0: the model has none)
 
 
 def entries_of(msg: Msg) -> int:
@@ -95,12 +119,47 @@ def stored_ns(msg: Msg) -> int:
     return int(metadata.timestamp.timestamp() * 1_000_000) * 1000 if metadata is not None else 0
 
 
+class Puller(Protocol):
+    """What the batcher and the instance use of a puller: `CapacityPuller` for one consumer,
+    `LevelPuller` for the consumers of a model's priority levels."""
+
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def oldest_arrival_s(self) -> float: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def wait_first(self) -> bool: ...
+    async def collect_waiting(self, room: int) -> None: ...
+    async def pull_until(self, room: int, until_s: float) -> None: ...
+    async def wait_delivery(self, until_s: float) -> None: ...
+    def hand_over(self, room: int) -> list[Delivery]: ...
+    async def ack(self, msg: Msg) -> None: ...
+    async def in_progress(self, msg: Msg) -> None: ...
+    async def nak(self, msg: Msg) -> None: ...
+
+
 class CapacityPuller:
     def __init__(
-        self, nc: Client, stream: str, consumer: str, capacity: int, *, expires_s: float = 5.0
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        capacity: int,
+        *,
+        expires_s: float = 5.0,
+        level: int = 0,
+        event: asyncio.Event | None = None,
     ) -> None:
+        """`level`: the priority level the consumer serves, given to its deliveries; `event`:
+        one shared with the pullers of the other levels, set by every delivery."""
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: must be at least 1")
+        self.level = level
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._capacity = capacity
@@ -111,7 +170,7 @@ class CapacityPuller:
         self._entries: collections.deque[int] = collections.deque()
         self._held_entries = 0
         self._last_entries = 1  # requests in the last message delivered
-        self._event = asyncio.Event()
+        self._event = event if event is not None else asyncio.Event()
         self._sub: Subscription | None = None
         self._inbox = ""
         self._closed = False
@@ -274,16 +333,16 @@ class CapacityPuller:
         """Wait until the next delivery, the end of the outstanding request, or `until_s`."""
         await self._wait(until_s - asyncio.get_running_loop().time())
 
-    def hand_over(self, room: int) -> list[Delivery]:
+    def hand_over(self, room: int, *, at_least_one: bool = True) -> list[Delivery]:
         """The oldest messages held, in arrival order, as many as hold at most `room` requests
-        in all (but at least one message, whatever it holds)."""
+        in all (but at least one message, whatever it holds, unless not `at_least_one`)."""
         handed: list[Delivery] = []
         taken = 0
-        while self._queue and (not handed or taken + self._entries[0] <= room):
+        while self._queue and ((at_least_one and not handed) or taken + self._entries[0] <= room):
             entries = self._entries.popleft()
             taken += entries
             self._held_entries -= entries
-            handed.append(Delivery(self._queue.popleft(), self._arrivals.popleft()))
+            handed.append(Delivery(self._queue.popleft(), self._arrivals.popleft(), self.level))
         return handed
 
     # -- acknowledgements --------------------------------------------------------------------
@@ -304,3 +363,124 @@ class CapacityPuller:
                 await self._nc.publish(msg.reply, _NAK)
             except Exception:  # closing connection: ack wait will redeliver it anyway
                 pass
+
+
+class LevelPuller:
+    """Pull by capacity from the consumers of a model version's priority levels, highest
+    level first (the policy is in this module's docstring). `consumers`: (level, consumer
+    name), highest priority first."""
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumers: Sequence[tuple[int, str]],
+        capacity: int,
+        *,
+        expires_s: float = 5.0,
+    ) -> None:
+        if not consumers:
+            raise ValueError("a LevelPuller needs at least one consumer")
+        self._event = asyncio.Event()
+        self._expires_s = expires_s
+        self._levels = [
+            CapacityPuller(nc, stream, name, capacity, expires_s=expires_s, level=level, event=self._event)
+            for level, name in consumers
+        ]
+        # The levels asked this round that had nothing waiting.
+        self._empty: set[int] = set()
+
+    async def start(self) -> None:
+        for puller in self._levels:
+            await puller.start()
+
+    async def close(self) -> None:
+        for puller in self._levels:
+            await puller.close()
+
+    @property
+    def capacity(self) -> int:
+        return self._levels[0].capacity
+
+    @property
+    def closed(self) -> bool:
+        return self._levels[0].closed
+
+    @property
+    def held(self) -> int:
+        return sum(puller.held for puller in self._levels)
+
+    @property
+    def oldest_arrival_s(self) -> float:
+        return min(puller.oldest_arrival_s for puller in self._levels if puller.held)
+
+    async def _probe(self, index: int, messages: int) -> bool:
+        """Ask level `index` for up to `messages` that wait (no_wait); whether any came."""
+        puller = self._levels[index]
+        before = puller.held
+        await puller._pull(messages, no_wait=True)
+        await puller._settle(asyncio.get_running_loop().time() + _GRACE_S)
+        if puller.held > before:
+            return True
+        self._empty.add(index)
+        return False
+
+    async def wait_first(self) -> bool:
+        """Hold at least one message, of the highest level that has one waiting; with none
+        anywhere, a long-poll on each level that has none outstanding. False once closed."""
+        self._empty.clear()
+        while not self.closed:
+            for index, puller in enumerate(self._levels):
+                if puller.held:
+                    break  # nothing below it goes first
+                puller._expire_lost_request()
+                if not puller._outstanding and await self._probe(index, 1):
+                    break
+            if self.held:
+                return True
+            for puller in self._levels:
+                if not puller._outstanding:
+                    await puller._pull(1, expires_s=self._expires_s)
+            await self._levels[0]._wait(self._expires_s + _GRACE_S)
+        return False
+
+    async def collect_waiting(self, room: int) -> None:
+        """Fill `room` requests from the levels in order, each asked (no_wait) for what is left;
+        a level with a pull outstanding has nothing waiting (it would have been delivered), nor
+        one found empty this round."""
+        limit = room + self.held  # the room counts from what was held when asked
+        for index, puller in enumerate(self._levels):
+            left = limit - self.held
+            if left <= 0 or self.closed:
+                return
+            puller._expire_lost_request()
+            if puller._outstanding or index in self._empty:
+                continue
+            await self._probe(index, puller._messages_for(left))
+
+    async def pull_until(self, room: int, until_s: float) -> None:
+        for puller in self._levels:
+            await puller.pull_until(room, until_s)
+
+    async def wait_delivery(self, until_s: float) -> None:
+        await self._levels[0].wait_delivery(until_s)
+
+    def hand_over(self, room: int) -> list[Delivery]:
+        """What is held, highest level first, as many as hold at most `room` requests (but at
+        least one message)."""
+        handed: list[Delivery] = []
+        taken = 0
+        for puller in self._levels:
+            part = puller.hand_over(room - taken, at_least_one=not handed)
+            taken += sum(entries_of(delivery.msg) for delivery in part)
+            handed.extend(part)
+        return handed
+
+    async def ack(self, msg: Msg) -> None:
+        await self._levels[0].ack(msg)
+
+    async def in_progress(self, msg: Msg) -> None:
+        await self._levels[0].in_progress(msg)
+
+    async def nak(self, msg: Msg) -> None:
+        await self._levels[0].nak(msg)

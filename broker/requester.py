@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -107,6 +106,7 @@ class _Batch:
     model: str
     version: str
     max_rows: int
+    level: int = 0  # the priority level's subject (0: the plain one)
     entries: list[tuple[InferRequest, int, dict[str, str] | None]] = field(default_factory=list)
     pendings: list[_Pending] = field(default_factory=list)
     rows: int = 0
@@ -137,13 +137,15 @@ class Requester:
         self._failover_retry_s = failover_retry_s
         self._reconnects = reconnects_of(nc)
         self._subjects = subjects
-        self._inbox = subjects.inbox(owner or uuid.uuid4().hex[:12])
+        # By default under the connection's own inbox prefix (broker/auth.py: only this role may
+        # subscribe there) with nats-py's random suffix: nobody can guess it to forge answers.
+        self._inbox = subjects.inbox(owner) if owner else nc.new_inbox()
         self._prefix_len = len(self._inbox) + 1
         self._counter = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._batches: dict[str, _Batch] = {}
-        # (model, version) -> the batch still taking requests this turn of the loop.
-        self._open: dict[tuple[str, str], _Batch] = {}
+        # (model, version, priority level) -> the batch still taking requests this turn.
+        self._open: dict[tuple[str, str, int], _Batch] = {}
         self._streams: dict[str, _Stream] = {}
         # token -> the message behind it, while any of its requests waits (not for streams: a
         # stream published twice could interleave two answer sequences).
@@ -151,6 +153,24 @@ class Requester:
         self._retries: set[asyncio.Future[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sub: Subscription | None = None
+        # subject -> [messages, requests] published to it, and the requests of the last message
+        # published to it: for the gateway's admission (gateway/admission.py), how many requests
+        # a queued message holds, and whether the broker has stored all it was sent.
+        self._published: dict[str, list[int]] = {}
+        self._last_published: dict[str, list[_Pending]] = {}
+
+    def published(self, subject: str) -> tuple[int, int]:
+        """(messages, requests) this requester has published to `subject` since it started
+        (streams not counted)."""
+        counts = self._published.get(subject)
+        return (counts[0], counts[1]) if counts is not None else (0, 0)
+
+    def stored(self, subject: str) -> bool:
+        """Whether the broker has acknowledged the last message published to `subject` (or its
+        requests are over): JetStream stores a stream's messages in order, so then it holds
+        every one published to it before."""
+        last = self._last_published.get(subject)
+        return last is None or all(pending.queued or pending.future.done() for pending in last)
 
     @property
     def in_flight(self) -> int:
@@ -259,6 +279,7 @@ class Requester:
         *,
         rows: int = 1,
         max_rows: int = 1,
+        level: int = 0,
     ) -> InferResponse:
         """Send `request` to `version` of its model; answer or raise a NatronError.
 
@@ -266,6 +287,8 @@ class Requester:
         with the request so that a worker drops it unprocessed once it expires. A request of
         `rows` rows may share its message with others of the same turn up to `max_rows` rows
         in all (the model's max_batch_size; 1 keeps every request in a message of its own).
+        `level`: the priority level's subject of a model with priority levels (0: the plain
+        subject); only requests of one level share a message.
         """
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
         loop = asyncio.get_running_loop()
@@ -274,14 +297,14 @@ class Requester:
         for tensor in request.inputs:
             data_bytes += tensor.data.nbytes
         if max_rows <= 1 or data_bytes > COALESCE_MAX_REQUEST_BYTES:
-            return await self._infer_alone(request, version, timeout_s, deadline_ns, pending, headers)
-        key = (request.model, version)
+            return await self._infer_alone(request, version, timeout_s, deadline_ns, pending, headers, level)
+        key = (request.model, version, level)
         # The first request of the turn (or the first that no longer fits) opens a batch and
         # publishes it; the others join it.
         open_batch = self._open.get(key)
         leader = open_batch is None or not open_batch.fits(rows, data_bytes + _COALESCE_ENTRY_BYTES)
         if open_batch is None or leader:
-            batch = self._open[key] = _Batch(request.model, version, max_rows)
+            batch = self._open[key] = _Batch(request.model, version, max_rows, level)
         else:
             batch = open_batch
         batch.entries.append((request, deadline_ns, headers))
@@ -295,9 +318,11 @@ class Requester:
                     # One turn: the requests already read from other connections join.
                     await asyncio.sleep(0)
                 except asyncio.CancelledError:
-                    # This caller went away meanwhile; the others still wait for the batch.
+                    # This caller went away meanwhile (a client that reset its connection while
+                    # the gateway was busy): its request stays out of the message, so no worker
+                    # runs it; the others still go.
+                    pending.future.cancel()
                     await self._publish_batch(key, batch)
-                    await self._cancel(request, version, self._reply_to(batch.token))
                     raise
                 await self._publish_batch(key, batch)
             return await self._await(
@@ -318,13 +343,21 @@ class Requester:
         deadline_ns: int,
         pending: _Pending,
         headers: dict[str, str] | None,
+        level: int = 0,
     ) -> InferResponse:
         payload = self._payload(request)
         token = str(next(self._counter))
         self._pending[token] = pending
         try:
             await self._publish(
-                request.model, version, payload, f"{self._inbox}.{token}", deadline_ns, headers, [pending]
+                request.model,
+                version,
+                payload,
+                f"{self._inbox}.{token}",
+                deadline_ns,
+                headers,
+                [pending],
+                level,
             )
             return await self._await(pending, request, version, timeout_s, lambda: self._reply_to(token))
         finally:
@@ -345,17 +378,27 @@ class Requester:
         try:
             return await pending.future
         except asyncio.CancelledError:
-            # The caller went away (a closed HTTP connection): its queued work is dropped.
-            await self._cancel(request, version, reply_to())
+            # The caller went away (a closed HTTP connection): its queued work is dropped. One
+            # whose batch is not published yet is left out of it (its future is cancelled).
+            target = reply_to()
+            if target:
+                await self._cancel(request, version, target)
             raise
         finally:
             timer.cancel()
 
-    async def _publish_batch(self, key: tuple[str, str], batch: _Batch) -> None:
+    async def _publish_batch(self, key: tuple[str, str, int], batch: _Batch) -> None:
         """Close the batch and publish it: one message (a plain one when it holds one
-        request); a failure to publish is every request's answer."""
+        request); a failure to publish is every request's answer. Requests whose callers went
+        away before it (or whose time ran out) stay out: nobody would take their answers."""
         if self._open.get(key) is batch:
             del self._open[key]
+        if any(pending.future.done() for pending in batch.pendings):
+            kept = [i for i, pending in enumerate(batch.pendings) if not pending.future.done()]
+            batch.entries = [batch.entries[i] for i in kept]
+            batch.pendings = [batch.pendings[i] for i in kept]
+            if not kept:
+                return
         token = batch.token = str(next(self._counter))
         reply_to = f"{self._inbox}.{token}"
         try:
@@ -364,7 +407,14 @@ class Requester:
                 request, deadline_ns, headers = batch.entries[0]
                 payload = self._payload(request)
                 await self._publish(
-                    batch.model, batch.version, payload, reply_to, deadline_ns, headers, batch.pendings
+                    batch.model,
+                    batch.version,
+                    payload,
+                    reply_to,
+                    deadline_ns,
+                    headers,
+                    batch.pendings,
+                    batch.level,
                 )
                 return
             self._batches[token] = batch
@@ -378,6 +428,7 @@ class Requester:
                 deadline_ns,
                 {BATCH: str(len(batch.entries))},
                 batch.pendings,
+                batch.level,
             )
         except NatronError as exc:
             for pending in batch.pendings:
@@ -411,6 +462,7 @@ class Requester:
         version: str,
         idle_timeout_s: float,
         headers: dict[str, str] | None = None,
+        level: int = 0,
     ) -> AsyncGenerator[tuple[InferResponse, bool], None]:
         """`stream`, with each answer's final flag, and the final flag alone as an answer with
         no outputs: what Triton's gRPC stream tells its clients (`triton_final_response`)."""
@@ -422,7 +474,7 @@ class Requester:
         finished = False
         try:
             deadline_ns = time.time_ns() + int(idle_timeout_s * 1e9)
-            await self._publish(request.model, version, payload, reply_to, deadline_ns, headers)
+            await self._publish(request.model, version, payload, reply_to, deadline_ns, headers, None, level)
             while True:
                 try:
                     item, final = await asyncio.wait_for(state.queue.get(), idle_timeout_s)
@@ -453,6 +505,7 @@ class Requester:
         deadline_ns: int,
         headers: dict[str, str] | None,
         pendings: list[_Pending] | None = None,
+        level: int = 0,
     ) -> None:
         """Into the work queue; JetStream acknowledges to `<reply_to>.a`, the worker answers to
         `reply_to` (a header, since JetStream owns the message's reply subject).
@@ -462,7 +515,7 @@ class Requester:
         may not come back. Refused at once, the client can retry elsewhere."""
         if not self._nc.is_connected:
             raise Unavailable("the broker is unavailable (the connection to NATS is down); retry shortly")
-        subject = self._subjects.infer(model, version)
+        subject = self._subjects.infer(model, version, level)
         all_headers = {REPLY_TO: reply_to, DEADLINE_NS: str(deadline_ns), **(headers or {})}
         if pendings is not None:
             token = reply_to[self._prefix_len :]
@@ -485,6 +538,13 @@ class Requester:
             )
         except nats.errors.Error as exc:  # closed connection, full reconnect buffer
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from None
+        if pendings is not None:
+            counts = self._published.get(subject)
+            if counts is None:
+                counts = self._published[subject] = [0, 0]
+            counts[0] += 1
+            counts[1] += len(pendings)
+            self._last_published[subject] = pendings
 
     def _reply_to(self, token: str) -> str:
         """Where the answers to `token` go; "" while it has none (a batch not yet published)."""

@@ -98,6 +98,13 @@ class ServerOptions:
     cluster_port: int | None = None
     routes: tuple[str, ...] = ()
     cluster_name: str = "natron"
+    cluster_host: str | None = None  # where the cluster port binds; None: `host`
+    # Who may connect and what each may do: broker/auth.py's `authorization` block; None: anyone
+    # who reaches the port may do anything (tests of the broker layer alone).
+    authorization: str | None = None
+    # TLS for client connections: the server's certificate and key (both, or neither).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def _check_max_payload(options: ServerOptions) -> None:
@@ -146,6 +153,12 @@ def config_text(options: ServerOptions, store_dir: Path) -> str:
         f"  max_memory_store: {options.jetstream_max_memory_bytes}",
         "}",
     ]
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise ValueError("TLS needs both a certificate and its key")
+    if options.tls_cert is not None:
+        lines += ["tls {", f'  cert_file: "{options.tls_cert}"', f'  key_file: "{options.tls_key}"', "}"]
+    if options.authorization is not None:
+        lines.append(options.authorization)
     if options.monitor_port is not None:
         lines.append(f"http_port: {options.monitor_port}")
     if options.server_name is not None:
@@ -154,7 +167,7 @@ def config_text(options: ServerOptions, store_dir: Path) -> str:
         lines += [
             "cluster {",
             f'  name: "{options.cluster_name}"',
-            f'  listen: "{options.host}:{options.cluster_port}"',
+            f'  listen: "{options.cluster_host or options.host}:{options.cluster_port}"',
             "  routes [",
             *(f'    "{route}"' for route in options.routes),
             "  ]",

@@ -61,11 +61,19 @@ class Subjects:
     def infer_all(self) -> str:
         return f"{self.prefix}.infer.>"
 
-    def infer(self, model: str, version: str) -> str:
+    def infer(self, model: str, version: str, level: int = 0) -> str:
+        """Where requests for `model` `version` go; at priority `level` (1, 2, ...) of a model
+        with priority levels, one token more (0: the plain subject, which a model with levels
+        takes at its default level)."""
+        if level:
+            return f"{self.prefix}.infer.{model}.{version}.{level}"
         return f"{self.prefix}.infer.{model}.{version}"
 
-    def consumer(self, model: str, version: str) -> str:
-        """The durable pull consumer shared by every instance of one model version."""
+    def consumer(self, model: str, version: str, level: int = 0) -> str:
+        """The durable pull consumer shared by every instance of one model version; of one
+        priority level of it (a model's default level keeps the plain name, 0: no levels)."""
+        if level:
+            return f"{model}-v{version}-p{level}"
         return f"{model}-v{version}"
 
     def cancel(self, model: str, version: str) -> str:

@@ -2,7 +2,9 @@
 
 A client written from docs/wire-format.md alone, and a reference for clients in other languages:
 
-    python examples/nats_direct.py --nats-url nats://127.0.0.1:4222
+    python examples/nats_direct.py --nats-url nats://127.0.0.1:4222 --nats-creds client.nk
+
+(`natron serve` prints where the client credentials are: `NATS credentials: ...`.)
 
 resolves the highest READY version of `tiny` from the `natron_models` key-value bucket, publishes
 one row `0..15` into the work queue and prints the answer (`OUTPUT0 = 2 * INPUT0 + 1`).
@@ -19,6 +21,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -305,15 +308,30 @@ async def _quiet(exc: Exception) -> None:
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument(
+        "--nats-creds",
+        default=None,
+        help="the client's credentials: an nkey seed file, or a NATS .creds file",
+    )
     parser.add_argument("--prefix", default="natron", help="subject prefix of the deployment")
     parser.add_argument("--model", default="tiny", help="a model with one FP32 input INPUT0 of [-1, 16]")
     parser.add_argument("--version", default=None, help="default: the highest READY version")
     parser.add_argument("--timeout-s", type=float, default=5.0)
     args = parser.parse_args(argv)
 
+    credentials = {}
+    if args.nats_creds:
+        # A .creds file holds a JWT and its seed; natron's own credentials are a bare nkey seed.
+        is_jwt = "BEGIN NATS USER JWT" in Path(args.nats_creds).read_text()  # noqa: ASYNC240 (once, at start)
+        credentials = {"user_credentials" if is_jwt else "nkeys_seed": args.nats_creds}
     try:
         nc = await nats.connect(
-            args.nats_url, connect_timeout=3, max_reconnect_attempts=1, allow_reconnect=False, error_cb=_quiet
+            args.nats_url,
+            connect_timeout=3,
+            max_reconnect_attempts=1,
+            allow_reconnect=False,
+            error_cb=_quiet,
+            **credentials,
         )
     except Exception as exc:  # refused, unreachable, not a NATS server
         print(f"cannot connect to {args.nats_url}: {exc!r}", file=sys.stderr)

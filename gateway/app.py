@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from broker import jetstream, recovery
+from broker import auth, jetstream, recovery
 from broker.requester import Requester
 from broker.view import ModelRegistry
 from gateway import answers, infer, logging_api, sharedmemory, stats, streaming, trace_api
+from gateway.admission import admission_ctx
 from gateway.fleet import FleetView
 from gateway.health import not_ready_reason
 from gateway.keys import (
@@ -30,6 +31,7 @@ from gateway.keys import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import error_response, errors_middleware, json_object, json_response
+from gateway.restricted import ACCESS, AccessPolicy, check_upload, restricted_middleware
 from natron.errors import InvalidArgument
 from natron.tasks import EssentialTasks
 
@@ -80,6 +82,8 @@ async def _control(request: web.Request, verb: str) -> web.Response:
     params = json_object(await request.read(), verb).get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidArgument("'parameters' must be a JSON object")
+    if verb == "load":
+        check_upload(request.app, "http", request.match_info["model"], params)
     await answers.control(request.app, verb, request.match_info["model"], params)
     return web.Response(status=200)
 
@@ -105,7 +109,12 @@ async def unload_model(request: web.Request) -> web.Response:
 
 async def _connection_ctx(app: web.Application) -> AsyncIterator[None]:
     options = app[OPTIONS]
-    nc = await jetstream.connect(options.nats_url, name="natron-gateway")
+    nc = await jetstream.connect(
+        options.nats_url,
+        name="natron-gateway",
+        auth=options.nats_auth,
+        inbox_prefix=auth.private_inbox(options.subjects, "gateway"),
+    )
     app[NATS] = nc
     try:
         await jetstream.ensure_stream(nc.jetstream(), options.subjects, options.storage)
@@ -192,19 +201,29 @@ def essential_tasks(app: web.Application) -> tuple[EssentialTasks, ...]:
 
 
 def create_app(
-    options: GatewayOptions, drain_timeout_s: float = 20.0, metrics: GatewayMetrics | None = None
+    options: GatewayOptions,
+    drain_timeout_s: float = 20.0,
+    metrics: GatewayMetrics | None = None,
+    access: AccessPolicy | None = None,
 ) -> web.Application:
     """The gateway app; on shutdown, open streams get `drain_timeout_s` to finish their
     requests before they are closed with a last frame (gateway/streaming.py). `metrics`: where
-    it counts its requests (by default, in this process alone)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=options.max_body_bytes)
+    it counts its requests (by default, in this process alone). `access`: the restricted API
+    groups and whether uploaded code is taken (gateway/restricted.py)."""
+    access = access if access is not None else AccessPolicy()
+    # The restriction check comes first: a refused request is answered before anything else.
+    middlewares = [restricted_middleware(access.http)] if access.http else []
+    app = web.Application(
+        middlewares=[*middlewares, errors_middleware], client_max_size=options.max_body_bytes
+    )
+    app[ACCESS] = access
     app[OPTIONS] = options
     app[REGISTRY] = ModelRegistry()
     app[METRICS] = metrics if metrics is not None else GatewayMetrics()
     app[FLEET] = FleetView()
     app[GATEWAY_TASKS] = EssentialTasks("gateway")
     app.cleanup_ctx.extend(
-        [_connection_ctx, _model_view_ctx, _fleet_view_ctx, _broker_state_ctx, _requester_ctx]
+        [_connection_ctx, _model_view_ctx, _fleet_view_ctx, _broker_state_ctx, _requester_ctx, admission_ctx]
     )
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)

@@ -23,6 +23,12 @@ Requests on one connection are answered in order (HTTP/1.1 pipelining); more tha
 pause reading. A client that goes away cancels its request, as aiohttp's handler_cancellation
 does, and the requester tells the worker. On shutdown the listener closes, requests in flight
 get the drain budget, and idle connections close at once.
+
+Idle and slow clients (gateway/connections.py): an idle connection closes after the keep-alive
+timeout; a request whose head is not complete within the read timeout of its first byte, or
+whose body stalls that long, closes its connection; past the connection cap, a new connection
+is answered 503 and closed. With the inference group restricted (gateway/restricted.py), a
+request without its header goes to aiohttp, which refuses it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import functools
 import logging
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -42,8 +49,11 @@ import httptools
 from aiohttp import web
 
 from gateway import infer, kserve
+from gateway.connections import ConnectionLimits, RefusedConnection, refusal
+from gateway.keys import METRICS
 from gateway.middleware import error_body, unexpected_error
 from natron.errors import NatronError
+from natron.restricted_api import Restriction
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +62,12 @@ _INFER_PATH = re.compile(rb"/v2/models/([A-Za-z0-9_-]{1,128})(?:/versions/([0-9]
 _MAX_HEAD_BYTES = 16 * 1024
 # Requests parsed and waiting for their turn on one connection before reading pauses.
 _MAX_QUEUED = 8
-# An idle keep-alive connection is closed after this long, as aiohttp does.
+# Linux's TCP_INFO, whose first byte is the connection's state; TCP_CLOSE once the peer reset it
+# (include/net/tcp_states.h). Elsewhere there is no such look and every request is served.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+_TCP_CLOSE = b"\x07"
+# An idle keep-alive connection is closed after this long, as aiohttp does (the default of
+# ConnectionLimits; FastPath takes another).
 KEEPALIVE_TIMEOUT_S = 75.0
 # The headers the infer route reads, besides those that decide whether it is served here.
 _KEPT = {b"content-length", b"inference-header-content-length", b"traceparent", b"tracestate"}
@@ -76,16 +91,43 @@ class FastPath:
     """The listener's side: the protocol factory, and the connections to drain on stop."""
 
     def __init__(
-        self, app: web.Application, aiohttp_server: Callable[[], asyncio.Protocol], max_body: int
+        self,
+        app: web.Application,
+        aiohttp_server: Callable[[], asyncio.Protocol],
+        max_body: int,
+        limits: ConnectionLimits | None = None,
+        restriction: Restriction | None = None,
+        handed_over: Callable[[], int] = lambda: 0,
     ) -> None:
+        """`limits`: timeouts and the connection cap; `restriction`: the inference group's
+        header, if restricted; `handed_over`: how many connections aiohttp holds, which count
+        towards the cap with this path's own."""
         self.app = app
         self.aiohttp_server = aiohttp_server
         self.max_body = max_body
+        limits = limits or ConnectionLimits(keepalive_timeout_s=KEEPALIVE_TIMEOUT_S)
+        self.keepalive_timeout_s = limits.keepalive_timeout_s
+        self.read_timeout_s = limits.request_read_timeout_s
+        self.max_connections = limits.max_connections
+        self._refusal = refusal(limits.max_connections)
+        self.handed_over = handed_over
+        self.restriction = restriction
+        # The headers a connection keeps: the infer route's, and the restriction's.
+        self.kept = _KEPT | ({restriction.header.encode()} if restriction is not None else set())
         self.connections: set[FastConnection] = set()
         self.closing = False
         self._drained = asyncio.Event()
 
     def __call__(self) -> FastConnection:
+        return FastConnection(self)
+
+    def accept(self) -> asyncio.Protocol:
+        """The listener's protocol factory: a connection over the cap is answered 503 and
+        closed. aiohttp's share is counted only when this path's own leaves room."""
+        if len(self.connections) >= self.max_connections or (
+            len(self.connections) + self.handed_over() >= self.max_connections
+        ):
+            return RefusedConnection(self._refusal)
         return FastConnection(self)
 
     def forget(self, connection: FastConnection) -> None:
@@ -124,14 +166,19 @@ class FastConnection(asyncio.Protocol):
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
+        self._kept = owner.kept
         self._idle: asyncio.TimerHandle | None = None
-        self._idle_since_s: float | None = None  # loop time the connection went idle, if it is
+        # When the connection closes unless a request comes (idle) or this one is complete
+        # (read); None while a request is being answered.
+        self._deadline_s: float | None = None
+        self._socket: socket.socket | None = None
 
     # -- the transport's callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports have asyncio.Transport's methods without being its subclass.
         self._transport = cast(asyncio.Transport, transport)
+        self._socket = transport.get_extra_info("socket")
         self._owner.connections.add(self)
         self._arm_idle()
 
@@ -153,7 +200,7 @@ class FastConnection(asyncio.Protocol):
         if self._hand_over:
             self._buffer += data  # after the request aiohttp takes over: kept for it
             return
-        self._disarm_idle()
+        starts = not self._buffer  # the first bytes of a request
         self._buffer += data
         try:
             self._parser.feed_data(data)
@@ -168,7 +215,11 @@ class FastConnection(asyncio.Protocol):
             if not self._head_bytes and len(self._buffer) > _MAX_HEAD_BYTES:
                 # A header block without end in sight: aiohttp's limits answer it.
                 self._begin_hand_over()
-            elif self._task is None:
+            elif self._task is not None:
+                self._disarm_idle()  # answering: the timeouts count again once it is done
+            elif starts or self._head_bytes:
+                # A request's first bytes, or its body coming: the read timeout from now. More of
+                # a head that began earlier moves nothing, so a head sent a byte at a time ends.
                 self._arm_idle()
 
     # -- the parser's callbacks --------------------------------------------------------------
@@ -188,11 +239,13 @@ class FastConnection(asyncio.Protocol):
         name = name.lower()
         if name in _REFUSED:
             raise _HandOver
-        if name in _KEPT:
+        if name in self._kept:
             key = name.decode()
             if key in self._headers:
                 raise _HandOver  # a repeated header: aiohttp's rules apply
-            self._headers[key] = value.decode("latin-1")
+            # As aiohttp decodes them: bytes that are not UTF-8 become lone surrogates, which
+            # the infer handler refuses with a 400 naming the header.
+            self._headers[key] = value.decode("utf-8", "surrogateescape")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -212,6 +265,9 @@ class FastConnection(asyncio.Protocol):
         head_end = self._buffer.find(b"\r\n\r\n", 0, _MAX_HEAD_BYTES)
         if head_end < 0 or self._content_length > self._owner.max_body:
             raise _HandOver  # aiohttp answers 413 for a body over the limit
+        restriction = self._owner.restriction
+        if restriction is not None and self._headers.get(restriction.header) != restriction.value:
+            raise _HandOver  # aiohttp's middleware refuses it (gateway/restricted.py)
         self._head_bytes = head_end + 4
 
     def on_message_complete(self) -> None:
@@ -250,8 +306,28 @@ class FastConnection(asyncio.Protocol):
         else:
             self._arm_idle()
 
+    def _peer_reset(self) -> bool:
+        """Whether the client reset the connection, though the transport has not read that yet.
+
+        A client that gives up sends its reset right behind its request: the transport hands
+        the request over first and reads the reset a loop turn later, by when the request would
+        be published and a worker would run it for nobody. The kernel knows already: a reset
+        connection is in TCP_CLOSE. One getsockopt (about a microsecond) per request; a peer
+        that only half-closed (FIN, CLOSE_WAIT) may still read its answer, so it is served."""
+        if self._socket is None or _TCP_INFO is None:
+            return False
+        try:
+            return self._socket.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[:1] == _TCP_CLOSE
+        except OSError:
+            return False
+
     async def _answer(self, request: _Request) -> None:
         headers = request.headers
+        if self._peer_reset():
+            # Counted as a client that went away (499), as aiohttp's route counts one.
+            self._owner.app[METRICS].observe(request.model, request.version or "", 499, 0.0)
+            self.abort()
+            return
         try:
             answer = await infer.handle(
                 self._owner.app,
@@ -268,8 +344,8 @@ class FastConnection(asyncio.Protocol):
             self._write(exc.status, error_body(exc.text or exc.reason), b"application/json")
             return
         except Exception as exc:
-            log.exception("unexpected error on POST /v2/models/%s/infer", request.model)
-            self._write(500, error_body(unexpected_error(exc)), b"application/json")
+            where = f"POST /v2/models/{request.model}/infer"
+            self._write(500, error_body(unexpected_error(exc, where)), b"application/json")
             return
         if answer.json_length is None:
             self._write(200, answer.body, b"application/json")
@@ -332,25 +408,32 @@ class FastConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _arm_idle(self) -> None:
-        """Count the keep-alive timeout from now. One timer per connection, moved on only when
-        it fires: a timer made and cancelled per request would cost more than its check."""
+        """Count from now the keep-alive timeout, or, with part of a request in, the read
+        timeout. One timer per connection, moved on only when it fires (or when the deadline
+        comes before it): a timer made and cancelled per request would cost more than its check."""
         loop = asyncio.get_running_loop()
-        self._idle_since_s = loop.time()
+        owner = self._owner
+        timeout_s = owner.read_timeout_s if self._buffer else owner.keepalive_timeout_s
+        self._deadline_s = deadline_s = loop.time() + timeout_s
+        if self._idle is not None and self._idle.when() > deadline_s:
+            self._idle.cancel()
+            self._idle = None
         if self._idle is None:
-            self._idle = loop.call_later(KEEPALIVE_TIMEOUT_S, self._check_idle)
+            self._idle = loop.call_at(deadline_s, self._check_idle)
 
     def _disarm_idle(self) -> None:
-        self._idle_since_s = None
+        self._deadline_s = None
 
     def _check_idle(self) -> None:
         self._idle = None
         if self._transport is None:
             return
         loop = asyncio.get_running_loop()
-        if self._idle_since_s is None:
-            delay_s = KEEPALIVE_TIMEOUT_S  # busy: look again a timeout later
+        if self._deadline_s is None:
+            # Busy: look again a timeout later.
+            delay_s = min(self._owner.keepalive_timeout_s, self._owner.read_timeout_s)
         else:
-            delay_s = self._idle_since_s + KEEPALIVE_TIMEOUT_S - loop.time()
+            delay_s = self._deadline_s - loop.time()
             if delay_s <= 0:
                 self.abort_if_open()
                 return

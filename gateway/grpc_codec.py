@@ -81,9 +81,29 @@ def _parameters(entries: Any) -> dict[str, Any]:
     return {key: parameter_value(value) for key, value in entries.items()}
 
 
-def parse_request(message: pb.ModelInferRequest, shm: kserve.ShmResolver | None = None) -> GrpcInfer:
+def parse_request(
+    message: pb.ModelInferRequest,
+    shm: kserve.ShmResolver | None = None,
+    *,
+    limits: kserve.InputLimits = kserve.DEFAULT_LIMITS,
+    max_inputs: int | None = None,
+    max_outputs: int | None = None,
+) -> GrpcInfer:
     """Raises InvalidArgument, with HTTP's wording where the mistake is the same. `shm` maps
-    the shared memory windows inputs and outputs name (as for HTTP)."""
+    the shared memory windows inputs and outputs name (as for HTTP); `limits`, `max_inputs`
+    and `max_outputs` bound the request as they do there, the counts before any tensor is
+    read."""
+    model = message.model_name
+    if max_inputs is not None and len(message.inputs) > max_inputs:
+        raise InvalidArgument(
+            f"request 'inputs' lists {len(message.inputs)} tensors, but model '{model}' has only "
+            f"{max_inputs} inputs"
+        )
+    if max_outputs is not None and len(message.outputs) > max_outputs:
+        raise InvalidArgument(
+            f"request 'outputs' lists {len(message.outputs)} tensors, but model '{model}' has only "
+            f"{max_outputs} outputs"
+        )
     raw = message.raw_input_contents
     parts: list[bytes] = []
     inputs: list[dict[str, Any]] = []
@@ -145,7 +165,7 @@ def parse_request(message: pb.ModelInferRequest, shm: kserve.ShmResolver | None 
     if message.outputs:
         doc["outputs"] = [_output(output) for output in message.outputs]
     parsed = kserve.parse_infer_doc(
-        doc, memoryview(b"".join(parts)), message.model_name, message.model_version, shm
+        doc, memoryview(b"".join(parts)), model, message.model_version, shm, limits=limits
     )
     parsed.request.parameters.update(doubles)
     return GrpcInfer(parsed, empty_final)

@@ -2,6 +2,12 @@
 same process and on the same mesh: the same model view, requester and statistics, the service
 definitions tritonclient ships (`service_pb2_grpc`), grpcio's asyncio server.
 
+Restricted groups (gateway/restricted.py): with --grpc-restricted-protocol, an interceptor
+refuses a call to a restricted group without the metadata `triton-grpc-protocol-<key>: <value>`
+with Triton's message, and PERMISSION_DENIED where Triton answers UNAVAILABLE (a code that
+clients and retry policies read as "try again", which a missing key never fixes). Idle and
+half-open connections are bounded by grpc core's options (gateway/connections.py).
+
 Errors map from natron's statuses to the gRPC codes Triton uses for the same cases. Requests
 get the deadline the client set on the call when it names none in its `timeout` parameter, and
 a call the client cancels cancels its request on the worker, as a closed HTTP connection does.
@@ -24,14 +30,17 @@ from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from broker.view import ModelView
-from gateway import answers, grpc_codec, health, logging_api, stats, trace_api
+from gateway import admission, answers, grpc_codec, health, logging_api, stats, trace_api
+from gateway.connections import ConnectionLimits, grpc_options
 from gateway.infer import new_request_id, trace_headers
 from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import unexpected_error
+from gateway.restricted import ACCESS, GRPC_GROUPS, AccessPolicy, check_upload
 from gateway.sharedmemory import SHARED_MEMORY
 from gateway.tracing import TRACER
 from natron.errors import NatronError, Unsupported
 from natron.inference import InferResponse
+from natron.restricted_api import Restriction, Restrictions, grpc_refusal
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ R = TypeVar("R", pb.SystemSharedMemoryStatusResponse, pb.CudaSharedMemoryStatusR
 _CODES: Final[dict[int, grpc.StatusCode]] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.UNAVAILABLE,
@@ -71,8 +81,7 @@ def _unary(
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            log.exception("gRPC %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, unexpected_error(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, unexpected_error(exc, f"gRPC {method.__name__}"))
         raise AssertionError("abort returns only by raising")
 
     return call
@@ -147,6 +156,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 params[key] = base64.b64encode(value.bytes_param).decode("ascii")
             elif kind is not None:
                 params[key] = getattr(value, kind)
+        check_upload(self._app, "grpc", request.model_name, params)
         await answers.control(self._app, "load", request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
@@ -178,8 +188,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             except NatronError as exc:
                 answers_.put_nowait(_stream_error(request, exc.message))
             except Exception as exc:
-                log.exception("gRPC stream request %s failed", request.id)
-                answers_.put_nowait(_stream_error(request, unexpected_error(exc)))
+                where = f"gRPC stream request {request.id}"
+                answers_.put_nowait(_stream_error(request, unexpected_error(exc, where)))
 
         async def read() -> None:
             try:
@@ -237,30 +247,36 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
 
     async def _prepare(
         self, request: pb.ModelInferRequest, context: Any
-    ) -> tuple[grpc_codec.GrpcInfer, ModelView, str, float, dict[str, str] | None]:
-        """Parse and check a request; its model view, target version, deadline and trace."""
+    ) -> tuple[grpc_codec.GrpcInfer, ModelView, str, admission.Queueing, dict[str, str] | None]:
+        """Parse and check a request; its model view, target version, queueing (priority level
+        and deadline) and trace."""
         view = self._view(request.model_name)
         target = view.resolve(request.model_version)
         if view.spec is None:
             raise Unsupported(f"model '{view.record.name}' has no valid config")
-        infer = await self._app[SHARED_MEMORY].parse(lambda window: grpc_codec.parse_request(request, window))
+        spec, limits = view.spec, self._app[OPTIONS].limits
+        infer = await self._app[SHARED_MEMORY].parse(
+            lambda window: grpc_codec.parse_request(
+                request, window, limits=limits, max_inputs=len(spec.inputs), max_outputs=len(spec.outputs)
+            )
+        )
         parsed = infer.parsed
         if not parsed.request.id:
             parsed.request.id = new_request_id()
-        timeout_s = self._app[OPTIONS].default_timeout_s
-        if parsed.timeout_us:
-            timeout_s = parsed.timeout_us / 1e6
-        else:
-            remaining = context.time_remaining()
-            if remaining is not None:
-                timeout_s = max(remaining, 1e-3)
+        # The call's own deadline, else the gateway's default; the `timeout` parameter's
+        # meaning depends on the model's queue policy (gateway/admission.py).
+        call_timeout_s = self._app[OPTIONS].default_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            call_timeout_s = max(remaining, 1e-3)
+        queue = admission.queueing(view.spec.scheduling, parsed.request, parsed.timeout_us, call_timeout_s)
         metadata = {
             key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)
         }
-        return infer, view, target, timeout_s, trace_headers(metadata.get) or None
+        return infer, view, target, queue, trace_headers(metadata.get) or None
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        infer, view, target, timeout_s, trace = await self._prepare(request, context)
+        infer, view, target, queue, trace = await self._prepare(request, context)
         spec = view.spec
         assert spec is not None
         if spec.decoupled:
@@ -268,6 +284,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 f"model '{spec.name}' is decoupled: ModelInfer cannot carry its answers, use ModelStreamInfer"
             )
         rows = spec.validate(infer.parsed.request)
+        waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
+        if waiting is not None:
+            await waiting
         # The gateway's span when the trace settings sample this request: its context goes on.
         traced = self._app[TRACER].begin(spec.name, target, infer.parsed.request.id, (trace or {}).get)
         status = 500
@@ -275,10 +294,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             response = await self._app[REQUESTER].infer(
                 infer.parsed.request,
                 target,
-                timeout_s,
+                queue.timeout_s,
                 headers=trace if traced is None else traced.headers,
                 rows=rows,
                 max_rows=spec.max_rows,
+                level=queue.subject_level,
             )
             status = 200
         except NatronError as exc:
@@ -295,10 +315,13 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         context: Any,
         send: Callable[[pb.ModelStreamInferResponse], None],
     ) -> None:
-        infer, view, target, timeout_s, trace = await self._prepare(request, context)
+        infer, view, target, queue, trace = await self._prepare(request, context)
         spec = view.spec
         assert spec is not None
         rows = spec.validate(infer.parsed.request)
+        waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
+        if waiting is not None:
+            await waiting
         requester = self._app[REQUESTER]
 
         def answer(response: InferResponse, final: bool) -> pb.ModelStreamInferResponse:
@@ -310,15 +333,18 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             response = await requester.infer(
                 infer.parsed.request,
                 target,
-                timeout_s,
+                queue.timeout_s,
                 headers=trace,
                 rows=rows,
                 max_rows=spec.max_rows,
+                level=queue.subject_level,
             )
             send(answer(response, True))
             return
         infer.parsed.request.version = target
-        async for response, final in requester.stream_marked(infer.parsed.request, target, timeout_s, trace):
+        async for response, final in requester.stream_marked(
+            infer.parsed.request, target, queue.timeout_s, trace, queue.subject_level
+        ):
             if response.outputs:
                 send(answer(response, final))
             elif final and infer.empty_final_response:
@@ -402,19 +428,70 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(error_message=message, infer_response=answer)
 
 
+class _Restricted(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call to a restricted group without its metadata, before the method runs."""
+
+    def __init__(self, restrictions: Restrictions) -> None:
+        self._restrictions = restrictions
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        group = GRPC_GROUPS.get(details.method.rpartition("/")[2])
+        restriction = self._restrictions.get(group) if group is not None else None
+        if restriction is None or handler is None:
+            return handler
+        for key, value in details.invocation_metadata or ():
+            if key == restriction.header and value == restriction.value:
+                return handler
+        return _refusing(handler, restriction)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, restriction: Restriction) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that answers PERMISSION_DENIED with Triton's message."""
+    message = grpc_refusal(restriction)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **codec)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **codec)
+    return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+
+
 async def start_server(
-    app: web.Application, address: str, port: int, *, shared_port: bool = False
+    app: web.Application,
+    address: str,
+    port: int,
+    *,
+    shared_port: bool = False,
+    limits: ConnectionLimits | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Serve gRPC for the gateway `app` (started: its requester and views are up); returns the
     server and the port it bound (port 0: any free one). `shared_port`: gateway processes
-    share the port, as they share HTTP's; otherwise a port in use is an error, not a share."""
+    share the port, as they share HTTP's; otherwise a port in use is an error, not a share.
+    `limits`: how long a connection may stay idle or half-open, and how many are taken."""
     options = app[OPTIONS]
+    access = app.get(ACCESS) or AccessPolicy()
     server = grpc.aio.server(
+        interceptors=[_Restricted(access.grpc)] if access.grpc else None,
         options=[
             ("grpc.max_receive_message_length", options.max_body_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if shared_port else 0),
-        ]
+            *grpc_options(limits or ConnectionLimits()),
+        ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
     try:

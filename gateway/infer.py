@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway import kserve
+from gateway import admission, kserve
 from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
+from gateway.middleware import read_body
 from gateway.sharedmemory import SHARED_MEMORY
 from gateway.tracing import TRACER, RequestTrace
 from natron.errors import InvalidArgument, NatronError, Unsupported
@@ -26,6 +27,23 @@ _ID_PREFIX = f"gw{os.getpid():x}-"
 _ids = itertools.count(1)
 
 _TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def _utf8_headers(header: HeaderLookup) -> HeaderLookup:
+    """`header`, refusing a value that is not UTF-8 with a 400 naming the header. Both HTTP
+    layers decode header bytes as UTF-8 with surrogate escapes, so bytes that are not UTF-8
+    show as lone surrogates, which no encoder downstream (NATS headers, logs) would take."""
+
+    def lookup(name: str) -> str | None:
+        value = header(name)
+        if value is not None and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidArgument(f"header '{name}' is not valid UTF-8") from None
+        return value
+
+    return lookup
 
 
 def new_request_id() -> str:
@@ -59,7 +77,7 @@ async def infer(request: web.Request) -> web.Response:
         request.match_info["model"],
         request.match_info.get("version", ""),
         request.headers.get,
-        request.read,
+        lambda: read_body(request),
     )
     if answer.json_length is None:
         return web.Response(body=answer.body, content_type="application/json")
@@ -76,6 +94,7 @@ async def handle(
     """One infer, whatever carried it over HTTP: the answer, or the NatronError (or aiohttp's
     HTTPException, from reading the body) whose status the client gets. Counted and logged."""
     metrics = app[METRICS]
+    header = _utf8_headers(header)
     loop = asyncio.get_running_loop()
     started_s = loop.time()
     status = 500
@@ -129,15 +148,26 @@ async def _infer(
     header_length: int | None = None
     raw_length = header(kserve.HEADER_LENGTH_HEADER)
     if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
+        # ASCII digits only: int() would take "١٢", "1_0" and 4,000-digit numbers too.
+        text = raw_length.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 19):
             raise InvalidArgument(
-                f"{kserve.HEADER_LENGTH_HEADER} must be an integer, got {raw_length!r}"
-            ) from None
+                f"{kserve.HEADER_LENGTH_HEADER} must be a non-negative integer, got {raw_length[:40]!r}"
+            )
+        header_length = int(text)
     body = await read()
+    limits = app[OPTIONS].limits
     parsed = await app[SHARED_MEMORY].parse(
-        lambda window: kserve.parse_infer_body(body, header_length, spec.name, target, window)
+        lambda window: kserve.parse_infer_body(
+            body,
+            header_length,
+            spec.name,
+            target,
+            window,
+            limits=limits,
+            max_inputs=len(spec.inputs),
+            max_outputs=len(spec.outputs),
+        )
     )
     rows = spec.validate(parsed.request)
     request_id = parsed.request.id
@@ -145,8 +175,13 @@ async def _infer(
         # The wire needs an id for logs; the HTTP answer echoes only one the client gave.
         parsed.request.id = new_request_id()
     names[0] = parsed.request.id
-    options = app[OPTIONS]
-    timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
+    # The queue policy: the request's priority level, its deadline, and a refusal at once
+    # when its level's queue is full.
+    default_timeout_s = app[OPTIONS].default_timeout_s
+    queue = admission.queueing(spec.scheduling, parsed.request, parsed.timeout_us, default_timeout_s)
+    waiting = app[admission.ADMISSION].admit(spec, target, queue, request_id)
+    if waiting is not None:
+        await waiting
     # W3C trace context travels on to the worker, so its spans join the trace: the gateway's
     # own span's when the trace settings sample this request, else the client's as it came.
     request_trace = app[TRACER].begin(model, target, parsed.request.id, header)
@@ -159,10 +194,11 @@ async def _infer(
     response = await app[REQUESTER].infer(
         parsed.request,
         target,
-        timeout_s,
+        queue.timeout_s,
         headers=trace or None,
         rows=rows,
         max_rows=spec.max_rows,
+        level=queue.subject_level,
     )
     out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
     return InferAnswer(out, json_length)

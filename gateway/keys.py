@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from nats.aio.client import Client
 
+from broker.auth import ClientAuth
 from broker.jetstream import Storage
 from broker.requester import Requester
 from broker.subjects import Subjects
 from broker.view import ModelRegistry, ModelView
 from gateway.fleet import FleetView
+from gateway.kserve import DEFAULT_LIMITS, InputLimits
 from gateway.metrics import GatewayMetrics
 from natron.tasks import EssentialTasks
 
@@ -20,10 +22,14 @@ from natron.tasks import EssentialTasks
 @dataclass(slots=True, frozen=True)
 class GatewayOptions:
     nats_url: str
+    # Its identity on the broker (broker/auth.py).
+    nats_auth: ClientAuth | None = None
     subjects: Subjects = Subjects()
     default_timeout_s: float = 60.0
     # HTTP bodies above this are refused with 413 before being read whole.
     max_body_bytes: int = 64 * 1024 * 1024
+    # Bounds on an infer request's tensors beyond its size (gateway/kserve.py).
+    limits: InputLimits = DEFAULT_LIMITS
     # A load answers once every placed worker has the model READY: loads can take minutes.
     control_timeout_s: float = 600.0
     # Ready (HTTP /v2/health/ready, gRPC ServerReady) only once the models settled and a

@@ -31,6 +31,11 @@ and the classification extension included, happens here. Behaviour follows Trito
 
 As in Triton, `parameters.binary_data_output` sets the default only for outputs the request
 does not list; a listed output is binary exactly when it says `"binary_data": true`.
+
+Every request's cost is linear in its size, and bounded before the work starts: the numbers of
+inputs and outputs by the model's own (names are unique and must be the model's, so a longer
+list is refused before it is walked), tensor elements, BYTES element lengths and the nesting of
+`data` arrays by InputLimits, whose 400 names the gateway flag that sets it.
 """
 
 from __future__ import annotations
@@ -68,6 +73,31 @@ _SHM_REGION: Final = "shared_memory_region"
 _SHM_OFFSET: Final = "shared_memory_offset"
 _SHM_SIZE: Final = "shared_memory_byte_size"
 
+MiB: Final = 1024 * 1024
+# orjson's own nesting limit: it refuses deeper JSON as invalid.
+JSON_DEPTH_CEILING: Final = 1024
+
+
+@dataclass(slots=True, frozen=True)
+class InputLimits:
+    """Bounds on one infer request beyond its body size, set by the gateway flags they name.
+
+    The defaults hold what any real tensor needs (a 1 GiB FP32 tensor, a 64 MiB string)
+    while stopping requests whose cost would come from their shape rather than their bytes: a
+    shape of 2**40 elements in a shared memory region, a string that fills a region. JSON
+    nesting is bounded by orjson at JSON_DEPTH_CEILING levels for the whole body (deeper is a
+    400 "not valid JSON"); `max_json_depth` bounds the `data` arrays within that, by default
+    at the ceiling itself, as Triton accepts irregular nesting (flattening is linear either
+    way, so the bound is a policy, not a defence against cost).
+    """
+
+    max_tensor_elements: int = 1 << 28
+    max_bytes_element_bytes: int = 64 * MiB
+    max_json_depth: int = 1024
+
+
+DEFAULT_LIMITS: Final = InputLimits()
+
 # (region, offset, byte_size) -> a writable view of exactly byte_size bytes of the client's
 # region; raises InvalidArgument for an unknown region or a window that does not fit it.
 ShmResolver = Callable[[str, int, int], memoryview]
@@ -96,10 +126,20 @@ class ParsedInfer:
 
 
 def parse_infer_body(
-    body: bytes, header_length: int | None, model: str, version: str, shm: ShmResolver | None = None
+    body: bytes,
+    header_length: int | None,
+    model: str,
+    version: str,
+    shm: ShmResolver | None = None,
+    *,
+    limits: InputLimits = DEFAULT_LIMITS,
+    max_inputs: int | None = None,
+    max_outputs: int | None = None,
 ) -> ParsedInfer:
     """Decode an infer request body; raises InvalidArgument for anything malformed. `shm`
-    resolves shared memory regions (None: shared memory parameters are refused)."""
+    resolves shared memory regions (None: shared memory parameters are refused).
+    `max_inputs` / `max_outputs`: the model's counts, when the caller knows the model; longer
+    lists are refused before they are walked."""
     total = len(body)
     if header_length is None:
         json_end = total
@@ -115,11 +155,28 @@ def parse_infer_body(
         doc = orjson.loads(view[:json_end])
     except orjson.JSONDecodeError as exc:
         raise InvalidArgument(f"inference request header is not valid JSON: {exc}") from None
-    return parse_infer_doc(doc, view[json_end:], model, version, shm)
+    return parse_infer_doc(
+        doc,
+        view[json_end:],
+        model,
+        version,
+        shm,
+        limits=limits,
+        max_inputs=max_inputs,
+        max_outputs=max_outputs,
+    )
 
 
 def parse_infer_doc(
-    doc: Any, binary: memoryview, model: str, version: str, shm: ShmResolver | None = None
+    doc: Any,
+    binary: memoryview,
+    model: str,
+    version: str,
+    shm: ShmResolver | None = None,
+    *,
+    limits: InputLimits = DEFAULT_LIMITS,
+    max_inputs: int | None = None,
+    max_outputs: int | None = None,
 ) -> ParsedInfer:
     """An infer request already decoded from JSON, with the binary tensor data that followed its
     header (empty when none): what the WebSocket and generate endpoints hand in directly, so
@@ -131,8 +188,11 @@ def parse_infer_doc(
     if type(request_id) is not str:
         raise InvalidArgument(f"request 'id' must be a string, got {_show(request_id)}")
     parameters, binary_default, timeout_us = _parse_parameters(doc.get("parameters"))
-    inputs = _parse_inputs(doc.get("inputs"), binary, shm)
-    outputs, binary_outputs, class_counts, shm_outputs = _parse_outputs(doc.get("outputs"), shm)
+    raw_inputs, raw_outputs = doc.get("inputs"), doc.get("outputs")
+    _check_count(raw_inputs, "inputs", model, max_inputs)
+    _check_count(raw_outputs, "outputs", model, max_outputs)
+    inputs = _parse_inputs(raw_inputs, binary, shm, limits)
+    outputs, binary_outputs, class_counts, shm_outputs = _parse_outputs(raw_outputs, shm)
     return ParsedInfer(
         InferRequest(request_id, model, version, inputs, outputs, parameters),
         binary_outputs,
@@ -140,6 +200,26 @@ def parse_infer_doc(
         timeout_us,
         class_counts,
         shm_outputs,
+    )
+
+
+def _check_count(raw: Any, what: str, model: str, most: int | None) -> None:
+    """Names must be unique and the model's: a list longer than the model's own is refused
+    before its entries are parsed. Of `most + 1` entries two share a name or one is not the
+    model's; the first duplicate among them is named when there is one, as the full parse
+    would, so the answer is the same whichever check finds it."""
+    if most is None or type(raw) is not list or len(raw) <= most:
+        return
+    kind = what[:-1]
+    seen: set[str] = set()
+    for entry in raw[: most + 1]:
+        name = entry.get("name") if type(entry) is dict else None
+        if type(name) is str and name:
+            if name in seen:
+                raise InvalidArgument(f"{kind} '{name}' appears more than once in '{what}'")
+            seen.add(name)
+    raise InvalidArgument(
+        f"request '{what}' lists {len(raw)} tensors, but model '{model}' has only {most} {what}"
     )
 
 
@@ -190,14 +270,14 @@ def _parse_parameters(raw: Any) -> tuple[dict[str, Any], bool, int | None]:
     return passed, binary_default, timeout_us
 
 
-def _parse_inputs(raw: Any, binary: memoryview, shm: ShmResolver | None) -> list[Tensor]:
+def _parse_inputs(raw: Any, binary: memoryview, shm: ShmResolver | None, limits: InputLimits) -> list[Tensor]:
     if type(raw) is not list or not raw:
         raise InvalidArgument(f"request 'inputs' must be a non-empty list of tensors, got {_show(raw)}")
     tensors: list[Tensor] = []
     names: set[str] = set()
     offset = 0
     for position, entry in enumerate(raw):
-        tensor, offset = _parse_input(entry, position, binary, offset, shm)
+        tensor, offset = _parse_input(entry, position, binary, offset, shm, limits)
         if tensor.name in names:
             raise InvalidArgument(f"input '{tensor.name}' appears more than once in 'inputs'")
         names.add(tensor.name)
@@ -211,7 +291,7 @@ def _parse_inputs(raw: Any, binary: memoryview, shm: ShmResolver | None) -> list
 
 
 def _parse_input(
-    raw: Any, position: int, binary: memoryview, offset: int, shm: ShmResolver | None
+    raw: Any, position: int, binary: memoryview, offset: int, shm: ShmResolver | None, limits: InputLimits
 ) -> tuple[Tensor, int]:
     if type(raw) is not dict:
         raise InvalidArgument(f"inputs[{position}] must be an object, got {_kind(raw)}")
@@ -244,12 +324,18 @@ def _parse_input(
             f"'{_SHM_REGION}', but sets {' and '.join(which) or 'none of them'}"
         )
     count = datatypes.element_count(shape)
+    if count > limits.max_tensor_elements:
+        raise InvalidArgument(
+            f"input '{name}' shape {list(shape)} has {count} elements, over the limit of "
+            f"{limits.max_tensor_elements} (the gateway's --max-tensor-elements)"
+        )
     if has_data:
         _no_shm_window("input", name, params)
-        return Tensor(name, datatype, shape, _from_json(name, datatype, shape, count, raw["data"])), offset
+        array = _from_json(name, datatype, shape, count, raw["data"], limits)
+        return Tensor(name, datatype, shape, array), offset
     if has_shm:
         _, _, window = _shm_window("input", name, params, shm)
-        array = _from_binary(name, datatype, shape, count, window.toreadonly(), _SHM_SIZE)
+        array = _from_binary(name, datatype, shape, count, window.toreadonly(), _SHM_SIZE, limits)
         return Tensor(name, datatype, shape, array), offset
     _no_shm_window("input", name, params)
     size = params["binary_data_size"]
@@ -263,7 +349,7 @@ def _parse_input(
             f"input '{name}' has binary_data_size {size} but only {len(binary) - offset} of the request's "
             f"{len(binary)} binary bytes are left (is {HEADER_LENGTH_HEADER} right?)"
         )
-    array = _from_binary(name, datatype, shape, count, binary[offset:end], "binary_data_size")
+    array = _from_binary(name, datatype, shape, count, binary[offset:end], "binary_data_size", limits)
     return Tensor(name, datatype, shape, array), end
 
 
@@ -308,7 +394,13 @@ def _parse_shape(raw: Any, name: str) -> tuple[int, ...]:
 
 
 def _from_binary(
-    name: str, datatype: str, shape: tuple[int, ...], count: int, chunk: memoryview, size_field: str
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    count: int,
+    chunk: memoryview,
+    size_field: str,
+    limits: InputLimits,
 ) -> npt.NDArray[Any]:
     if datatype == BYTES:
         try:
@@ -317,6 +409,7 @@ def _from_binary(
             raise InvalidArgument(
                 f"input '{name}' binary data: {exc.message} (shape {list(shape)})"
             ) from None
+        _check_bytes_lengths(name, flat, limits)
         return _reshape(flat, shape, name)
     dtype = datatypes.to_numpy_dtype(datatype)
     expected = count * dtype.itemsize
@@ -336,7 +429,21 @@ def _from_binary(
     return _reshape(array, shape, name)
 
 
-def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, data: Any) -> npt.NDArray[Any]:
+def _check_bytes_lengths(name: str, items: Any, limits: InputLimits) -> None:
+    """BYTES elements within --max-bytes-element-mb; `items` holds bytes objects."""
+    if len(items) == 0:
+        return
+    longest = max(map(len, items))
+    if longest > limits.max_bytes_element_bytes:
+        raise InvalidArgument(
+            f"input '{name}' has a BYTES element of {longest} bytes, over the limit of "
+            f"{limits.max_bytes_element_bytes} bytes (the gateway's --max-bytes-element-mb)"
+        )
+
+
+def _from_json(
+    name: str, datatype: str, shape: tuple[int, ...], count: int, data: Any, limits: InputLimits
+) -> npt.NDArray[Any]:
     if datatype in BINARY_ONLY:
         raise InvalidArgument(
             f"input '{name}': {datatype} is supported in binary data only; send it with parameters "
@@ -344,7 +451,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, dat
         )
     if type(data) is not list:
         raise InvalidArgument(f"input '{name}' 'data' must be a JSON array, got {_kind(data)}")
-    items, kinds = _flatten(data)
+    items, kinds = _flatten(data, limits.max_json_depth, name)
     if len(items) != count:
         raise InvalidArgument(
             f"input '{name}' 'data' has {len(items)} elements, but shape {list(shape)} needs {count}"
@@ -358,6 +465,7 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, dat
         _require_kinds(kinds, (str,), items, name, "BYTES data takes only strings")
         array = np.empty(len(items), dtype=np.object_)
         array[:] = [item.encode("utf-8") for item in items]
+        _check_bytes_lengths(name, array, limits)
     elif datatype in _FLOATS:
         _require_kinds(kinds, (int, float), items, name, f"{datatype} data takes only numbers")
         array = _floats(items, datatype, name)
@@ -367,8 +475,9 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], count: int, dat
     return _reshape(array, shape, name)
 
 
-def _flatten(data: list[Any]) -> tuple[list[Any], set[type]]:
-    """Nested JSON arrays -> flat list, plus the set of element types.
+def _flatten(data: list[Any], max_depth: int, name: str) -> tuple[list[Any], set[type]]:
+    """Nested JSON arrays -> flat list, plus the set of element types; arrays nested deeper
+    than `max_depth` (the outer array is level 1) are refused.
 
     Like Triton, the nesting only has to hold the right number of elements in row-major
     order; it is not checked against the shape. Regular nesting unrolls a level at a time
@@ -376,27 +485,40 @@ def _flatten(data: list[Any]) -> tuple[list[Any], set[type]]:
     deeper nesting than Python's recursion limit).
     """
     kinds = set(map(type, data))
+    depth = 1
     while list in kinds:
         if len(kinds) == 1:
+            depth += 1
+            if depth > max_depth:
+                raise _too_deep(name, max_depth)
             data = list(chain.from_iterable(data))
         else:
-            data = _flatten_irregular(data)
+            data = _flatten_irregular(data, max_depth - depth + 1, name, max_depth)
         kinds = set(map(type, data))
     return data, kinds
 
 
-def _flatten_irregular(data: list[Any]) -> list[Any]:
+def _flatten_irregular(data: list[Any], levels: int, name: str, max_depth: int) -> list[Any]:
+    """Flatten `data`, which may nest `levels` levels (itself included)."""
     flat: list[Any] = []
     stack = [iter(data)]
     while stack:
         for item in stack[-1]:
             if type(item) is list:
+                if len(stack) >= levels:
+                    raise _too_deep(name, max_depth)
                 stack.append(iter(item))
                 break
             flat.append(item)
         else:
             stack.pop()
     return flat
+
+
+def _too_deep(name: str, max_depth: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"input '{name}' 'data' nests arrays more than {max_depth} deep (the gateway's --max-json-depth)"
+    )
 
 
 def _require_kinds(
@@ -464,6 +586,7 @@ def _parse_outputs(
     if type(raw) is not list:
         raise InvalidArgument(f"request 'outputs' must be a list, got {_kind(raw)}")
     names: list[str] = []
+    seen: set[str] = set()  # a set beside the list: a membership test per name stays O(1)
     binary: set[str] = set()
     class_counts: dict[str, int] = {}
     shm_outputs: dict[str, ShmOutput] = {}
@@ -473,8 +596,9 @@ def _parse_outputs(
         name = entry.get("name")
         if type(name) is not str or not name:
             raise InvalidArgument(f"outputs[{position}] 'name' must be a non-empty string, got {_show(name)}")
-        if name in names:
+        if name in seen:
             raise InvalidArgument(f"output '{name}' appears more than once in 'outputs'")
+        seen.add(name)
         names.append(name)
         params = entry.get("parameters")
         if params is None:
@@ -561,7 +685,7 @@ def infer_response_doc(
     """A response's JSON header as a dict, and the binary chunks that follow it (buffers, in
     output order; empty when every output went as JSON). The WebSocket adds its own keys to the
     dict before encoding it once."""
-    listed = parsed.request.outputs
+    listed = frozenset(parsed.request.outputs)
     binary_outputs = parsed.binary_outputs
     class_counts = parsed.class_counts
     binary_default = parsed.binary_default

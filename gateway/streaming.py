@@ -34,7 +34,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import kserve
 from gateway.keys import OPTIONS, REGISTRY, REQUESTER
-from gateway.middleware import json_object
+from gateway.middleware import json_object, unexpected_error
 from natron import datatypes
 from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferResponse
@@ -121,7 +121,9 @@ def _generate_body(request: web.Request, raw: bytes, model: str, version: str) -
         infer_body["parameters"] = body["parameters"]
     if "id" in body:
         infer_body["id"] = body["id"]
-    return kserve.parse_infer_doc(infer_body, memoryview(b""), model, version)
+    return kserve.parse_infer_doc(
+        infer_body, memoryview(b""), model, version, limits=request.app[OPTIONS].limits
+    )
 
 
 def _flat_outputs(answer: InferResponse) -> dict[str, Any]:
@@ -254,7 +256,8 @@ class _Socket:
             if not isinstance(model, str) or not isinstance(version, str):
                 raise InvalidArgument("'model' (and 'version', if given) must be strings")
             binary = memoryview(raw)[header_length:] if header_length is not None else memoryview(b"")
-            parsed = kserve.parse_infer_doc(head, binary, model, version)
+            limits = self._request.app[OPTIONS].limits
+            parsed = kserve.parse_infer_doc(head, binary, model, version, limits=limits)
             async for answer in _answers(self._request, model, version, parsed):
                 header, chunks = kserve.infer_response_doc(answer, parsed, request_id)
                 header.update({"id": request_id, "sequence": sequence, "final": False})
@@ -273,11 +276,11 @@ class _Socket:
                 await self.send_json({"id": request_id, "error": "cancelled", "status": 499, "final": True})
             raise
         except Exception as exc:  # never take the socket down for one request
-            log.exception("websocket request %s failed", request_id)
+            error = unexpected_error(exc, f"websocket request {request_id}")
             await self.send_json(
                 {
                     "id": request_id,
-                    "error": f"internal error: {type(exc).__name__}: {exc}",
+                    "error": error,
                     "status": 500,
                     "final": True,
                 }

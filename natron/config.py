@@ -1,6 +1,13 @@
 """Triton model configuration: config.pbtxt parsed by protobuf's text format against Triton's
 own ModelConfig schema (shipped by `tritonclient`), completed from the model file where Triton
 would, the version policy, and Triton's JSON form of a config.
+
+Files a config names stay in the model's folder. Every config, from a repository or a load
+request, must name its model file (`default_model_filename`, `cc_model_filenames`) as a
+relative path inside the version folder: no '..', no absolute path. A config sent with a load
+request (`check_override`) may moreover set no parameter whose value is a host path (TensorRT's
+cache and plugin paths, the python backend's EXECUTION_ENV_PATH, any key that says "path"):
+those belong to the operator, in config.pbtxt, not to an API client.
 """
 
 from __future__ import annotations
@@ -40,9 +47,73 @@ class ConfigError(InvalidArgument):
 
 def parse_config_text(text: str, source: str) -> pb.ModelConfig:
     try:
-        return text_format.Parse(text, pb.ModelConfig())
+        config = text_format.Parse(text, pb.ModelConfig())
     except text_format.ParseError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    check_file_names(config)
+    return config
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays in the folder it is joined to."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and "\\" not in name
+        and "\0" not in name
+        and not any(part in ("", ".", "..") for part in parts)
+    )
+
+
+def check_file_names(config: pb.ModelConfig) -> None:
+    """The model files a config names are inside its version folder (ConfigError otherwise):
+    a config must not make a backend read or run a file elsewhere on the host."""
+    named = (
+        [("default_model_filename", str(config.default_model_filename))]
+        if config.default_model_filename
+        else []
+    )
+    named += [
+        (f"cc_model_filenames['{key}']", str(value)) for key, value in config.cc_model_filenames.items()
+    ]
+    for field, value in named:
+        if not _inside(value):
+            raise ConfigError(
+                f"model '{config.name}': {field} '{value}' must be a file name inside the version folder "
+                "(relative, without '..')"
+            )
+
+
+def _names_a_path(key: str) -> bool:
+    return "path" in key.lower() or key in _PATH_VALUED
+
+
+# Parameters whose value is read as a file on the host, though their key does not say "path".
+_PATH_VALUED = frozenset({"int8_calibration_table_name", "trt_engine_cache_prefix"})
+
+
+def check_override(raw: dict[str, Any]) -> None:
+    """A config sent with a load request: no parameter that names a host path (ConfigError
+    naming it). A config that does not parse is left to the load, which reports it."""
+    try:
+        config = _parse_json(raw)
+    except ConfigError:
+        return
+    check_file_names(config)
+    found = [f"parameters '{key}'" for key in config.parameters if _names_a_path(key)]
+    accelerators = config.optimization.execution_accelerators
+    for accel in (*accelerators.gpu_execution_accelerator, *accelerators.cpu_execution_accelerator):
+        found += [
+            f"execution accelerator '{accel.name}' parameter '{key}'"
+            for key in accel.parameters
+            if _names_a_path(key)
+        ]
+    found += [f"model_repository_agents '{agent.name}'" for agent in config.model_repository_agents.agents]
+    if found:
+        raise ConfigError(
+            f"a config sent with a load request may not set {', '.join(found)}: it names a file of the "
+            "server's host; set it in the model's config.pbtxt in the repository instead"
+        )
 
 
 def read_config(model_dir: Path) -> pb.ModelConfig:
@@ -199,6 +270,37 @@ def fill_defaults(config: pb.ModelConfig) -> None:
                     f"model '{config.name}': preferred_batch_size {size} must be in "
                     f"1..max_batch_size ({config.max_batch_size})"
                 )
+        _check_priorities(config)
+
+
+# Each priority level is a queue (a JetStream consumer) of its own per model version, and every
+# instance polls each of them: Triton allows any count, natron this many.
+MAX_PRIORITY_LEVELS = 16
+
+
+def _check_priorities(config: pb.ModelConfig) -> None:
+    """Triton's checks of the dynamic batcher's priority levels (core's model_config_utils.cc,
+    with its messages), and natron's bound on their number."""
+    batching = config.dynamic_batching
+    levels = batching.priority_levels
+    if levels > MAX_PRIORITY_LEVELS:
+        raise ConfigError(
+            f"model '{config.name}': priority_levels {levels} is more than natron serves "
+            f"({MAX_PRIORITY_LEVELS}: each level is a queue of its own)"
+        )
+    if levels == 0:
+        if batching.priority_queue_policy:
+            raise ConfigError(
+                f"model '{config.name}': priority_queue_policy needs priority_levels, which is 0"
+            )
+        return
+    if not 1 <= batching.default_priority_level <= levels:
+        raise ConfigError(f"default priority level must be in range [1, {levels}] for {config.name}")
+    for level in batching.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise ConfigError(
+                f"priority queue policy must have priority level in range [1, {levels}] for {config.name}"
+            )
 
 
 def select_versions(config: pb.ModelConfig, available: list[int]) -> list[int]:
@@ -233,9 +335,18 @@ def config_to_json(config: pb.ModelConfig) -> dict[str, Any]:
 
 
 def config_from_json(data: dict[str, Any]) -> pb.ModelConfig:
+    config = _parse_json(data)
+    check_file_names(config)
+    return config
+
+
+def _parse_json(data: dict[str, Any]) -> pb.ModelConfig:
     try:
         return json_format.ParseDict(data, pb.ModelConfig(), ignore_unknown_fields=False)
     except json_format.ParseError as exc:
+        raise ConfigError(f"invalid model config JSON: {exc}") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as exc:
+        # ParseDict lets some wrongly typed values through as Python errors.
         raise ConfigError(f"invalid model config JSON: {exc}") from None
 
 

@@ -177,7 +177,26 @@ class _Storage(BaseSettings):
     ] = 1
 
 
-class CommonSettings(_Storage, _Base):
+class _NatsClient(BaseSettings):
+    """How a process proves its role to NATS and trusts it (broker/auth.py, docs/security.md).
+    Paths only: a secret never travels in argv or the environment."""
+
+    model_config = _CONFIG
+
+    nats_creds: Annotated[
+        Path | None,
+        Field(description="this role's NATS credentials: an nkey seed file (natron creds) or a .creds file"),
+    ] = None
+    nats_tls_ca: Annotated[
+        Path | None, Field(description="CA bundle that signed the NATS server's certificate")
+    ] = None
+    nats_tls_cert: Annotated[
+        Path | None, Field(description="TLS client certificate for NATS (servers that verify clients)")
+    ] = None
+    nats_tls_key: Annotated[Path | None, Field(description="the key of --nats-tls-cert")] = None
+
+
+class CommonSettings(_NatsClient, _Storage, _Base):
     """A service alone, against a NATS server somewhere."""
 
     nats_url: Annotated[
@@ -232,6 +251,14 @@ class _Repository(_Repositories):
     upload_dir: Annotated[
         Path | None, Field(description="where files uploaded with a load request go (default: a temp dir)")
     ] = None
+    # Uploaded files land on the router's disk: a load request may not fill it (router/uploads.py).
+    max_upload_files: Annotated[
+        int, Field(ge=1, le=1_000_000, description="files one load request may upload; more: 400")
+    ] = 1000
+    max_upload_mb: Annotated[
+        int,
+        Field(ge=1, le=1024 * 1024, description="decoded bytes one load request may upload (MiB); more: 413"),
+    ] = 1024
 
     @field_validator("load_model", mode="before")
     @classmethod
@@ -304,8 +331,50 @@ class _Front(BaseSettings):
     # has its place in http_worker_index (see natron/cli/services.py). After http_port, which
     # its check reads.
     http_workers: HttpWorkers = 1
+    # Triton's restricted API groups (natron/restricted_api.py reads them; natron/cli/main.py
+    # checks them at the edge). NoDecode: from the environment, whitespace-separated, as a
+    # value holds commas.
+    http_restricted_api: Annotated[
+        tuple[str, ...],
+        NoDecode,
+        Field(
+            description="<group>[,<group>...]:<key>=<value>: those HTTP APIs need that header (repeatable)"
+        ),
+    ] = ()
+    grpc_restricted_protocol: Annotated[
+        tuple[str, ...],
+        NoDecode,
+        Field(
+            description="<group>[,<group>...]:<key>=<value>: those gRPC methods need the metadata "
+            "triton-grpc-protocol-<key> (repeatable)"
+        ),
+    ] = ()
+    allow_code_upload: Annotated[
+        bool,
+        Field(
+            description="take a load whose uploaded files hold code (.py, .so, a python-backend "
+            "model) without model-repository being restricted"
+        ),
+    ] = False
+    # Slow and idle clients (docs/security.md): each connection costs a file descriptor and
+    # memory, so none is held open for ever by a client that sends nothing.
+    http_keepalive_timeout_s: Annotated[
+        PositiveSeconds,
+        Field(description="close an HTTP connection idle this long between requests (gRPC: with no call)"),
+    ] = 75.0
+    http_request_read_timeout_s: Annotated[
+        PositiveSeconds,
+        Field(
+            description="close a connection whose request head is not in within this long, or whose "
+            "body stalls this long (gRPC: its handshake)"
+        ),
+    ] = 30.0
+    http_max_connections: Annotated[
+        int,
+        Field(ge=1, le=1_000_000, description="open HTTP connections per gateway process; past it, 503"),
+    ] = 10_000
 
-    @field_validator("metrics_config", mode="before")
+    @field_validator("metrics_config", "http_restricted_api", "grpc_restricted_protocol", mode="before")
     @classmethod
     def _split_words(cls, value: object) -> object:
         if isinstance(value, str):
@@ -313,7 +382,25 @@ class _Front(BaseSettings):
         return value
 
 
-class GatewaySettings(_Front, CommonSettings):
+class _InputLimits(BaseSettings):
+    """Bounds on one infer request beyond its body size (gateway/kserve.py, InputLimits):
+    each 400 names its flag."""
+
+    model_config = _CONFIG
+
+    max_tensor_elements: Annotated[
+        int, Field(ge=1, description="elements one input tensor may have (its shape's product); more: 400")
+    ] = 1 << 28
+    max_bytes_element_mb: Annotated[
+        int, Field(ge=1, le=4096, description="bytes one BYTES element may hold (MiB); longer: 400")
+    ] = 64
+    # 1024 is orjson's own ceiling for any JSON: deeper is invalid JSON whatever this says.
+    max_json_depth: Annotated[
+        int, Field(ge=1, le=1024, description="nesting of an input's JSON 'data' arrays; deeper: 400")
+    ] = 1024
+
+
+class GatewaySettings(_InputLimits, _Front, CommonSettings):
     command: ClassVar[str] = "gateway"
 
     metrics_port: Annotated[Port, Field(description="the fleet's Prometheus metrics; 0: none")] = 0
@@ -389,7 +476,13 @@ class OrchestratorSettings(_Drain, CommonSettings):
     metrics_port: Annotated[Port, Field(description="the orchestrator's own metrics; 0: none")] = 0
 
 
-class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Storage, _Base):
+class ServeSettings(
+    _NatsClient, _InputLimits, _Front, _Compute, _Drain, _Queues, _Repository, _Storage, _Base
+):
+    """`natron serve`. With the embedded broker, --nats-tls-cert/--nats-tls-key are its server
+    certificate (and --nats-tls-ca what its services trust, the certificate itself by default);
+    with --nats-url, the --nats-* files are every service's, as a single service's."""
+
     command: ClassVar[str] = "serve"
 
     nats_url: Annotated[
@@ -399,6 +492,20 @@ class ServeSettings(_Front, _Compute, _Drain, _Queues, _Repository, _Storage, _B
     nats_port: Annotated[Port, Field(description="port of the embedded NATS server (a cluster's first)")] = (
         4222
     )
+    nats_listen: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="address the embedded NATS server binds (0.0.0.0 for services on other hosts)",
+        ),
+    ] = "127.0.0.1"
+    nats_creds_dir: Annotated[
+        Path | None,
+        Field(
+            description="where the embedded NATS server's per-role credentials are kept (made when missing; "
+            "default: a private temporary directory)"
+        ),
+    ] = None
     nats_cluster: Annotated[
         int,
         Field(

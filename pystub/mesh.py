@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from nats.aio.client import Client
 
 from broker import jetstream
+from broker.auth import ClientAuth
 from broker.requester import Requester
 from broker.subjects import Subjects
 from broker.view import ModelRegistry
@@ -38,8 +39,13 @@ CONNECT_TIMEOUT_S = 10.0
 
 
 class Mesh:
-    def __init__(self, nats_url: str, prefix: str) -> None:
+    def __init__(
+        self, nats_url: str, prefix: str, auth: ClientAuth | None = None, inbox_prefix: str | None = None
+    ) -> None:
         self._nats_url = nats_url
+        # The worker's identity: a Python model's calls to other models are the worker's.
+        self._auth = auth
+        self._inbox_prefix = inbox_prefix
         self._subjects = Subjects(prefix)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,7 +102,11 @@ class Mesh:
                 if not self._nats_url:
                     raise Unavailable("BLS needs the worker's NATS URL, and this worker has none")
                 nc = await jetstream.connect(
-                    self._nats_url, name="natron-bls", connect_timeout_s=CONNECT_TIMEOUT_S
+                    self._nats_url,
+                    name="natron-bls",
+                    auth=self._auth,
+                    inbox_prefix=self._inbox_prefix,
+                    connect_timeout_s=CONNECT_TIMEOUT_S,
                 )
                 requester = Requester(nc, self._subjects)
                 await requester.start()

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from broker.auth import ClientAuth
 from pystub import triton_python_backend_utils as pb
 from pystub.mesh import Mesh
 from pystub.protocol import Channel, ChannelClosed, WireTensor, read_tensors
@@ -128,7 +129,12 @@ class ModelHost:
 
     def _init(self, header: dict[str, Any]) -> None:
         try:
-            self._mesh = Mesh(header.get("nats_url", ""), header.get("prefix", "natron"))
+            self._mesh = Mesh(
+                header.get("nats_url", ""),
+                header.get("prefix", "natron"),
+                ClientAuth.from_paths(header.get("nats_auth") or {}),
+                header.get("inbox_prefix") or None,
+            )
             mesh = self._mesh
             pb._install_mesh(lambda: mesh)
             cls = self._import_model(header["model_file"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from broker import jetstream, recovery
 from broker.mirror import BucketMirror
 from broker.objects import ModelFiles, StoreKind
 from broker.subjects import Subjects, check_name
+from natron import config as cfg
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 from natron.records import UNAVAILABLE, UNLOADING, ModelRecord, VersionState, WorkerReport
 from natron.tasks import EssentialTasks
@@ -70,6 +72,7 @@ class RouterOptions:
     heartbeat_timeout_s: float = 6.0
     load_timeout_s: float = 300.0
     upload_dir: Path | None = None  # uploaded model files; None: a temporary folder
+    upload_limits: uploads.UploadLimits = field(default_factory=uploads.UploadLimits)
     queue: jetstream.QueuePolicy = field(default_factory=jetstream.QueuePolicy)
     storage: jetstream.Storage = field(default_factory=jetstream.Storage)
     # Publish each served version's files to the model store (broker/objects.py), a bucket
@@ -131,8 +134,9 @@ class Router:
         # that serves on, which polling does not try again until the files change.
         self._attempts: dict[str, _Attempt] = {}
         self._failed_generation: dict[str, str] = {}
-        # (model, version) whose consumer this router has configured.
-        self._queues: set[tuple[str, str]] = set()
+        # (model, version) whose consumers this router has configured -> the model's priority
+        # levels and default level then (0, 0: one consumer).
+        self._queues: dict[tuple[str, str], tuple[int, int]] = {}
         # The workers bucket: each worker's last report.
         self._fleet = BucketMirror("worker report", WorkerReport.from_json)
         self._workers = self._fleet.values
@@ -145,6 +149,9 @@ class Router:
         self._changed = asyncio.Condition()
         self._lock = asyncio.Lock()
         self._upload_tmp: tempfile.TemporaryDirectory[str] | None = None
+        # Upload folders (resolved paths) that a record or a load under way may use; each is
+        # removed once none does (`_drop_uploads`).
+        self._uploads: set[str] = set()
         self._files = ModelFiles(nc, subjects.files_bucket) if options.model_store is not None else None
 
     @property
@@ -192,6 +199,13 @@ class Router:
             if name not in self._records and name in loaded:
                 record.serving_config = None
                 self._records[name] = record
+                if uploads.is_upload(record.path, self._upload_root()):
+                    self._uploads.add(record.path)
+        if self._options.upload_dir is not None:
+            # What a router that stopped left behind, which no record uses any more.
+            keep = {record.path for record in self._records.values()}
+            left = await asyncio.to_thread(uploads.orphans, self._options.upload_dir, keep)
+            await asyncio.to_thread(uploads.remove_folders, left)
         self._sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in records})
         self.tasks.spawn(self._republish(), "router-republish")
         await self._publish(delete_others=True)
@@ -230,8 +244,8 @@ class Router:
         for worker_id in self._last_seen_s:
             self._last_seen_s[worker_id] = now
         async with self._lock:
-            for name, version in sorted(self._queues):
-                await jetstream.configure_consumer(js, self._subjects, name, version, self._options.queue)
+            for (name, version), levels in sorted(self._queues.items()):
+                await self._configure_levels(js, name, version, levels)
             self._published.clear()
             await self._publish()
             if lost and any(name not in self._published for name in self._records):
@@ -333,10 +347,32 @@ class Router:
             with contextlib.suppress(Exception):
                 for key in set(await self._models_kv.keys()) - set(self._records):
                     await self._models_kv.delete(key)
+        if self._uploads:
+            # Before the loads that ended answer: a client told its reload is done finds the
+            # files of the model it replaced gone.
+            await self._drop_uploads()
         for attempt in ended:
             attempt.finish(attempt.error)
         async with self._changed:
             self._changed.notify_all()
+
+    def _upload_root(self) -> Path:
+        return self._options.upload_dir or Path(self._upload_tmp.name if self._upload_tmp else ".")
+
+    async def _drop_uploads(self) -> None:
+        """Remove the upload folders that nothing serves from or loads from any more: the
+        model was unloaded, or a later load replaced it (succeeded, or was superseded), or
+        the load that wrote it failed while an older model serves on. Runs where the records
+        change (the caller holds the lock, or is starting)."""
+        used = {record.path for record in self._records.values() if record.reason != UNLOADED}
+        for attempt in self._attempts.values():
+            used.add(attempt.record.path)
+            if attempt.serving is not None:
+                used.add(attempt.serving.path)
+        stale = self._uploads - used
+        if stale:
+            self._uploads -= stale
+            await asyncio.to_thread(uploads.remove_folders, [Path(folder) for folder in sorted(stale)])
 
     def _place(self, workers: list[WorkerReport]) -> None:
         placements = place(list(self._records.values()), workers, self._sizes)
@@ -404,21 +440,37 @@ class Router:
         if not record.placement or record.reason:
             return
         js = self._nc.jetstream()
+        levels = _priority_levels(record)
         for version in record.versions:
-            if (record.name, version) not in self._queues:
-                await jetstream.configure_consumer(
-                    js, self._subjects, record.name, version, self._options.queue
-                )
-                self._queues.add((record.name, version))
+            if self._queues.get((record.name, version)) != levels:
+                await self._configure_levels(js, record.name, version, levels)
+                self._queues[(record.name, version)] = levels
+
+    async def _configure_levels(
+        self, js: JetStreamContext, name: str, version: str, levels: tuple[int, int]
+    ) -> None:
+        """One consumer per priority level (docs/design.md, "Queue policy and priorities"), or
+        the version's one consumer for a model without levels."""
+        count, default_level = levels
+        for level in range(1, count + 1) if count else (0,):
+            await jetstream.configure_consumer(
+                js,
+                self._subjects,
+                name,
+                version,
+                self._options.queue,
+                level=level,
+                default_level=level == default_level,
+            )
 
     async def _drop_queues(self, name: str, versions: list[str]) -> None:
         """A model version no longer served needs no consumer: delete it with whatever it still
         held (nobody can publish to it any more), so the stream does not keep dead consumers."""
         js = self._nc.jetstream()
         for version in versions:
-            self._queues.discard((name, version))
+            count, _ = self._queues.pop((name, version), (0, 0))
             with contextlib.suppress(Exception):  # already gone, or the broker is away
-                await jetstream.delete_consumer(js, self._subjects, name, version)
+                await jetstream.delete_consumer(js, self._subjects, name, version, levels=count)
 
     # -- the fleet ---------------------------------------------------------------------------
 
@@ -606,9 +658,12 @@ class Router:
         except asyncio.CancelledError:
             await self._reply_stopping(msg)
             raise
-        except Exception as exc:
-            log.exception("load failed")
-            await self._reply(msg, NatronError(f"load failed: {type(exc).__name__}: {exc}"))
+        except Exception:
+            # The client gets an incident id, never the exception's text (it may hold host paths).
+            incident = secrets.token_hex(6)
+            log.exception("load failed: internal error %s", incident)
+            message = f"load failed: internal error (incident {incident}): the router's log has the details"
+            await self._reply(msg, NatronError(message))
 
     async def _on_unload(self, msg: Msg) -> None:
         try:
@@ -620,9 +675,12 @@ class Router:
         except asyncio.CancelledError:
             await self._reply_stopping(msg)
             raise
-        except Exception as exc:
-            log.exception("unload failed")
-            await self._reply(msg, NatronError(f"unload failed: {type(exc).__name__}: {exc}"))
+        except Exception:
+            # The client gets an incident id, never the exception's text (it may hold host paths).
+            incident = secrets.token_hex(6)
+            log.exception("unload failed: internal error %s", incident)
+            message = f"unload failed: internal error (incident {incident}): the router's log has the details"
+            await self._reply(msg, NatronError(message))
 
     async def _reply_stopping(self, msg: Msg) -> None:
         """The router stops with a load or unload in flight: its caller learns it at once
@@ -648,38 +706,48 @@ class Router:
         if not isinstance(parameters, dict):
             raise InvalidArgument("'parameters' must be a JSON object")
         try:
-            folders, override = await self._load_source(name, parameters)
+            folders, override, uploaded = await self._load_source(name, parameters)
         except InvalidArgument as exc:
             await self._note_refused(name, exc)
             raise
-        # A name in several repositories scans as UNAVAILABLE with the reason, refused below
-        # as a broken config is.
-        record = await asyncio.to_thread(scan_folders, name, folders, override)
-        await self._push_files([record])
-        size = await asyncio.to_thread(model_size_bytes, record)
-        async with self._lock:
-            attempt = self._begin(record, size)
-            await self._publish()
+        try:
+            # A name in several repositories scans as UNAVAILABLE with the reason, refused
+            # below as a broken config is.
+            record = await asyncio.to_thread(scan_folders, name, folders, override)
+            await self._push_files([record])
+            size = await asyncio.to_thread(model_size_bytes, record)
+            async with self._lock:
+                attempt = self._begin(record, size)
+                if uploaded:
+                    # From here on the folder goes when nothing uses it (`_drop_uploads`).
+                    self._uploads.add(record.path)
+                    uploaded = False
+                await self._publish()
+        finally:
+            if uploaded:  # the load ended before its record was taken: nothing uses the files
+                await asyncio.to_thread(uploads.remove_folders, folders)
         await self._wait_loaded(attempt)
 
     async def _load_source(
         self, name: str, parameters: dict[str, Any]
-    ) -> tuple[list[Path], dict[str, Any] | None]:
+    ) -> tuple[list[Path], dict[str, Any] | None, bool]:
         """The folders that hold `name` (one of uploaded files, or those of the repositories
-        that have it: more than one when its name is not unique) and the config that replaces
-        its config.pbtxt, if any."""
+        that have it: more than one when its name is not unique), the config that replaces
+        its config.pbtxt, if any, and whether the folder was uploaded."""
         override = self._config_override(parameters.get("config"))
         prefix = uploads.FILE_PREFIX
         files = {k[len(prefix) :]: v for k, v in parameters.items() if k.startswith(prefix)}
         if files:
             if override is None:
                 raise InvalidArgument("loading from uploaded files needs 'config' in the parameters too")
-            root = self._options.upload_dir or Path(self._upload_tmp.name if self._upload_tmp else ".")
-            return [await asyncio.to_thread(uploads.write_uploads, root, name, files)], override
+            folder = await asyncio.to_thread(
+                uploads.write_uploads, self._upload_root(), name, files, self._options.upload_limits
+            )
+            return [folder], override, True
         folders = await asyncio.to_thread(find_model, self._options.repositories, name)
         if not folders:
             raise NotFound(f"no model '{name}' in the model repositories")
-        return folders, override
+        return folders, override, False
 
     async def _note_refused(self, name: str, error: InvalidArgument) -> None:
         """A load refused before any scan (its config parameter, its files) leaves a model that
@@ -699,6 +767,8 @@ class Router:
             raise InvalidArgument(f"'config' parameter is not valid JSON: {exc}") from None
         if not isinstance(config, dict):
             raise InvalidArgument("'config' parameter must be a JSON object")
+        # A client's config may name no file outside the model's folder (natron/config.py).
+        cfg.check_override(config)
         return config
 
     async def _wait_loaded(self, attempt: _Attempt) -> None:
@@ -746,3 +816,10 @@ class Router:
                     record.versions = {v: VersionState(UNAVAILABLE, UNLOADED) for v in record.versions}
                     await self._publish()
                     await self._drop_queues(name, list(record.versions))
+
+
+def _priority_levels(record: ModelRecord) -> tuple[int, int]:
+    """The model's priority levels and default level, from its config (0, 0: none)."""
+    batching = (record.config or {}).get("dynamic_batching") or {}
+    count = int(batching.get("priority_levels") or 0)
+    return (count, int(batching.get("default_priority_level") or 0)) if count else (0, 0)

@@ -17,6 +17,7 @@ import requests
 from nats.aio.client import Client
 
 from broker import jetstream
+from broker.auth import ClientAuth, seed_path
 from broker.requester import Requester
 from broker.subjects import Subjects
 from examples import build_backend_models, build_models, build_text_models
@@ -85,7 +86,10 @@ def backend_served(backend_repository: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 async def backend_nc(backend_served: Served) -> AsyncIterator[Client]:
-    nc = await jetstream.connect(backend_served.nats_url, name="backend-tests")
+    # A client of the deployment, as an application publishing to NATS would be.
+    assert backend_served.creds_dir is not None
+    creds = ClientAuth(seed_path(backend_served.creds_dir, "client"))
+    nc = await jetstream.connect(backend_served.nats_url, name="backend-tests", auth=creds)
     yield nc
     await nc.drain()
 

@@ -24,7 +24,17 @@ from typing import Any
 
 import requests
 
+from broker.auth import (
+    SERVICE_ROLES,
+    ClientAuth,
+    Role,
+    authorization_block,
+    ensure_credentials,
+    private_inbox,
+    seed_path,
+)
 from broker.server import ServerOptions, config_text, find_nats_server, free_ports
+from broker.subjects import Subjects
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +105,26 @@ class Served:
     repository: Path
     grpc_url: str  # 127.0.0.1:port, as tritonclient.grpc wants it
     pid: int = 0  # the natron serve process
+    creds_dir: Path | None = None  # the embedded broker's per-role credentials
+
+    def nats_options(self, role: Role = "client") -> dict[str, Any]:
+        """nats.connect's keyword arguments to connect as `role`."""
+        assert self.creds_dir is not None, "this natron serve has no embedded broker"
+        return role_options(self.creds_dir, role)
+
+    def auth(self, role: Role) -> ClientAuth:
+        """What a service started here as `role` connects with."""
+        assert self.creds_dir is not None, "this natron serve has no embedded broker"
+        return ClientAuth(seed_path(self.creds_dir, role))
+
+
+def role_options(creds_dir: Path, role: Role) -> dict[str, Any]:
+    """nats.connect's arguments for `role`: its seed, and a service's own inbox prefix (where
+    only it may subscribe); a client keeps nats-py's default inboxes."""
+    options: dict[str, Any] = {"nkeys_seed": str(seed_path(creds_dir, role))}
+    if role in SERVICE_ROLES:
+        options["inbox_prefix"] = private_inbox(Subjects(), role)
+    return options
 
 
 def _wait_ready(url: str, models: list[str], process: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -163,6 +193,10 @@ def natron_serve(
     cluster = extra_args[extra_args.index("--nats-cluster") + 1] if "--nats-cluster" in extra_args else "1"
     nats_port = free_consecutive_ports(int(cluster), avoid={http_port, metrics_port, grpc_port})
     output = log_dir / "serve.log"
+    creds_dir: Path | None = None
+    if "--nats-url" not in extra_args and "--nats-creds-dir" not in extra_args:
+        creds_dir = log_dir / "creds"
+        extra_args = (*extra_args, "--nats-creds-dir", str(creds_dir))
     with output.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -188,6 +222,7 @@ def natron_serve(
                 repository,
                 f"127.0.0.1:{grpc_port}",
                 process.pid,
+                creds_dir,
             )
         except BaseException:
             print(output.read_text(errors="replace")[-8000:])
@@ -199,6 +234,17 @@ def natron_serve(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# The credentials each `natron` subcommand connects with in a Mesh.
+_COMMAND_ROLES: dict[str, Role] = {
+    "router": "router",
+    "push": "router",
+    "worker": "worker",
+    "ensemble": "orchestrator",
+    "gateway": "gateway",
+    "serve": "admin",
+}
 
 
 class Mesh:
@@ -213,6 +259,8 @@ class Mesh:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="natron-mesh-")
         self.logs = Path(self._tmp.name)
+        # Every role proves who it is, as under `natron serve` (broker/auth.py).
+        self.creds_dir = self.logs / "creds"
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -228,7 +276,9 @@ class Mesh:
         """nats-server configured as `natron serve` configures it (broker.server.config_text:
         max_payload, max_pending, JetStream limits), in a process of its own that a test can kill."""
         conf = self.logs / "nats.conf"
-        conf.write_text(config_text(ServerOptions(port=self.nats_port), self.logs / "js"))
+        keys = ensure_credentials(self.creds_dir)
+        options = ServerOptions(port=self.nats_port, authorization=authorization_block(keys, Subjects()))
+        conf.write_text(config_text(options, self.logs / "js"))
         process = self._spawn("nats", [find_nats_server(), "-c", str(conf)])
 
         def listening() -> bool:
@@ -240,7 +290,17 @@ class Mesh:
         wait_until(listening, 10, "nats-server listening")
 
     def natron(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        return self._spawn(name, [sys.executable, "-m", "natron", *args, "--log-level", "info"])
+        """`natron <args>`; a command given --nats-url connects with its role's credentials."""
+        role = _COMMAND_ROLES.get(args[0]) if args else None
+        creds = ["--nats-creds", str(self.creds(role))] if role and "--nats-url" in args else []
+        return self._spawn(name, [sys.executable, "-m", "natron", *args, *creds, "--log-level", "info"])
+
+    def creds(self, role: Role) -> Path:
+        return seed_path(self.creds_dir, role)
+
+    def nats_options(self, role: Role = "client") -> dict[str, Any]:
+        """nats.connect's keyword arguments to connect as `role`."""
+        return role_options(self.creds_dir, role)
 
     def start_router(self) -> None:
         self.natron("router", "router", str(self.repository), "--nats-url", self.nats_url, *self.router_args)
@@ -248,9 +308,9 @@ class Mesh:
     def start_worker(self, worker_id: str, *extra: str) -> None:
         self.natron(worker_id, "worker", "--nats-url", self.nats_url, "--worker-id", worker_id, *extra)
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, *extra: str) -> None:
         self.natron("gateway", "gateway", "--nats-url", self.nats_url, "--http-port", str(self.http_port),
-                    "--http-address", "127.0.0.1", "--default-timeout-s", "30")  # fmt: skip
+                    "--http-address", "127.0.0.1", "--default-timeout-s", "30", *extra)  # fmt: skip
 
     def signal(self, name: str, signum: int) -> None:
         self.processes[name].send_signal(signum)

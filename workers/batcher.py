@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from nats.aio.msg import Msg
 
-from broker.puller import CapacityPuller, Delivery
+from broker.puller import Delivery, Puller
 from natron.errors import InternalError
 from natron.inference import InferRequest
 from natron.spec import ModelSpec
@@ -80,6 +80,8 @@ class Admitted:
     deadline_ns: int = 0  # absolute, unix ns; 0: none given
     # Position in a coalesced message, by which its answer names it; -1: a message of its own.
     index: int = -1
+    # It waited past its queue timeout and its policy DELAYs it: it runs after the others.
+    delayed: bool = False
 
 
 LINGERS_BEFORE_SKIPPING = 3
@@ -89,7 +91,7 @@ PROBE_EVERY = 8
 class Batcher:
     """Gathers one instance's next requests from its puller, by the policy above."""
 
-    def __init__(self, puller: CapacityPuller, policy: BatchPolicy) -> None:
+    def __init__(self, puller: Puller, policy: BatchPolicy) -> None:
         self._puller = puller
         self.policy = policy
         self._fruitless = 0  # lingers in a row that gathered no request

@@ -6,7 +6,10 @@ The parts, each with one owner:
 * taking, and which requests run together: the batcher (workers/batcher.py), over the
   capacity puller (broker/puller.py);
 * admission, here: decode, drop what expired in the queue (answered 504 without running) and
-  what was cancelled (its caller went away), validate against the model's interface;
+  what was cancelled (its caller went away), validate against the model's interface, and
+  apply the model's queue policy: a request that waited longer than its level's queue timeout
+  is answered Triton's 503 "Request timeout expired" without running (REJECT), or runs after
+  the round's punctual requests (DELAY);
 * execution: one runner per backend shape (workers/runners.py), chosen when the instance is
   built: whole batches, requests through a sink, or concurrent requests on the event loop;
 * the answer's framing: broker/reply.py.
@@ -30,10 +33,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from broker import codec
-from broker.puller import CapacityPuller
+from broker.puller import Puller, stored_ns
 from broker.reply import Replier
 from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO
-from natron.errors import DeadlineExceeded, InvalidArgument, NatronError
+from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable
 from natron.inference import InferRequest
 from natron.spec import ModelSpec
 from natron.stats import ModelStats
@@ -65,7 +68,7 @@ class ModelInstance:
     def __init__(
         self,
         nc: Client,
-        puller: CapacityPuller,
+        puller: Puller,
         spec: ModelSpec,
         version: str,
         backend: AnyBackend,
@@ -89,6 +92,8 @@ class ModelInstance:
         # not say where the answers go and every request with that id is meant.
         self._cancelled: dict[tuple[str, str], float] = {}
         self._stopping = False
+        # Only a model whose config names a queue policy pays for checking one.
+        self._queue_policy = spec.scheduling.configured
         self._answers = Answers(Replier(nc, decoupled=spec.decoupled), spec, version, self.stats, self._ack)
         self._runner = runner_for(
             backend,
@@ -154,14 +159,18 @@ class ModelInstance:
         for delivery in deliveries:
             msg = delivery.msg
             if msg.headers and BATCH in msg.headers:
-                admitted.extend(await self._admit_coalesced(msg, now_ns))
+                admitted.extend(await self._admit_coalesced(msg, now_ns, delivery.level))
                 continue
-            item = await self._admit(msg, now_ns)
+            item = await self._admit(msg, now_ns, delivery.level)
             if item is not None:
                 admitted.append(item)
+        if self._queue_policy and any(item.delayed for item in admitted):
+            # DELAY: requests that waited past their queue timeout go after the punctual ones
+            # of the round (Triton moves them behind the unexpired requests of their level).
+            admitted.sort(key=lambda item: item.delayed)
         return admitted
 
-    async def _admit(self, msg: Msg, now_ns: int) -> Admitted | None:
+    async def _admit(self, msg: Msg, now_ns: int, level: int = 0) -> Admitted | None:
         headers = msg.headers or {}
         reply_to = headers.get(REPLY_TO)
         if not reply_to:
@@ -174,7 +183,7 @@ class ModelInstance:
             request_id = request.id
             raw_deadline = headers.get(DEADLINE_NS)
             deadline_ns = int(raw_deadline) if raw_deadline is not None else 0
-            batch_size = self._check(request, reply_to, deadline_ns, now_ns)
+            batch_size = self._check(request, reply_to, deadline_ns, now_ns, msg, level)
         except NatronError as exc:
             await self._answers.error(msg, reply_to, request_id, exc)
             return None
@@ -192,9 +201,9 @@ class ModelInstance:
                 request.model,
                 headers.get("traceparent", "-"),
             )
-        return Admitted(msg, reply_to, request, batch_size, deadline_ns)
+        return Admitted(msg, reply_to, request, abs(batch_size), deadline_ns, delayed=batch_size < 0)
 
-    async def _admit_coalesced(self, msg: Msg, now_ns: int) -> list[Admitted]:
+    async def _admit_coalesced(self, msg: Msg, now_ns: int, level: int = 0) -> list[Admitted]:
         """The requests of a coalesced message; each that fails admission is answered alone,
         by its position. A message that cannot be read as a whole gets one error answer, which
         its requester takes as every request's."""
@@ -223,7 +232,7 @@ class ModelInstance:
                 if entry.error is not None:
                     raise entry.error
                 assert entry.request is not None
-                batch_size = self._check(entry.request, reply_to, entry.deadline_ns, now_ns)
+                batch_size = self._check(entry.request, reply_to, entry.deadline_ns, now_ns, msg, level)
             except NatronError as exc:
                 await self._answers.error(msg, reply_to, entry.request_id, exc, index=index)
                 continue
@@ -231,7 +240,17 @@ class ModelInstance:
                 await self._drop_cancelled(msg)
                 continue
             self._trace(msg, entry.request, entry.trace)
-            admitted.append(Admitted(msg, reply_to, entry.request, batch_size, entry.deadline_ns, index))
+            admitted.append(
+                Admitted(
+                    msg,
+                    reply_to,
+                    entry.request,
+                    abs(batch_size),
+                    entry.deadline_ns,
+                    index,
+                    delayed=batch_size < 0,
+                )
+            )
         return admitted
 
     def _trace(self, msg: Msg, request: InferRequest, headers: Mapping[str, str]) -> None:
@@ -244,9 +263,12 @@ class ModelInstance:
         if span is not None:
             self._in_hand[id(msg)].spans.append(span)
 
-    def _check(self, request: InferRequest, reply_to: str, deadline_ns: int, now_ns: int) -> int | None:
-        """Admission of a decoded request: its batch size, None when its client went away
-        (nobody waits for it), or the NatronError that is its answer."""
+    def _check(
+        self, request: InferRequest, reply_to: str, deadline_ns: int, now_ns: int, msg: Msg, level: int
+    ) -> int | None:
+        """Admission of a decoded request: its batch size (negated when the queue policy
+        DELAYs it), None when its client went away (nobody waits for it), or the NatronError
+        that is its answer."""
         if deadline_ns and now_ns > deadline_ns:
             raise DeadlineExceeded(f"request to model '{self._spec.name}' expired in the queue before it ran")
         if request.model != self._spec.name:
@@ -256,7 +278,25 @@ class ModelInstance:
         batch_size = self._spec.validate(request)
         if self.is_cancelled(request.id, reply_to):
             return None
+        if self._queue_policy and self._waited_too_long(request, level, msg, now_ns):
+            if not self._spec.scheduling.policy(level).delay:
+                # Triton's answer to a request its queue policy rejects (UNAVAILABLE).
+                raise Unavailable("Request timeout expired")
+            return -batch_size
         return batch_size
+
+    def _waited_too_long(self, request: InferRequest, level: int, msg: Msg, now_ns: int) -> bool:
+        """Whether the request waited in the queue, from when JetStream stored it until now,
+        longer than its level's queue timeout (the request's `timeout` parameter, in µs, when
+        the policy lets it shorten the default)."""
+        requested = request.parameters.get("timeout", 0)
+        timeout_us = self._spec.scheduling.policy(level).timeout_us(
+            requested if type(requested) is int else 0
+        )
+        if not timeout_us:
+            return False
+        enqueued_ns = stored_ns(msg)
+        return bool(enqueued_ns) and now_ns > enqueued_ns + timeout_us * 1000
 
     async def _drop_cancelled(self, msg: Msg) -> None:
         """A request whose client went away is dropped unrun, acknowledged and counted."""

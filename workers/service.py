@@ -39,8 +39,9 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from broker import jetstream, recovery
+from broker.auth import ClientAuth
 from broker.mirror import BucketMirror
-from broker.puller import CapacityPuller
+from broker.puller import CapacityPuller, LevelPuller, Puller
 from broker.subjects import REPLY_TO, Subjects
 from natron import config as cfg
 from natron.errors import NatronError
@@ -79,8 +80,10 @@ _CANCEL_TIMEOUT_S = 2.0
 class WorkerOptions:
     worker_id: str
     device: Device
-    # How model code reaches the mesh (BLS calls from Python models).
+    # How model code reaches the mesh (BLS calls from Python models), as this worker.
     nats_url: str = ""
+    nats_auth: ClientAuth | None = None
+    inbox_prefix: str = ""
     heartbeat_interval_s: float = 2.0
     # Where the stream and buckets live when this worker is the first to need them.
     storage: jetstream.Storage = field(default_factory=jetstream.Storage)
@@ -217,6 +220,8 @@ class Worker:
         self._context = BackendContext(
             device=options.device,
             nats_url=options.nats_url,
+            nats_auth=options.nats_auth,
+            inbox_prefix=options.inbox_prefix,
             prefix=subjects.prefix,
             cpu_threads=options.cpu_threads,
         )
@@ -483,9 +488,23 @@ class Worker:
                 js, self._subjects, record.name, version, self._options.bind_timeout_s
             )
             consumer, loaded.ack_wait_s = queue.consumer, queue.ack_wait_s
+            scheduling = spec.scheduling
+            # A model with priority levels: one consumer per level, each instance pulling from
+            # all of them, highest first (broker/puller.py, LevelPuller).
+            levels = jetstream.level_consumers(
+                self._subjects, record.name, version, scheduling.levels, scheduling.default_level
+            )
+            for _, name in levels if scheduling.levels else ():
+                await jetstream.bind_consumer(
+                    js, self._subjects, record.name, version, self._options.bind_timeout_s, name=name
+                )
             capacity = max(spec.max_batch_size, 1)
             for index, backend in enumerate(backends):
-                puller = CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
+                puller: Puller = (
+                    LevelPuller(self._nc, self._subjects.stream, levels, capacity)
+                    if scheduling.levels
+                    else CapacityPuller(self._nc, self._subjects.stream, consumer, capacity)
+                )
                 await puller.start()
                 name = f"{record.name}-v{version}-{index}"
                 instance = ModelInstance(

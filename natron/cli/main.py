@@ -57,6 +57,8 @@ _METAVARS = {
     "upload_dir": "DIR",
     "model_cache_dir": "DIR",
     "metrics_config": "SETTING=VALUE",
+    "http_restricted_api": "GROUPS:KEY=VALUE",
+    "grpc_restricted_protocol": "GROUPS:KEY=VALUE",
 }
 
 _HELP = {
@@ -176,6 +178,7 @@ def parse(argv: list[str] | None = None, settings_json: str | None = None) -> Ro
                 flags[name] = tuple(value)
         settings = load(model, flags, settings_json)
         _check_metrics_config(settings)
+        _check_restricted(settings)
     except SettingsError as exc:
         parser.exit(2, f"natron {command}: error: {exc}\n")
     return settings
@@ -192,6 +195,17 @@ def _check_metrics_config(settings: RoleSettings) -> None:
             parse_metrics_config(given)
         except ValueError as exc:
             raise SettingsError(f"metrics_config: {exc} (--metrics-config or NATRON_METRICS_CONFIG)") from exc
+
+
+def _check_restricted(settings: RoleSettings) -> None:
+    """Triton's restricted API groups, read as the gateway will read them."""
+    from natron import restricted_api
+
+    try:
+        restricted_api.http(getattr(settings, "http_restricted_api", ()))
+        restricted_api.grpc(getattr(settings, "grpc_restricted_protocol", ()))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def log_formatter(settings: RoleSettings) -> logging.Formatter:
@@ -356,6 +370,11 @@ async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["creds"]:  # a one-shot file writer, not a service: no settings, no loop
+        from natron.cli import creds
+
+        sys.exit(creds.main(args[1:]))
     _remember_early_signals()
     # Read once and removed: what a parent sent is for this process, not for its descendants.
     settings = parse(argv, os.environ.pop(SETTINGS_ENV, None))
@@ -376,8 +395,10 @@ def main(argv: list[str] | None = None) -> None:
 
         service = functools.partial(run_worker, settings)
     elif isinstance(settings, PushSettings):
+        from broker.auth import private_inbox
         from broker.subjects import Subjects
         from natron.cli.push import run_push
+        from natron.cli.services import nats_auth
 
         files_bucket = Subjects(settings.prefix).files_bucket
         service = functools.partial(
@@ -387,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
             settings.model_repository,
             settings.model_files_store,
             settings.jetstream_replicas,
+            nats_auth(settings),
+            private_inbox(Subjects(settings.prefix), "router"),
         )
     else:
         from natron.cli.serve import serve, stop_bound_s

@@ -17,6 +17,7 @@ from pathlib import Path
 import orjson
 
 from broker import jetstream
+from broker.auth import ClientAuth
 from broker.objects import ModelFiles, StoreKind
 from natron.errors import InvalidArgument, NatronError
 from natron.tasks import until
@@ -26,7 +27,14 @@ log = logging.getLogger(__name__)
 
 
 async def push_repository(
-    nats_url: str, bucket: str, repository: Path, *, storage: StoreKind = "file", replicas: int = 1
+    nats_url: str,
+    bucket: str,
+    repository: Path,
+    *,
+    storage: StoreKind = "file",
+    replicas: int = 1,
+    auth: ClientAuth | None = None,
+    inbox_prefix: str | None = None,
 ) -> dict[str, dict[str, str]]:
     """Push every version folder of every model of `repository` into `bucket` (made with
     `storage` and `replicas` when missing); model -> version -> digest.
@@ -34,7 +42,9 @@ async def push_repository(
     A model that cannot be pushed (over the limits, unreadable) does not stop the others: once
     they are pushed, InvalidArgument names every model that failed and why. The broker away
     raises Unavailable at once."""
-    nc = await jetstream.connect(nats_url, name="natron-push")
+    # The model store is the control plane's: pushing takes the router's credentials (`auth`),
+    # and its inboxes (`inbox_prefix`).
+    nc = await jetstream.connect(nats_url, name="natron-push", auth=auth, inbox_prefix=inbox_prefix)
     try:
         files = ModelFiles(nc, bucket)
         await files.ensure_bucket(storage, replicas)
@@ -61,6 +71,8 @@ async def run_push(
     repositories: Sequence[Path],
     storage: StoreKind,
     replicas: int,
+    auth: ClientAuth,
+    inbox_prefix: str,
     stop: asyncio.Event,
 ) -> None:
     """`natron push`: push `repositories` one after the other and print model -> version ->
@@ -69,7 +81,16 @@ async def run_push(
     for repository in repositories:
         pushed.update(
             await until(
-                stop, push_repository(nats_url, bucket, repository, storage=storage, replicas=replicas)
+                stop,
+                push_repository(
+                    nats_url,
+                    bucket,
+                    repository,
+                    storage=storage,
+                    replicas=replicas,
+                    auth=auth,
+                    inbox_prefix=inbox_prefix,
+                ),
             )
         )
     sys.stdout.write(orjson.dumps(pushed, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")

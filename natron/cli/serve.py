@@ -20,7 +20,8 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from broker import jetstream
+from broker import auth, jetstream
+from broker.auth import ClientAuth, Role
 from broker.cluster import EmbeddedNatsCluster
 from broker.mirror import BucketMirror
 from broker.server import EmbeddedNatsServer, ServerOptions
@@ -67,13 +68,19 @@ async def wait_settled(
     http_port: int | None,
     timeout_s: float,
     stop: asyncio.Event,
+    access: ClientAuth | None = None,
+    ready_headers: Mapping[str, str] | None = None,
 ) -> list[ModelRecord] | None:
     """The repositories' records once no version is LOADING and the gateway answers ready on
-    `http_port` (with None, serving no HTTP, once the records have settled)."""
+    `http_port` (with None, serving no HTTP, once the records have settled); `ready_headers`:
+    what the readiness request carries (the health group's header, where it is restricted)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     expected = expected_models(repositories)
-    nc = await jetstream.connect(nats_url, name="natron-serve")
+    # It reads what the router writes, as the router.
+    nc = await jetstream.connect(
+        nats_url, name="natron-serve", auth=access, inbox_prefix=auth.private_inbox(subjects, "router")
+    )
     # The models bucket followed as every service follows it, not read whole on every check.
     records = BucketMirror("model record", ModelRecord.from_json)
     follow: asyncio.Task[None] | None = None
@@ -85,7 +92,7 @@ async def wait_settled(
                 settled = expected <= records.values.keys() and not any(
                     s.state == LOADING for r in records.values.values() for s in r.versions.values()
                 )
-                if settled and (http_port is None or await _gateway_ready(http, http_port)):
+                if settled and (http_port is None or await _gateway_ready(http, http_port, ready_headers)):
                     return sorted(records.values.values(), key=lambda r: r.name)
                 await asyncio.sleep(0.2)
         return None
@@ -95,10 +102,14 @@ async def wait_settled(
         await jetstream.close_connection(nc)
 
 
-async def _gateway_ready(http: aiohttp.ClientSession, port: int) -> bool:
+async def _gateway_ready(
+    http: aiohttp.ClientSession, port: int, headers: Mapping[str, str] | None = None
+) -> bool:
     try:
         async with http.get(
-            f"http://127.0.0.1:{port}/v2/health/ready", timeout=aiohttp.ClientTimeout(total=1)
+            f"http://127.0.0.1:{port}/v2/health/ready",
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=1),
         ) as r:
             return r.status == 200
     except (aiohttp.ClientError, TimeoutError):
@@ -181,6 +192,26 @@ def gateway_children(settings: GatewaySettings, metrics_dir: Path | None) -> lis
     ]
 
 
+def worker_ids(settings: ServeSettings, gpus: list[Device], host: str) -> list[str]:
+    """The ids of `natron serve`'s workers: one per GPU or MIG slice, else `settings.workers`
+    on the CPU."""
+    if gpus:
+        return [f"{host}-{gpu.uuid}" for gpu in gpus]
+    return [f"{host}-cpu-{index}" for index in range(settings.workers)]
+
+
+def orchestrator_id(host: str) -> str:
+    return f"{host}-ensemble"
+
+
+def _health_headers(settings: ServeSettings) -> dict[str, str]:
+    """What serve's own readiness check sends: the health group's header where HTTP restricts it."""
+    from natron import restricted_api
+
+    restriction = restricted_api.http(settings.http_restricted_api).get("health")
+    return {} if restriction is None else {restriction.header: restriction.value}
+
+
 def plan_children(
     settings: ServeSettings,
     nats_url: str,
@@ -188,14 +219,31 @@ def plan_children(
     host: str,
     parent_pid: int,
     gateway_metrics_dir: Path | None = None,
+    access: Mapping[str, ClientAuth] | None = None,
 ) -> list[ChildSpec]:
     """The children of `natron serve`, in start order: router, workers, orchestrator, gateways.
 
     Each gets the fields of its own role, from `settings` or the role's defaults, never from
     this process's NATRON_* variables: those were read once, into `settings`, and a worker
     must not pick up, say, NATRON_METRICS_PORT meant for the gateway. With --http-workers
-    above 1, the gateways share `gateway_metrics_dir` (see `gateway_children`)."""
+    above 1, the gateways share `gateway_metrics_dir` (see `gateway_children`). `access` is
+    each role's identity on the broker, or a worker's own, by its id (by default the --nats-*
+    files of `settings`)."""
     kind, replicas = storage_of(settings)
+    shared = ClientAuth(
+        settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+    )
+
+    def identity(role: Role, worker_id: str | None = None) -> dict[str, Path | None]:
+        known = access or {}
+        files = known.get(worker_id or "", known.get(role, shared))
+        return {
+            "nats_creds": files.creds,
+            "nats_tls_ca": files.tls_ca,
+            "nats_tls_cert": files.tls_cert,
+            "nats_tls_key": files.tls_key,
+        }
+
     common = {
         "nats_url": nats_url,
         "jetstream_storage": kind,
@@ -214,11 +262,14 @@ def plan_children(
                 RouterSettings,
                 {
                     **common,
+                    **identity("router"),
                     "model_repository": settings.model_repository,
                     "model_control_mode": settings.model_control_mode,
                     "repository_poll_secs": settings.repository_poll_secs,
                     "load_model": settings.load_model,
                     "upload_dir": settings.upload_dir,
+                    "max_upload_files": settings.max_upload_files,
+                    "max_upload_mb": settings.max_upload_mb,
                     "ack_wait_s": settings.ack_wait_s,
                     # One box: its workers read the repository where it is, so the router
                     # does not copy every model into the broker as well.
@@ -237,8 +288,8 @@ def plan_children(
     if gpus:
         # One worker per GPU or MIG slice, pinned to it by UUID, so each device pulls work by
         # its own capacity; the CPU serves only where no GPU is.
-        for gpu in gpus:
-            worker = {"worker_id": f"{host}-{gpu.uuid}", "device": f"gpu:{gpu.uuid}"}
+        for gpu, worker_id in zip(gpus, worker_ids(settings, gpus, host), strict=False):
+            worker = {"worker_id": worker_id, "device": f"gpu:{gpu.uuid}", **identity("worker", worker_id)}
             children.append(
                 ChildSpec(
                     f"worker-gpu{gpu.index}-{gpu.uuid[-8:]}",
@@ -252,8 +303,8 @@ def plan_children(
         threads = settings.cpu_threads or (
             max(1, (os.cpu_count() or 1) // settings.workers) if settings.workers > 1 else 0
         )
-        for index in range(settings.workers):
-            worker = {"worker_id": f"{host}-cpu-{index}", "device": "cpu"}
+        for index, worker_id in enumerate(worker_ids(settings, gpus, host)[: settings.workers]):
+            worker = {"worker_id": worker_id, "device": "cpu", **identity("worker", worker_id)}
             children.append(
                 ChildSpec(
                     f"worker-{index}", exactly(WorkerSettings, {**compute, **worker, "cpu_threads": threads})
@@ -262,13 +313,23 @@ def plan_children(
     # The orchestrator computes nothing itself: no device, threads or throttle reach it.
     children.append(
         ChildSpec(
-            "ensemble", exactly(OrchestratorSettings, {**common, **drain, "worker_id": f"{host}-ensemble"})
+            "ensemble",
+            exactly(
+                OrchestratorSettings,
+                {
+                    **common,
+                    **identity("orchestrator", orchestrator_id(host)),
+                    **drain,
+                    "worker_id": orchestrator_id(host),
+                },
+            ),
         )
     )
     gateway = exactly(
         GatewaySettings,
         {
             **common,
+            **identity("gateway"),
             "http_port": settings.http_port,
             "http_address": settings.http_address,
             "allow_http": settings.allow_http,
@@ -277,11 +338,20 @@ def plan_children(
             "allow_metrics": settings.allow_metrics,
             "metrics_config": settings.metrics_config,
             "max_body_mb": settings.max_payload_mb,
+            "max_tensor_elements": settings.max_tensor_elements,
+            "max_bytes_element_mb": settings.max_bytes_element_mb,
+            "max_json_depth": settings.max_json_depth,
             "http_workers": settings.http_workers,
             "grpc_address": settings.grpc_address,
             "grpc_port": settings.grpc_port,
             "allow_grpc": settings.allow_grpc,
             "strict_readiness": settings.strict_readiness,
+            "http_restricted_api": settings.http_restricted_api,
+            "grpc_restricted_protocol": settings.grpc_restricted_protocol,
+            "allow_code_upload": settings.allow_code_upload,
+            "http_keepalive_timeout_s": settings.http_keepalive_timeout_s,
+            "http_request_read_timeout_s": settings.http_request_read_timeout_s,
+            "http_max_connections": settings.http_max_connections,
         },
     )
     children.extend(gateway_children(gateway, gateway_metrics_dir))
@@ -339,7 +409,7 @@ def stop_bound_s(shutdown_timeout_s: float) -> float:
     return shutdown_timeout_s + SUPERVISOR_GRACE_S + NATS_STOP_TIMEOUT_S + 1.0
 
 
-def endpoint_lines(settings: ServeSettings, nats_url: str) -> list[str]:
+def endpoint_lines(settings: ServeSettings, nats_url: str, creds_dir: Path | None = None) -> list[str]:
     """What `natron serve` prints under the model table: where it serves."""
     lines = []
     if settings.allow_http:
@@ -352,7 +422,27 @@ def endpoint_lines(settings: ServeSettings, nats_url: str) -> list[str]:
     if settings.allow_metrics and settings.metrics_port:
         lines.append(f"Metrics endpoint: http://{settings.http_address}:{settings.metrics_port}/metrics")
     lines.append(f"NATS:             {nats_url}")
+    if creds_dir is not None:
+        lines.append(f"NATS credentials: {creds_dir} (clients: {auth.seed_path(creds_dir, 'client')})")
     return lines
+
+
+def embedded_access(settings: ServeSettings, creds_dir: Path, reporters: list[str]) -> dict[str, ClientAuth]:
+    """Each role's identity on the embedded broker, and each of `reporters`' own (the workers
+    and the orchestrator, by id: each writes only its own report): its seed in `creds_dir`, and
+    the CA its TLS certificate is trusted by (the certificate itself, self-signed, unless one
+    is named)."""
+    ca = settings.nats_tls_ca or settings.nats_tls_cert
+    access: dict[str, ClientAuth] = {
+        role: ClientAuth(auth.seed_path(creds_dir, role), tls_ca=ca) for role in auth.ROLES
+    }
+    for worker_id in reporters:
+        access[worker_id] = ClientAuth(auth.worker_seed_path(creds_dir, worker_id), tls_ca=ca)
+    return access
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
@@ -364,18 +454,49 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
     metrics_dir = (
         Path(tempfile.mkdtemp(prefix="natron-gateway-metrics-")) if settings.http_workers > 1 else None
     )
+    # The embedded broker's credentials, when this run made them in a directory of its own.
+    temporary_creds: Path | None = None
+    creds_dir: Path | None = None
+    access: dict[str, ClientAuth] | None = None
     try:
         nats_url = settings.nats_url
+        gpus = await asyncio.to_thread(discover_gpus)
+        host = socket.gethostname()
         if nats_url is None:
+            # Nothing open by default: every connection proves its role (broker/auth.py).
+            creds_dir = settings.nats_creds_dir
+            if creds_dir is None:
+                creds_dir = temporary_creds = Path(tempfile.mkdtemp(prefix="natron-creds-"))
+            keys = await asyncio.to_thread(auth.ensure_credentials, creds_dir)
+            # The workers and the orchestrator each write their own report, no other.
+            reporters: dict[str, Role] = dict.fromkeys(worker_ids(settings, gpus, host), "worker")
+            reporters[orchestrator_id(host)] = "orchestrator"
+            reporter_keys = await asyncio.to_thread(
+                auth.ensure_worker_credentials, creds_dir, list(reporters)
+            )
+            access = embedded_access(settings, creds_dir, list(reporters))
+            if not _loopback(settings.nats_listen) and settings.nats_tls_cert is None:
+                log.warning(
+                    "the embedded NATS server listens on %s without TLS: its traffic, inference data "
+                    "included, crosses the network in clear (--nats-tls-cert/--nats-tls-key)",
+                    settings.nats_listen,
+                )
             options = ServerOptions(
                 port=settings.nats_port,
-                host="0.0.0.0" if settings.http_address == "0.0.0.0" else "127.0.0.1",
+                host=settings.nats_listen,
                 max_payload_bytes=settings.max_payload_mb * MiB,
                 store_dir=settings.jetstream_dir,
+                authorization=auth.authorization_block(
+                    keys,
+                    subjects,
+                    {worker_id: (role, reporter_keys[worker_id]) for worker_id, role in reporters.items()},
+                ),
+                tls_cert=settings.nats_tls_cert,
+                tls_key=settings.nats_tls_key,
             )
             # --nats-cluster N: N nodes on consecutive ports, one JetStream cluster.
             broker = (
-                EmbeddedNatsCluster(settings.nats_cluster, options)
+                EmbeddedNatsCluster(settings.nats_cluster, options, probe_auth=access["admin"])
                 if settings.nats_cluster > 1
                 else EmbeddedNatsServer(options)
             )
@@ -386,8 +507,13 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
                 asyncio.create_task(supervise_broker(node, stop), name=f"supervise-nats-server-{index}")
                 for index, node in enumerate(nodes)
             ]
-        gpus = await asyncio.to_thread(discover_gpus)
-        for child in plan_children(settings, nats_url, gpus, socket.gethostname(), os.getpid(), metrics_dir):
+        if access is None:  # a broker of the operator's: every service is who --nats-creds says
+            shared = ClientAuth(
+                settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+            )
+            access = dict.fromkeys(auth.ROLES, shared)
+        children = plan_children(settings, nats_url, gpus, host, os.getpid(), metrics_dir, access)
+        for child in children:
             args, env = child.command()
             supervisor.add(child.name, args, env=env)
         await supervisor.start()
@@ -400,6 +526,8 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
                 settings.http_port if settings.allow_http else None,
                 settings.ready_timeout_s,
                 stop,
+                access["router"],
+                _health_headers(settings),
             ),
         )
         if records is None and not stop.is_set():
@@ -407,7 +535,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
                 "models did not settle within %.0f s; serving what is ready", settings.ready_timeout_s
             )
         elif records is not None:
-            print_table(records, endpoint_lines(settings, nats_url))
+            print_table(records, endpoint_lines(settings, nats_url, creds_dir))
         await stop.wait()
     except Stopped:
         pass
@@ -421,6 +549,8 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
         finally:
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+            if temporary_creds is not None:
+                shutil.rmtree(temporary_creds, ignore_errors=True)
             await cancel_and_wait(broker_watches, 2.0)
             if broker is not None:
                 await broker.stop(NATS_STOP_TIMEOUT_S)

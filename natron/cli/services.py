@@ -31,15 +31,20 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from broker import jetstream, shared_settings
+from broker import auth, jetstream, shared_settings
+from broker.auth import ClientAuth
 from broker.subjects import Subjects
 from ensemble.service import Orchestrator
 from gateway import grpc_service
 from gateway.app import create_app, essential_tasks
+from gateway.connections import ConnectionLimits, body_deadline_middleware
 from gateway.fastpath import FastPath
 from gateway.keys import FLEET, REGISTRY, GatewayOptions
+from gateway.kserve import InputLimits
 from gateway.metrics import GatewayMetrics
+from gateway.restricted import AccessPolicy
 from gateway.stats import create_metrics_app
+from natron import restricted_api
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
 from natron.prometheus import parse_metrics_config
 from natron.settings import (
@@ -54,6 +59,7 @@ from natron.tasks import Stopped, until
 from natron.tracing import ProcessSpans
 from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
+from router.uploads import UploadLimits
 from workers.devices import CPU, Device, pick_device
 from workers.metrics import worker_metrics_app
 from workers.model_cache import DEFAULT_CACHE_BYTES, ModelFilesMode
@@ -72,6 +78,13 @@ def drain_budget_s(shutdown_timeout_s: float) -> float:
     return max(shutdown_timeout_s - CLOSE_RESERVE_S, shutdown_timeout_s / 2)
 
 
+def nats_auth(settings: CommonSettings) -> ClientAuth:
+    """The role's credentials and TLS files, as its settings name them."""
+    return ClientAuth(
+        settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+    )
+
+
 def storage(settings: CommonSettings) -> jetstream.Storage:
     return jetstream.Storage(settings.jetstream_storage, settings.jetstream_replicas)
 
@@ -79,11 +92,59 @@ def storage(settings: CommonSettings) -> jetstream.Storage:
 def gateway_options(settings: GatewaySettings) -> GatewayOptions:
     return GatewayOptions(
         nats_url=settings.nats_url,
+        nats_auth=nats_auth(settings),
         subjects=Subjects(settings.prefix),
         default_timeout_s=settings.default_timeout_s,
         max_body_bytes=settings.max_body_mb * MiB,
+        limits=InputLimits(
+            max_tensor_elements=settings.max_tensor_elements,
+            max_bytes_element_bytes=settings.max_bytes_element_mb * MiB,
+            max_json_depth=settings.max_json_depth,
+        ),
         strict_readiness=settings.strict_readiness,
         storage=storage(settings),
+    )
+
+
+def access_policy(settings: GatewaySettings) -> AccessPolicy:
+    return AccessPolicy(
+        http=restricted_api.http(settings.http_restricted_api),
+        grpc=restricted_api.grpc(settings.grpc_restricted_protocol),
+        allow_code_upload=settings.allow_code_upload,
+    )
+
+
+# File descriptors a gateway keeps for itself besides its clients' connections: NATS, the
+# listeners, the metrics endpoint, logs, a margin.
+RESERVED_FDS = 64
+
+
+def connection_limits(settings: GatewaySettings) -> ConnectionLimits:
+    """The settings' limits, the connection cap within what the process may open: the soft
+    limit on open files is raised towards the hard one first, and the cap lowered (with a
+    warning) where even that is short, so that accept never fails for want of descriptors."""
+    import resource
+
+    wanted = settings.http_max_connections + RESERVED_FDS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    cap = settings.http_max_connections
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        cap = max(1, soft - RESERVED_FDS)
+        log.warning(
+            "open files limited to %d: taking %d connections, not --http-max-connections %d",
+            soft,
+            cap,
+            settings.http_max_connections,
+        )
+    return ConnectionLimits(
+        keepalive_timeout_s=settings.http_keepalive_timeout_s,
+        request_read_timeout_s=settings.http_request_read_timeout_s,
+        max_connections=cap,
     )
 
 
@@ -94,6 +155,7 @@ def router_options(settings: RouterSettings) -> RouterOptions:
         poll_interval_s=settings.repository_poll_secs,
         load_models=settings.load_model,
         upload_dir=settings.upload_dir,
+        upload_limits=UploadLimits(settings.max_upload_files, settings.max_upload_mb * MiB),
         queue=jetstream.QueuePolicy(ack_wait_s=settings.ack_wait_s),
         storage=storage(settings),
         model_store=None if settings.model_files_store == "off" else settings.model_files_store,
@@ -120,6 +182,11 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
         nats_url=settings.nats_url,
+        nats_auth=nats_auth(settings),
+        inbox_prefix=auth.private_inbox(
+            Subjects(settings.prefix),
+            "orchestrator" if isinstance(settings, OrchestratorSettings) else "worker",
+        ),
         # The drain asked for, within the budget: a longer one would be cut by the exit.
         drain_timeout_s=min(settings.drain_timeout_s, drain_budget_s(settings.shutdown_timeout_s)),
         throttle_s=throttle_s,
@@ -181,12 +248,22 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
     # One of several processes sharing the port: the kernel spreads the connections over them,
     # and they count their requests together (gateway/metrics.py).
     shared = settings.http_workers > 1
-    app = create_app(options, drain_timeout_s=drain_s, metrics=GatewayMetrics(shared=shared))
+    access, limits = access_policy(settings), connection_limits(settings)
+    app = create_app(options, drain_timeout_s=drain_s, metrics=GatewayMetrics(shared=shared), access=access)
+    app.middlewares.append(body_deadline_middleware(limits.request_read_timeout_s))
     essential = essential_tasks(app)
     # shutdown_timeout bounds how long requests in flight may finish after intake stops;
     # open streams end by then too, with a last frame. handler_cancellation: a client that
     # closes its connection cancels its request, and the requester tells the worker to drop it.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain_s, handler_cancellation=True)
+    # keepalive_timeout: an idle connection aiohttp holds, or one with half a request head,
+    # closes then (gateway/connections.py).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=drain_s,
+        handler_cancellation=True,
+        keepalive_timeout=limits.keepalive_timeout_s,
+    )
 
     # Connections start on the infer fast path and go to aiohttp at their first other request
     # (gateway/fastpath.py); its requests in flight drain with aiohttp's on shutdown.
@@ -195,7 +272,18 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
         assert server is not None, "the runner is set up before the listener opens"
         return server()
 
-    fast = FastPath(app, aiohttp_connection, options.max_body_bytes)
+    def handed_over() -> int:
+        server = runner.server
+        return len(server.connections) if server is not None else 0
+
+    fast = FastPath(
+        app,
+        aiohttp_connection,
+        options.max_body_bytes,
+        limits,
+        restriction=access.http.get("inference"),
+        handed_over=handed_over,
+    )
     grpc_server: grpc.aio.Server | None = None
 
     async def drain(_: web.Application) -> None:
@@ -221,7 +309,7 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
             await until(stop, app[FLEET].synced.wait(), essential)
         if settings.allow_http:
             listener = await asyncio.get_running_loop().create_server(
-                fast, host, port, backlog=1024, reuse_address=True, reuse_port=shared or None
+                fast.accept, host, port, backlog=1024, reuse_address=True, reuse_port=shared or None
             )
             if shared:
                 log.info(
@@ -235,7 +323,7 @@ async def _gateway(settings: GatewaySettings, stop: asyncio.Event) -> None:
                 log.info("gateway listening on http://%s:%d", host, port)
         if settings.allow_grpc:
             grpc_server, grpc_port = await grpc_service.start_server(
-                app, settings.grpc_address, settings.grpc_port, shared_port=shared
+                app, settings.grpc_address, settings.grpc_port, shared_port=shared, limits=limits
             )
             log.info("gateway serving gRPC on %s:%d", settings.grpc_address, grpc_port)
         if metrics_port and settings.allow_metrics:
@@ -259,11 +347,20 @@ async def run_router(settings: RouterSettings, stop: asyncio.Event) -> None:
 
 async def _router(settings: RouterSettings, stop: asyncio.Event) -> None:
     options, metrics_port = router_options(settings), settings.metrics_port
-    nc = await until(stop, jetstream.connect(settings.nats_url, name="natron-router"))
+    subjects = Subjects(settings.prefix)
+    nc = await until(
+        stop,
+        jetstream.connect(
+            settings.nats_url,
+            name="natron-router",
+            auth=nats_auth(settings),
+            inbox_prefix=auth.private_inbox(subjects, "router"),
+        ),
+    )
     # The deployment's log settings (/v2/logging), applied to this process as they change.
-    log_settings = shared_settings.start_following_log_settings(nc, Subjects(settings.prefix), "router")
+    log_settings = shared_settings.start_following_log_settings(nc, subjects, "router")
     try:
-        router = Router(nc, Subjects(settings.prefix), options)
+        router = Router(nc, subjects, options)
         essential = (*router.essential, log_settings)
         metrics_runner: web.AppRunner | None = None
         try:
@@ -292,7 +389,15 @@ async def _worker(settings: WorkerSettings | OrchestratorSettings, stop: asyncio
     options, metrics_port = dataclasses.replace(worker_options(settings), spans=spans), settings.metrics_port
     orchestrator = isinstance(settings, OrchestratorSettings)
     worker_id, device, subjects = options.worker_id, options.device, Subjects(settings.prefix)
-    nc = await until(stop, jetstream.connect(settings.nats_url, name=f"natron-{worker_id}"))
+    nc = await until(
+        stop,
+        jetstream.connect(
+            settings.nats_url,
+            name=f"natron-{worker_id}",
+            auth=options.nats_auth,
+            inbox_prefix=options.inbox_prefix,
+        ),
+    )
     # The deployment's log and trace settings, applied to this process as they change.
     log_settings = shared_settings.start_following_log_settings(nc, subjects, worker_id)
     trace_settings = shared_settings.start_following_trace_settings(nc, subjects, worker_id, spans)

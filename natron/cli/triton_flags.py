@@ -72,13 +72,15 @@ TRITONSERVER_FLAGS: tuple[str, ...] = (
 )  # fmt: skip
 
 _TLS = "natron's gRPC listens without TLS: terminate TLS in front of it (a proxy, the ingress)"
-_GRPC_TUNING = "a tuning knob of Triton's own gRPC server; natron's keeps its library's defaults"
+_GRPC_TUNING = (
+    "a tuning knob of Triton's own gRPC server; natron's keeps grpcio's defaults for it (its idle and "
+    "handshake bounds follow --http-keepalive-timeout-s and --http-request-read-timeout-s)"
+)
 _SAGEMAKER = "natron has no SageMaker endpoint"
 _VERTEX = "natron has no Vertex AI endpoint"
 _TRACE = "natron has no request tracing"
 _CACHE = "natron has no response cache"
 _MEMORY = "natron leaves device and pinned memory to the frameworks (ONNX Runtime, PyTorch, TensorRT)"
-_RESTRICT = "natron checks no header per API: restrict the APIs in a proxy in front of it"
 
 REFUSED: dict[str, str] = {
     "--id": "natron names itself in the server metadata; --prefix tells deployments apart",
@@ -87,7 +89,6 @@ REFUSED: dict[str, str] = {
     "--disable-auto-complete-config": "natron always completes a model's configuration "
     "(ONNX from the model file, Python from auto_complete_config)",
     "--http-header-forward-pattern": "natron forwards no HTTP header as a request parameter",
-    "--http-restricted-api": _RESTRICT,
     "--grpc-header-forward-pattern": "natron forwards no gRPC header as a request parameter",
     "--grpc-infer-allocation-pool-size": _GRPC_TUNING,
     "--grpc-server-cert": _TLS,
@@ -100,7 +101,6 @@ REFUSED: dict[str, str] = {
     "--grpc-http2-max-pings-without-data": _GRPC_TUNING,
     "--grpc-http2-min-recv-ping-interval-without-data": _GRPC_TUNING,
     "--grpc-http2-max-ping-strikes": _GRPC_TUNING,
-    "--grpc-restricted-protocol": _RESTRICT,
     "--sagemaker-port": _SAGEMAKER,
     "--sagemaker-safe-port-range": _SAGEMAKER,
     "--sagemaker-thread-count": _SAGEMAKER,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_dtypes
+import nats
 import numpy as np
 import pytest
 import requests
@@ -190,7 +191,7 @@ async def stream(
     """Publish as broker.requester does; every answer message until the final one, with the
     seconds from the publish to its arrival."""
     subjects = Subjects()
-    inbox = subjects.inbox(f"test-{uuid.uuid4().hex[:8]}")
+    inbox = nc.new_inbox()  # a client's own (the services' inboxes are theirs alone)
     messages: list[tuple[float, Msg]] = []
     finished = asyncio.Event()
     started = time.monotonic()
@@ -375,39 +376,44 @@ async def test_a_response_that_is_not_made_of_tensors_is_an_error(backend_reques
 
 
 async def test_a_killed_stub_fails_its_request_at_once_and_a_new_stub_serves_the_next(
-    backend_requester: Requester, backend_nc: Client
+    backend_requester: Requester, backend_served: Served
 ) -> None:
     subjects = Subjects()
-    js = backend_nc.jetstream()
-
-    async def in_worker(count: int) -> bool:
-        """Nothing waits in the consumer and `count` requests are delivered, not yet answered."""
-        info = await js.consumer_info(subjects.stream, subjects.consumer("py_faults", "1"))
-        return info.num_pending == 0 and info.num_ack_pending == count
-
-    first = await infer(backend_requester, faults(0))
-    pid = int(first.outputs[0].data[0])
-    # The answer can arrive before its acknowledgement: wait for that, so the count below is
-    # the slow request's alone.
-    await wait_until_async(lambda: in_worker(0), ANSWER_TIMEOUT_S, "the first request acknowledged")
-    slow = asyncio.create_task(infer(backend_requester, faults(7)))  # sleeps 60 s in the model
+    # The queue's state is an operator's to read, not a client's.
+    admin = await nats.connect(backend_served.nats_url, **backend_served.nats_options("admin"))
+    js = admin.jetstream()
     try:
-        # Delivered to the worker, which hands it to its stub in the same breath (a thread
-        # hop): the delivery is what can be observed from here.
-        await wait_until_async(lambda: in_worker(1), ANSWER_TIMEOUT_S, "the slow request delivered")
-        started = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(NatronError) as caught:
-            await slow
-        assert time.monotonic() - started < 10
+
+        async def in_worker(count: int) -> bool:
+            """Nothing waits in the consumer and `count` requests are delivered, not yet answered."""
+            info = await js.consumer_info(subjects.stream, subjects.consumer("py_faults", "1"))
+            return info.num_pending == 0 and info.num_ack_pending == count
+
+        first = await infer(backend_requester, faults(0))
+        pid = int(first.outputs[0].data[0])
+        # The answer can arrive before its acknowledgement: wait for that, so the count below is
+        # the slow request's alone.
+        await wait_until_async(lambda: in_worker(0), ANSWER_TIMEOUT_S, "the first request acknowledged")
+        slow = asyncio.create_task(infer(backend_requester, faults(7)))  # sleeps 60 s in the model
+        try:
+            # Delivered to the worker, which hands it to its stub in the same breath (a thread
+            # hop): the delivery is what can be observed from here.
+            await wait_until_async(lambda: in_worker(1), ANSWER_TIMEOUT_S, "the slow request delivered")
+            started = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(NatronError) as caught:
+                await slow
+            assert time.monotonic() - started < 10
+        finally:
+            slow.cancel()  # a no-op once it ended; else no task outlives the test
+            await asyncio.gather(slow, return_exceptions=True)
+        assert caught.value.status == 500
+        assert "killed by SIGKILL" in caught.value.message
+        assert f"pid {pid}" in caught.value.message
+        second = await infer(backend_requester, faults(0))
+        assert int(second.outputs[0].data[0]) not in (0, pid)
     finally:
-        slow.cancel()  # a no-op once it ended; else no task outlives the test
-        await asyncio.gather(slow, return_exceptions=True)
-    assert caught.value.status == 500
-    assert "killed by SIGKILL" in caught.value.message
-    assert f"pid {pid}" in caught.value.message
-    second = await infer(backend_requester, faults(0))
-    assert int(second.outputs[0].data[0]) not in (0, pid)
+        await admin.close()
 
 
 def test_auto_complete_config_fills_in_what_config_pbtxt_leaves_out(tmp_path: Path) -> None:

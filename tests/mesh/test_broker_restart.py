@@ -130,7 +130,7 @@ def test_a_three_node_cluster_loses_nothing_when_the_stream_leader_is_killed(
         assert "starting it again" in served.output.read_text()
 
         async def replicas_current() -> bool:
-            nc = await nats.connect(served.nats_url)
+            nc = await nats.connect(served.nats_url, **served.nats_options("admin"))
             try:
                 info = await nc.jetstream().stream_info(Subjects().stream)
                 assert info.config.num_replicas == 3

@@ -31,7 +31,9 @@ SUBJECTS = Subjects()
 
 @pytest.fixture(scope="module")
 async def nc(served: Served) -> AsyncIterator[Client]:
-    connection = await nats.connect(served.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    connection = await nats.connect(
+        served.nats_url, connect_timeout=5, max_reconnect_attempts=3, **served.nats_options("client")
+    )
     yield connection
     await connection.close()
 
@@ -211,7 +213,9 @@ async def test_a_short_deadline_fails_alone_among_requests_sharing_its_message(n
 
 
 async def test_a_batch_the_broker_cannot_take_fails_every_request_in_it_at_once(served: Served) -> None:
-    connection = await nats.connect(served.nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    connection = await nats.connect(
+        served.nats_url, connect_timeout=5, max_reconnect_attempts=0, **served.nats_options("client")
+    )
     requester = Requester(connection, SUBJECTS)
     await requester.start()
     await connection.close()

@@ -247,7 +247,7 @@ def test_an_unloaded_version_leaves_no_consumer_behind(
     explicit: Mesh, client: httpclient.InferenceServerClient
 ) -> None:
     async def consumer_exists() -> bool:
-        nc = await nats.connect(explicit.nats_url)
+        nc = await nats.connect(explicit.nats_url, **explicit.nats_options("admin"))
         try:
             subjects = Subjects()
             await nc.jetstream().consumer_info(subjects.stream, subjects.consumer("tiny", "1"))

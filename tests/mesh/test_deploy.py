@@ -32,8 +32,10 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from ruamel.yaml import YAML
 
+from broker.auth import seed_path
 from broker.server import find_nats_server, free_ports
 from broker.subjects import Subjects
+from natron.cli import creds
 from natron.cli.main import build_parser
 from natron.cli.serve import NATS_STOP_TIMEOUT_S, stop_bound_s
 from natron.cli.services import CLOSE_RESERVE_S, drain_budget_s
@@ -142,10 +144,11 @@ def compose() -> dict[str, Any]:
 
 
 def natron_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The natron services (not `creds`, the one-shot writer of the credentials they use)."""
     return {
         name: service
         for name, service in compose["services"].items()
-        if str(service.get("image", "")).startswith("natron:")
+        if str(service.get("image", "")).startswith("natron:") and name != "creds"
     }
 
 
@@ -240,11 +243,27 @@ def test_every_natron_command_in_the_compose_file_parses_with_the_natron_command
 ) -> None:
     services = natron_services(compose)
     assert {"router", "gateway", "worker", "worker-gpu"} <= set(services)
+    assert compose["services"]["creds"]["command"] == ["creds", "/creds"]
+    roles = {"router": "router", "gateway": "gateway", "worker": "worker", "worker-gpu": "worker"}
+    roles["ensemble"] = "orchestrator"
     for name, service in services.items():
         command = [str(part) for part in service["command"]]
         args = build_parser().parse_args(command)
-        if "--nats-url" in command:
-            assert args.nats_url == "nats://nats:4222", name
+        assert args.nats_url == "nats://nats:4222", name
+        # Each service connects as its own role, from the volume the creds service wrote.
+        assert args.nats_creds == f"/creds/{roles[name]}.nk", name
+        assert "natron-creds:/creds:ro" in service["volumes"], name
+
+
+def test_the_broker_admits_only_the_roles_credentials_and_shows_its_monitoring_to_this_host_only(
+    compose: dict[str, Any],
+) -> None:
+    nats_service = compose["services"]["nats"]
+    assert nats_service["depends_on"]["creds"]["condition"] == "service_completed_successfully"
+    assert "natron-creds:/etc/nats/creds:ro" in nats_service["volumes"]
+    assert 'include "creds/auth.conf"' in compose["configs"]["nats-conf"]["content"]
+    monitor = [p for p in nats_service["ports"] if p.endswith(":8222")]
+    assert monitor and all(p.startswith("127.0.0.1:") for p in monitor)
 
 
 def test_the_natron_services_are_built_from_the_dockerfiles_in_deploy(compose: dict[str, Any]) -> None:
@@ -266,6 +285,7 @@ def test_the_nats_service_runs_jetstream_with_its_monitoring_port(compose: dict[
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "natron.conf"
         path.write_text(content.replace("store_dir: /data", f"store_dir: {tmp}/js"))
+        creds.write(Path(tmp) / "creds", "natron")  # what the creds service writes beside it
         check = subprocess.run([find_nats_server(), "-t", "-c", str(path)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr + check.stdout
 
@@ -361,8 +381,9 @@ def test_prometheus_scrapes_every_service_that_serves_metrics(compose: dict[str,
     assert "-varz" in services["nats-exporter"]["command"]
     assert services["nats-exporter"]["command"][-1] == "http://nats:8222"
     scraped.add("nats")
-    # Every service is scraped, the router included (it serves its own metrics).
-    assert set(services) - scraped == set()
+    # Every service is scraped, the router included (it serves its own metrics); `creds`
+    # only writes files and exits.
+    assert set(services) - scraped == {"creds"}
 
 
 def test_the_grafana_datasource_and_dashboards_are_where_compose_mounts_them(
@@ -750,14 +771,17 @@ def leaf_config(name: str, ports: dict[int, int], store: Path, target: Path) -> 
 
 def test_the_edge_and_central_nats_configurations_are_accepted_by_nats_server(tmp_path: Path) -> None:
     env = {**os.environ, **LEAF_ENV, "NATRON_HUB_LEAF_URL": "nats-leaf://edge1:leaf-secret@hub:7422"}
-    for name in ("central-nats.conf", "edge-nats.conf"):
+    # The edge includes the roles' authorization from beside it, as compose mounts it.
+    creds.write(tmp_path / "creds", "natron")
+    edge = leaf_config("edge-nats.conf", {}, tmp_path / "js", tmp_path)
+    for conf in (LEAF / "central-nats.conf", edge):
         check = subprocess.run(
-            [find_nats_server(), "-t", "-c", str(LEAF / name)], capture_output=True, text=True, env=env
+            [find_nats_server(), "-t", "-c", str(conf)], capture_output=True, text=True, env=env
         )
         assert check.returncode == 0, check.stderr + check.stdout
     # A secret left unset stops the server instead of starting it open.
     check = subprocess.run(
-        [find_nats_server(), "-t", "-c", str(LEAF / "edge-nats.conf")],
+        [find_nats_server(), "-t", "-c", str(edge)],
         capture_output=True,
         text=True,
         env={k: v for k, v in os.environ.items() if k != "NATRON_HUB_LEAF_URL"},
@@ -783,6 +807,7 @@ def hub_and_edge(tmp: Path) -> Iterator[dict[str, int]]:
     edge_conf = leaf_config(
         "edge-nats.conf", {4222: ports["edge"], 8222: ports["edge_monitor"]}, tmp / "edge-js", tmp
     )
+    creds.write(tmp / "creds", "natron")
     processes = []
     try:
         for name, conf in (("hub", hub_conf), ("edge", edge_conf)):
@@ -818,7 +843,10 @@ async def test_a_central_worker_serves_an_edge_request_across_the_leaf_connectio
     subjects = Subjects()
     with hub_and_edge(tmp_path) as ports:
         await wait_for_leaf(ports["edge_monitor"])
-        edge = await nats.connect(f"nats://127.0.0.1:{ports['edge']}")
+        # The edge's own services, all in one connection here: the operator's role.
+        edge = await nats.connect(
+            f"nats://127.0.0.1:{ports['edge']}", nkeys_seed=str(seed_path(tmp_path / "creds", "admin"))
+        )
         central = await nats.connect(f"nats://natron:hub-secret@127.0.0.1:{ports['hub']}")
         overflow = await nats.connect(f"nats://edge1-overflow:overflow-secret@127.0.0.1:{ports['hub']}")
         try:

@@ -38,7 +38,18 @@ def tiny_input(rows: int = 1, datatype: str = "FP32") -> dict[str, tuple[str, np
 
 @pytest.fixture(scope="module")
 async def nc(served: Served) -> AsyncIterator[Client]:
-    connection = await nats.connect(served.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    connection = await nats.connect(
+        served.nats_url, connect_timeout=5, max_reconnect_attempts=3, **served.nats_options("client")
+    )
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture(scope="module")
+async def admin(served: Served) -> AsyncIterator[Client]:
+    """An operator's connection: what a client may not do (purge the queue, publish outside
+    the inference subjects), the tests do as admin."""
+    connection = await nats.connect(served.nats_url, connect_timeout=5, **served.nats_options("admin"))
     yield connection
     await connection.close()
 
@@ -83,8 +94,18 @@ async def test_the_answer_echoes_the_id_and_names_the_version_that_ran(client: D
 
 
 def test_the_example_script_prints_tinys_answer(served: Served) -> None:
+    creds = served.nats_options("client")["nkeys_seed"]
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--nats-url", served.nats_url, "--timeout-s", "20"],
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--nats-url",
+            served.nats_url,
+            "--timeout-s",
+            "20",
+            "--nats-creds",
+            creds,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -146,16 +167,23 @@ async def test_a_message_without_a_reply_header_is_dropped_and_acknowledged(
     )
     assert ack.stream == STREAM
     await assert_tiny_still_answers(client)
-    # Acknowledged, not left for redelivery: a work queue removes what was acknowledged.
+    # Acknowledged, not left for redelivery: a work queue removes what was acknowledged. (Read
+    # as an operator: a client may not read the queue.)
+    admin = await nats.connect(served.nats_url, **served.nats_options("admin"))
 
     async def removed() -> bool:
         try:
-            await js.get_msg(STREAM, ack.seq)
+            await admin.jetstream().get_msg(STREAM, ack.seq)
         except NotFoundError:
             return True
         return False
 
-    await wait_until_async(removed, ANSWER_TIMEOUT_S, f"message {ack.seq} acknowledged and out of {STREAM}")
+    try:
+        await wait_until_async(
+            removed, ANSWER_TIMEOUT_S, f"message {ack.seq} acknowledged and out of {STREAM}"
+        )
+    finally:
+        await admin.close()
     dropped = "dropping a request without a Natron-Reply-To header"
     await wait_until_async(
         lambda: dropped in served.output.read_text(errors="replace"),
@@ -183,10 +211,12 @@ async def test_a_tensor_whose_data_does_not_fit_its_shape_gets_400(client: Direc
 # -- refusals the client sees before any worker ------------------------------------------------
 
 
-async def test_a_full_queue_refuses_the_publish_with_503(nc: Client, client: DirectClient) -> None:
+async def test_a_full_queue_refuses_the_publish_with_503(
+    nc: Client, admin: Client, client: DirectClient
+) -> None:
     # No consumer serves this subject: its per-subject bound (4096) fills and stays full.
     subject = "natron.infer.no_such_model.1"
-    js = nc.jetstream()
+    js = admin.jetstream()
     try:
         for _ in range(4096):
             await nc.publish(subject, b"x")
@@ -199,14 +229,15 @@ async def test_a_full_queue_refuses_the_publish_with_503(nc: Client, client: Dir
         await js.purge_stream(STREAM, subject=subject)
 
 
-async def test_a_subject_no_stream_takes_is_refused_with_503(nc: Client) -> None:
-    async with DirectClient(nc, prefix="no_such_deployment") as other:
+async def test_a_subject_no_stream_takes_is_refused_with_503(admin: Client) -> None:
+    # (A client may publish only where the stream takes it: this needs a wider role.)
+    async with DirectClient(admin, prefix="no_such_deployment") as other:
         with pytest.raises(InferenceError) as caught:
             await other.send("no_such_deployment.infer.tiny.1", b"x", timeout_s=ANSWER_TIMEOUT_S)
     assert caught.value.status == 503
 
 
-async def test_a_request_nobody_serves_times_out_at_the_client(nc: Client, client: DirectClient) -> None:
+async def test_a_request_nobody_serves_times_out_at_the_client(admin: Client, client: DirectClient) -> None:
     subject = "natron.infer.tiny.99"  # queued (the stream takes it) but no worker consumes it
     try:
         started = time.monotonic()
@@ -215,7 +246,7 @@ async def test_a_request_nobody_serves_times_out_at_the_client(nc: Client, clien
         assert caught.value.status == 504
         assert time.monotonic() - started < 10
     finally:
-        await nc.jetstream().purge_stream(STREAM, subject=subject)
+        await admin.jetstream().purge_stream(STREAM, subject=subject)
 
 
 async def test_unknown_models_and_versions_are_resolved_to_404_from_the_models_bucket(

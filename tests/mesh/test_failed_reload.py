@@ -66,7 +66,8 @@ def mesh(model_repository: Path) -> Iterator[Mesh]:
     mesh.start_nats()
     mesh.start_router()
     mesh.start_worker("w0")
-    mesh.start_gateway()
+    # These tests upload Python models (model.py), which a gateway takes only when told to.
+    mesh.start_gateway("--allow-code-upload", "true")
     try:
         mesh.wait_ready("simple")
         yield mesh

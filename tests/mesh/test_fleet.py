@@ -34,8 +34,8 @@ def mesh(model_repository: Path) -> Iterator[Mesh]:
         mesh.stop()
 
 
-async def _kv(nats_url: str, bucket: str) -> dict[str, bytes]:
-    nc = await nats.connect(nats_url)
+async def _kv(mesh: Mesh, bucket: str) -> dict[str, bytes]:
+    nc = await nats.connect(mesh.nats_url, **mesh.nats_options("admin"))
     try:
         kv = await nc.jetstream().key_value(bucket)
         return {key: (await kv.get(key)).value for key in await kv.keys()}
@@ -44,12 +44,12 @@ async def _kv(nats_url: str, bucket: str) -> dict[str, bytes]:
 
 
 def placement(mesh: Mesh, model: str) -> dict[str, int]:
-    raw = asyncio.run(_kv(mesh.nats_url, Subjects().models_bucket))[model]
+    raw = asyncio.run(_kv(mesh, Subjects().models_bucket))[model]
     return ModelRecord.from_json(raw).placement
 
 
 def served_by(mesh: Mesh, model_version: str) -> dict[str, int]:
-    reports = asyncio.run(_kv(mesh.nats_url, Subjects().workers_bucket))
+    reports = asyncio.run(_kv(mesh, Subjects().workers_bucket))
     return {
         worker: WorkerReport.from_json(raw).stats.get(model_version, {}).get("inferences", 0)
         for worker, raw in reports.items()
@@ -58,7 +58,7 @@ def served_by(mesh: Mesh, model_version: str) -> dict[str, int]:
 
 def ready_on(mesh: Mesh, model: str, version: str = "1") -> set[str]:
     """Workers whose last report has `model` `version` READY: loaded, and pulling its requests."""
-    reports = asyncio.run(_kv(mesh.nats_url, Subjects().workers_bucket))
+    reports = asyncio.run(_kv(mesh, Subjects().workers_bucket))
     return {
         worker
         for worker, raw in reports.items()
@@ -136,8 +136,8 @@ def test_a_worker_that_joins_later_receives_its_share(mesh: Mesh) -> None:
     mesh.wait_until(lambda: "second" in ready_on(mesh, "tiny"), what="second serving tiny")
 
 
-async def _ack_wait_s(nats_url: str, model: str, version: str) -> float:
-    nc = await nats.connect(nats_url)
+async def _ack_wait_s(mesh: Mesh, model: str, version: str) -> float:
+    nc = await nats.connect(mesh.nats_url, **mesh.nats_options("admin"))
     try:
         subjects = Subjects()
         info = await nc.jetstream().consumer_info(subjects.stream, subjects.consumer(model, version))
@@ -151,10 +151,10 @@ def test_the_router_alone_configures_the_queues_whatever_the_workers_start_with(
     # before the router owned the queues, the last process started wrote its own.
     mesh.start_worker("a", "--drain-timeout-s", "3")
     mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a"}, what="a serving tiny")
-    assert asyncio.run(_ack_wait_s(mesh.nats_url, "tiny", "1")) == 1.0
+    assert asyncio.run(_ack_wait_s(mesh, "tiny", "1")) == 1.0
     mesh.start_worker("b")
     mesh.wait_until(lambda: ready_on(mesh, "tiny") == {"a", "b"}, what="both serving tiny")
-    assert asyncio.run(_ack_wait_s(mesh.nats_url, "tiny", "1")) == 1.0
+    assert asyncio.run(_ack_wait_s(mesh, "tiny", "1")) == 1.0
     assert mesh.infer_tiny(2.0).status_code == 200
 
 

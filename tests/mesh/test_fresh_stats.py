@@ -113,10 +113,10 @@ def test_every_ready_version_has_its_failure_counters_from_the_start(served: Ser
 
 
 @contextlib.asynccontextmanager
-async def metrics_gateway(nats_url: str) -> AsyncIterator[str]:
-    """The metrics endpoint of a gateway started here on `nats_url`'s fleet, with Triton's
+async def metrics_gateway(served: Served) -> AsyncIterator[str]:
+    """The metrics endpoint of a gateway started here on `served`'s fleet, with Triton's
     summaries (quantiles 0.5 and 0.99) and histograms on."""
-    main = create_app(GatewayOptions(nats_url=nats_url))
+    main = create_app(GatewayOptions(nats_url=served.nats_url, nats_auth=served.auth("gateway")))
     main_runner = web.AppRunner(main)
     await main_runner.setup()
     config = MetricsConfig(
@@ -135,7 +135,7 @@ async def metrics_gateway(nats_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def summary_metrics_url(served: Served) -> AsyncIterator[str]:
-    async with metrics_gateway(served.nats_url) as url:
+    async with metrics_gateway(served) as url:
         yield url
 
 
@@ -200,8 +200,8 @@ def mesh(model_repository: Path) -> Iterator[Mesh]:
         mesh.stop()
 
 
-async def _reported(nats_url: str, worker: str) -> dict[str, Any]:
-    nc = await nats.connect(nats_url)
+async def _reported(mesh: Mesh, worker: str) -> dict[str, Any]:
+    nc = await nats.connect(mesh.nats_url, **mesh.nats_options("admin"))
     try:
         kv = await nc.jetstream().key_value(Subjects().workers_bucket)
         stats: dict[str, Any] = WorkerReport.from_json((await kv.get(worker)).value).stats
@@ -215,7 +215,7 @@ def test_a_worker_that_does_not_answer_leaves_its_heartbeat_counts_and_no_hang(m
     for _ in range(3):
         client.infer("simple", simple_inputs(1))
     mesh.wait_until(
-        lambda: asyncio.run(_reported(mesh.nats_url, "w1"))["simple/1"]["success"]["count"] == 3,
+        lambda: asyncio.run(_reported(mesh, "w1"))["simple/1"]["success"]["count"] == 3,
         15,
         "the heartbeat carrying the three requests",
     )
@@ -240,7 +240,7 @@ def test_a_worker_never_answered_counts_with_its_heartbeat(mesh: Mesh) -> None:
     for _ in range(4):
         client.infer("simple", simple_inputs(1))
     wait_until(
-        lambda: asyncio.run(_reported(mesh.nats_url, "w1"))["simple/1"]["success"]["count"] == 4,
+        lambda: asyncio.run(_reported(mesh, "w1"))["simple/1"]["success"]["count"] == 4,
         15,
         "the heartbeat carrying the four requests",
     )
@@ -262,7 +262,8 @@ def test_statistics_of_unknown_models_and_versions_are_not_found(served: Served)
 
 def test_the_statistics_query_answers_with_every_model_unless_asked_for_one(served: Served) -> None:
     async def ask(model: str | None) -> dict[str, tuple[int, dict[str, Any]]]:
-        nc = await nats.connect(served.nats_url)
+        # As a gateway asks: the query to every worker, the answers on its own inbox.
+        nc = await nats.connect(served.nats_url, **served.nats_options("gateway"))
         try:
             workers = await (await nc.jetstream().key_value(Subjects().workers_bucket)).keys()
             sub = await nc.subscribe(nc.new_inbox())
@@ -304,7 +305,7 @@ async def test_a_stream_counts_one_success_and_its_first_response_at_once(backen
             json.loads(line[len(b"data: ") :]) for line in response.iter_lines() if line.startswith(b"data: ")
         ]
 
-    async with metrics_gateway(backend_served.nats_url) as metrics_url:
+    async with metrics_gateway(backend_served) as metrics_url:
         name, labels = "nv_inference_first_response_histogram_ms", '{model="repeat",version="1"}'
         before = _values(await asyncio.to_thread(_get, metrics_url))
         successes_before = await asyncio.to_thread(successes, backend_served.url, "repeat")

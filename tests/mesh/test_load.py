@@ -18,8 +18,8 @@ REQUESTS = 600
 CONCURRENCY = 200
 
 
-async def _batch_stats(nats_url: str, key: str) -> tuple[int, int]:
-    nc = await nats.connect(nats_url)
+async def _batch_stats(served: Served, key: str) -> tuple[int, int]:
+    nc = await nats.connect(served.nats_url, **served.nats_options("admin"))
     try:
         kv = await nc.jetstream().key_value(Subjects().workers_bucket)
         executions = inferences = 0
@@ -34,7 +34,7 @@ async def _batch_stats(nats_url: str, key: str) -> tuple[int, int]:
 
 
 async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(served: Served) -> None:
-    before = await _batch_stats(served.nats_url, "tiny/1")
+    before = await _batch_stats(served, "tiny/1")
     semaphore = asyncio.Semaphore(CONCURRENCY)
     mismatches: list[int] = []
     statuses: dict[int, int] = {}
@@ -66,7 +66,7 @@ async def test_hundreds_of_concurrent_requests_get_their_own_answers_in_batches(
 
     # Worker statistics travel with the heartbeat: wait for the beat that covers this run.
     async def covered() -> tuple[int, int] | None:
-        stats = await _batch_stats(served.nats_url, "tiny/1")
+        stats = await _batch_stats(served, "tiny/1")
         return stats if stats[1] - before[1] >= REQUESTS else None
 
     executions, inferences = await wait_until_async(covered, 15, "a heartbeat covering this run", 0.2)

@@ -105,7 +105,7 @@ def test_the_triton_client_reads_why_log_file_is_refused(client: httpclient.Infe
 
 async def test_a_change_is_stored_and_broadcast_to_the_deployment(deployment: Served) -> None:
     subjects = Subjects()
-    nc = await nats.connect(deployment.nats_url)
+    nc = await nats.connect(deployment.nats_url, **deployment.nats_options("worker"))
     try:
         sub = await nc.subscribe(subjects.ctl("logging"))
         await nc.flush()
@@ -208,7 +208,7 @@ async def test_settings_survive_a_gateway_restart_and_reach_a_process_started_la
     # A process that joins now finds them too.
     late = logging.Logger("late-joiner", logging.INFO)
     late.addHandler(logging.NullHandler())
-    nc = await nats.connect(mesh.nats_url)
+    nc = await nats.connect(mesh.nats_url, **mesh.nats_options("worker"))
     follower = asyncio.create_task(shared_settings.follow_log_settings(nc, Subjects(), late))
     try:
         await wait_until_async(lambda: late.level == logging.DEBUG, 15, "late joiner applied")

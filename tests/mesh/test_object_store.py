@@ -297,7 +297,7 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mesh, Pat
             [
                 sys.executable, "-m", "natron", "worker", "--nats-url", mesh.nats_url,
                 "--worker-id", "remote", "--model-files", "store", "--model-cache-dir", str(cache),
-                "--log-level", "info",
+                "--nats-creds", str(mesh.creds("worker")), "--log-level", "info",
             ],
             stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=os.environ.copy(),
         )  # fmt: skip

@@ -76,9 +76,9 @@ async def _triton(host_port: str, method: str, **kwargs: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def _gateway(nats_url: str) -> AsyncIterator[Gateway]:
+async def _gateway(served: Served) -> AsyncIterator[Gateway]:
     """A gateway of the deployment in this process, serving HTTP with the trace routes."""
-    app = create_app(GatewayOptions(nats_url=nats_url))
+    app = create_app(GatewayOptions(nats_url=served.nats_url, nats_auth=served.auth("gateway")))
     if TRACER not in app:  # until create_app adds the trace routes itself
         trace_api.add_routes(app)
     runner = web.AppRunner(app)
@@ -98,7 +98,7 @@ async def _reset(app: web.Application) -> None:
 
 @pytest.fixture
 async def gateway(deployment: Served) -> AsyncIterator[Gateway]:
-    async with _gateway(deployment.nats_url) as gateway:
+    async with _gateway(deployment) as gateway:
         try:
             yield gateway
         finally:
@@ -245,7 +245,7 @@ async def test_the_opentelemetry_mode_without_the_extra_is_400(
 
 
 async def test_a_change_through_one_gateway_reaches_the_others(gateway: Gateway, deployment: Served) -> None:
-    async with _gateway(deployment.nats_url) as other:
+    async with _gateway(deployment) as other:
         answer = await gateway.triton(
             "update_trace_settings", settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "7"}
         )

@@ -415,7 +415,7 @@ def test_serve_takes_every_tritonserver_flag_that_means_something_here() -> None
         "--http-port", "--http-address", "--allow-http", "--http-thread-count", "--grpc-port",
         "--grpc-address", "--allow-grpc", "--allow-metrics", "--metrics-port", "--metrics-config",
         "--strict-readiness", "--exit-timeout-secs", "--log-verbose", "--log-info", "--log-warning",
-        "--log-error", "--log-format",
+        "--log-error", "--log-format", "--http-restricted-api", "--grpc-restricted-protocol",
     }  # fmt: skip
     assert gateway <= taken(parsers["gateway"])
     assert taken(parsers["gateway"]) - gateway == set(triton_flags.NATRON_BEHAVIOUR)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy.typing as npt
 from tritonclient.grpc import model_config_pb2 as pb
 
+from broker.auth import ClientAuth
 from natron.errors import NatronError, Unsupported
 from natron.inference import InferRequest, Tensor
 from workers.devices import Device
@@ -70,6 +71,9 @@ class BackendContext:
 
     device: Device
     nats_url: str = ""
+    # The worker's identity on the broker, and its inboxes' prefix (broker/auth.py).
+    nats_auth: ClientAuth | None = None
+    inbox_prefix: str = ""
     prefix: str = "natron"
     # Intra-op threads for CPU execution when the model does not say; 0: the framework's own.
     cpu_threads: int = 0

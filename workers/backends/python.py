@@ -112,6 +112,8 @@ class PythonBackend:
                     "decoupled": self._decoupled,
                     "output_names": [o.name for o in self._config.output],
                     "nats_url": self._context.nats_url,
+                    "nats_auth": self._context.nats_auth.paths() if self._context.nats_auth else {},
+                    "inbox_prefix": self._context.inbox_prefix,
                     "prefix": self._context.prefix,
                 },
             )

@@ -124,3 +124,26 @@ prometheus.io/path: /metrics
 {{- fail (printf "worker.drainTimeoutS (%v) must leave 5 s of shutdownTimeoutS (%v) for closing" .Values.worker.drainTimeoutS .Values.shutdownTimeoutS) }}
 {{- end }}
 {{- end }}
+
+{{/* NATS credentials (docs/security.md): the pod mounts its role's seed alone from the Secret
+`natsAuth.secretName` (made by `natron creds`), readable by the pod's fsGroup only. */}}
+{{- define "natron.credsArgs" -}}
+- --nats-creds
+- {{ printf "/creds/%s.nk" .role | quote }}
+{{- end }}
+
+{{- define "natron.credsMount" -}}
+- name: nats-creds
+  mountPath: /creds
+  readOnly: true
+{{- end }}
+
+{{- define "natron.credsVolume" -}}
+- name: nats-creds
+  secret:
+    secretName: {{ required "natsAuth.secretName is required: every NATS connection is authenticated" .ctx.Values.natsAuth.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ printf "%s.nk" .role | quote }}
+        path: {{ printf "%s.nk" .role | quote }}
+{{- end }}
