@@ -24,6 +24,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.closed = True
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # no socket: the fast path skips its look at the TCP state
+
 
 def connection() -> tuple[fastpath.FastConnection, FakeTransport]:
     owner = fastpath.FastPath(None, lambda: asyncio.Protocol(), 1 << 20)  # type: ignore[arg-type]

@@ -273,6 +273,9 @@ class FakeTransport:
     def can_write_eof(self) -> bool:
         return True
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # no socket: the fast path skips its look at the TCP state
+
     def write_eof(self) -> None:
         self.eof = True
 
