@@ -441,8 +441,10 @@ class Requester:
         version: str,
         idle_timeout_s: float,
         headers: dict[str, str] | None = None,
+        level: int = 0,
     ) -> AsyncIterator[InferResponse]:
-        """Send `request` to a decoupled model and yield its answers as they come.
+        """Send `request` to a decoupled model (at priority `level`'s subject) and yield its
+        answers as they come.
 
         `idle_timeout_s` bounds the wait for each next answer (a stream may run long). An error
         answer raises its NatronError. A consumer that stops early (a client gone) cancels the
@@ -450,7 +452,7 @@ class Requester:
         """
         # Closed with this generator, so a consumer that stops early cancels at once.
         async with contextlib.aclosing(
-            self.stream_marked(request, version, idle_timeout_s, headers)
+            self.stream_marked(request, version, idle_timeout_s, headers, level)
         ) as answers:
             async for answer, final in answers:
                 if answer.outputs or not final:

@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway import kserve
+from gateway import admission, kserve
 from gateway.keys import OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import json_object, unexpected_error
 from natron import datatypes
@@ -83,14 +83,21 @@ async def _answers(
         raise InvalidArgument(f"model '{model}' has no valid config")
     spec.validate(parsed.request)
     options = request.app[OPTIONS]
-    timeout_s = parsed.timeout_us / 1e6 if parsed.timeout_us else options.default_timeout_s
+    # The queue policy as on the infer route: the priority level, the deadline, and a refusal
+    # at once when the level's queue is full (gateway/admission.py).
+    queue = admission.queueing(spec.scheduling, parsed.request, parsed.timeout_us, options.default_timeout_s)
+    waiting = request.app[admission.ADMISSION].admit(spec, target, queue, parsed.request.id)
+    if waiting is not None:
+        await waiting
     requester = request.app[REQUESTER]
     parsed.request.version = target
     if spec.decoupled:
-        async for answer in requester.stream(parsed.request, target, timeout_s):
+        async for answer in requester.stream(
+            parsed.request, target, queue.timeout_s, level=queue.subject_level
+        ):
             yield answer
     else:
-        yield await requester.infer(parsed.request, target, timeout_s)
+        yield await requester.infer(parsed.request, target, queue.timeout_s, level=queue.subject_level)
 
 
 # -- generate ------------------------------------------------------------------------------

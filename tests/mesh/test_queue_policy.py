@@ -307,3 +307,23 @@ async def test_a_request_whose_caller_left_before_its_message_went_out_never_run
         assert isinstance(result, InferResponse), result
         assert result.outputs[0].data.tolist() == [1000 + i]
     assert sorted(ran(served, "q_plain")) == [1001, 1002, 1004]
+
+
+def generate(served: Served, model: str, tag: int) -> tuple[int, str]:
+    """(status, body) of one `generate` call (the flat JSON of Triton's generate extension)."""
+    answer = requests.post(f"{served.url}/v2/models/{model}/generate", json={"TAG": tag}, timeout=120)
+    return answer.status_code, answer.text
+
+
+def test_the_generate_endpoint_honours_the_queue_bound_too(served: Served) -> None:
+    """generate, generate_stream and the WebSocket go through the same admission as infer."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = occupy(served, pool, "q_full", 300)
+        answers = settle([pool.submit(generate, served, "q_full", 301 + i) for i in range(6)])
+        assert first.result(timeout=60)[0] == 200
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 503}, answers
+    assert 1 <= statuses.count(200) <= 2, answers
+    assert all("Exceeds maximum queue size" in text for status, text in answers if status == 503)
+    time.sleep(0.5)
+    assert len([tag for tag in ran(served, "q_full") if tag >= 300]) == 1 + statuses.count(200)
