@@ -32,7 +32,7 @@ import ssl
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, Protocol, get_args
 
 import nkeys
 
@@ -54,7 +54,7 @@ _USER_SEED_PREFIX = "SU"
 def private_inbox(subjects: Subjects, role: Role) -> str:
     """The prefix of a service's own inboxes: nats-py's `inbox_prefix` for its connection, under
     which its requester's answer inbox lives too."""
-    return f"_INBOX.{subjects.prefix}.{role}"
+    return subjects.inbox(role)
 
 
 def _read_bucket(subjects: Subjects, bucket: str) -> list[str]:
@@ -86,7 +86,7 @@ def _kv(bucket: str) -> str:
 def _requester(subjects: Subjects) -> list[str]:
     """What publishing inference requests takes: the request (its JetStream acknowledgement comes
     to the requester's inbox) and the cancellation of one whose client went away."""
-    return [subjects.infer_all, f"{subjects.prefix}.cancel.>"]
+    return [subjects.infer_all, subjects.cancel_all]
 
 
 def _settings_followers(subjects: Subjects) -> list[str]:
@@ -117,9 +117,8 @@ def permissions(role: Role, subjects: Subjects, report_key: str | None = None) -
     asked, on the asker's reply subject. A worker or orchestrator with a `report_key` (an
     identity of its own, see `ensure_worker_credentials`) writes that key of the workers bucket
     alone; without one, any."""
-    prefix = subjects.prefix
     models, workers, shm = _kv(subjects.models_bucket), _kv(subjects.workers_bucket), _kv(subjects.shm_bucket)
-    settings = _kv(f"{prefix}_settings")
+    settings = _kv(subjects.settings_bucket)
     files = f"OBJ_{subjects.files_bucket}"
     own_inbox = f"{private_inbox(subjects, role)}.>"
     flow_control = "$JS.FC.>"  # ordered consumers (bucket watches) answer the broker's flow control
@@ -134,13 +133,13 @@ def permissions(role: Role, subjects: Subjects, report_key: str | None = None) -
         # subscribe under `_INBOX.` but never where the services receive.
         publish = [*_requester(subjects), *_read_bucket(subjects, models), flow_control]
         subscribe = ["_INBOX.>"]
-        deny_subscribe = [f"_INBOX.{prefix}.>"]
+        deny_subscribe = [subjects.all_inboxes]
     elif role == "gateway":
         publish = [
             *_requester(subjects),
-            f"{prefix}.ctl.>",  # load/unload/index requests, statistics queries, settings broadcasts
+            subjects.ctl(">"),  # load/unload/index requests, statistics queries, settings broadcasts
             f"$KV.{subjects.shm_bucket}.>",
-            f"$KV.{prefix}_settings.>",
+            f"$KV.{subjects.settings_bucket}.>",
             *_create_stream(subjects.stream),
             f"$JS.API.CONSUMER.INFO.{subjects.stream}.>",  # queue depths
             *[
@@ -172,7 +171,7 @@ def permissions(role: Role, subjects: Subjects, report_key: str | None = None) -
         deny_publish = [f"{private_inbox(subjects, 'router')}.>"]
         subscribe = [
             own_inbox,
-            f"{prefix}.cancel.>",
+            subjects.cancel_all,
             subjects.stats_query,
             *_settings_followers(subjects),
         ]
@@ -184,7 +183,7 @@ def permissions(role: Role, subjects: Subjects, report_key: str | None = None) -
             f"$O.{subjects.files_bucket}.>",
             flow_control,
         ]
-        subscribe = [own_inbox, f"{prefix}.ctl.load", f"{prefix}.ctl.unload", *_settings_followers(subjects)]
+        subscribe = [own_inbox, subjects.ctl("load"), subjects.ctl("unload"), *_settings_followers(subjects)]
     block: dict[str, Any] = {
         "publish": {"allow": publish},
         "subscribe": {"allow": subscribe},
@@ -277,6 +276,19 @@ def public_key(path: Path) -> str:
             pair.wipe()
 
 
+class NatsClientSettings(Protocol):
+    """The --nats-creds and --nats-tls-* settings every role has (natron/settings.py)."""
+
+    @property
+    def nats_creds(self) -> Path | None: ...
+    @property
+    def nats_tls_ca(self) -> Path | None: ...
+    @property
+    def nats_tls_cert(self) -> Path | None: ...
+    @property
+    def nats_tls_key(self) -> Path | None: ...
+
+
 @dataclass(slots=True, frozen=True)
 class ClientAuth:
     """How a service proves who it is, and trusts the broker: a credentials file (an nkey seed
@@ -286,6 +298,11 @@ class ClientAuth:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    @classmethod
+    def of(cls, settings: NatsClientSettings) -> ClientAuth:
+        """The files a process's settings name."""
+        return cls(settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
 
     def paths(self) -> dict[str, str]:
         """The file paths, to hand to a child process (never the secrets themselves)."""

@@ -53,7 +53,7 @@ READ_RETRY_S: Final = 2.0
 
 def bucket(subjects: Subjects) -> str:
     """KV: setting name -> its current value."""
-    return f"{subjects.prefix}_settings"
+    return subjects.settings_bucket
 
 
 @dataclass(slots=True, frozen=True)

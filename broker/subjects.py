@@ -76,11 +76,20 @@ class Subjects:
             return f"{model}-v{version}-p{level}"
         return f"{model}-v{version}"
 
+    @property
+    def cancel_all(self) -> str:
+        return f"{self.prefix}.cancel.>"
+
     def cancel(self, model: str, version: str) -> str:
         """Core NATS: the id of a request whose client went away (body), for its instances."""
         return f"{self.prefix}.cancel.{model}.{version}"
 
     # -- replies -----------------------------------------------------------------------------
+    @property
+    def all_inboxes(self) -> str:
+        """Every natron service's inboxes (`inbox`), and nothing else's."""
+        return f"_INBOX.{self.prefix}.>"
+
     def inbox(self, owner: str) -> str:
         """A requester's private reply prefix; it subscribes to `inbox + '.>'`."""
         return f"_INBOX.{self.prefix}.{owner}"
@@ -113,6 +122,11 @@ class Subjects:
         """Object store: model versions' files by content, and their manifests
         (broker/objects.py; written by the router and `natron push`, read by workers)."""
         return f"{self.prefix}_files"
+
+    @property
+    def settings_bucket(self) -> str:
+        """KV: the deployment's shared settings (log, trace) by name (broker/shared_settings.py)."""
+        return f"{self.prefix}_settings"
 
     @property
     def shm_bucket(self) -> str:

@@ -395,10 +395,9 @@ def main(argv: list[str] | None = None) -> None:
 
         service = functools.partial(run_worker, settings)
     elif isinstance(settings, PushSettings):
-        from broker.auth import private_inbox
+        from broker.auth import ClientAuth, private_inbox
         from broker.subjects import Subjects
         from natron.cli.push import run_push
-        from natron.cli.services import nats_auth
 
         files_bucket = Subjects(settings.prefix).files_bucket
         service = functools.partial(
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             settings.model_repository,
             settings.model_files_store,
             settings.jetstream_replicas,
-            nats_auth(settings),
+            ClientAuth.of(settings),
             private_inbox(Subjects(settings.prefix), "router"),
         )
     else:

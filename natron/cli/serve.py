@@ -230,9 +230,7 @@ def plan_children(
     each role's identity on the broker, or a worker's own, by its id (by default the --nats-*
     files of `settings`)."""
     kind, replicas = storage_of(settings)
-    shared = ClientAuth(
-        settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
-    )
+    shared = ClientAuth.of(settings)
 
     def identity(role: Role, worker_id: str | None = None) -> dict[str, Path | None]:
         known = access or {}
@@ -508,10 +506,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event) -> None:
                 for index, node in enumerate(nodes)
             ]
         if access is None:  # a broker of the operator's: every service is who --nats-creds says
-            shared = ClientAuth(
-                settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
-            )
-            access = dict.fromkeys(auth.ROLES, shared)
+            access = dict.fromkeys(auth.ROLES, ClientAuth.of(settings))
         children = plan_children(settings, nats_url, gpus, host, os.getpid(), metrics_dir, access)
         for child in children:
             args, env = child.command()

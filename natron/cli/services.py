@@ -78,13 +78,6 @@ def drain_budget_s(shutdown_timeout_s: float) -> float:
     return max(shutdown_timeout_s - CLOSE_RESERVE_S, shutdown_timeout_s / 2)
 
 
-def nats_auth(settings: CommonSettings) -> ClientAuth:
-    """The role's credentials and TLS files, as its settings name them."""
-    return ClientAuth(
-        settings.nats_creds, settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
-    )
-
-
 def storage(settings: CommonSettings) -> jetstream.Storage:
     return jetstream.Storage(settings.jetstream_storage, settings.jetstream_replicas)
 
@@ -92,7 +85,7 @@ def storage(settings: CommonSettings) -> jetstream.Storage:
 def gateway_options(settings: GatewaySettings) -> GatewayOptions:
     return GatewayOptions(
         nats_url=settings.nats_url,
-        nats_auth=nats_auth(settings),
+        nats_auth=ClientAuth.of(settings),
         subjects=Subjects(settings.prefix),
         default_timeout_s=settings.default_timeout_s,
         max_body_bytes=settings.max_body_mb * MiB,
@@ -182,7 +175,7 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
         nats_url=settings.nats_url,
-        nats_auth=nats_auth(settings),
+        nats_auth=ClientAuth.of(settings),
         inbox_prefix=auth.private_inbox(
             Subjects(settings.prefix),
             "orchestrator" if isinstance(settings, OrchestratorSettings) else "worker",
@@ -353,7 +346,7 @@ async def _router(settings: RouterSettings, stop: asyncio.Event) -> None:
         jetstream.connect(
             settings.nats_url,
             name="natron-router",
-            auth=nats_auth(settings),
+            auth=ClientAuth.of(settings),
             inbox_prefix=auth.private_inbox(subjects, "router"),
         ),
     )
