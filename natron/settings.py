@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
-from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, FilePath, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NATRON_"
@@ -179,21 +179,22 @@ class _Storage(BaseSettings):
 
 class _NatsClient(BaseSettings):
     """How a process proves its role to NATS and trusts it (broker/auth.py, docs/security.md).
-    Paths only: a secret never travels in argv or the environment."""
+    Paths only: a secret never travels in argv or the environment. Each must name a file that
+    is there: a wrong path is refused at start with the flag, not when the connection opens."""
 
     model_config = _CONFIG
 
     nats_creds: Annotated[
-        Path | None,
+        FilePath | None,
         Field(description="this role's NATS credentials: an nkey seed file (natron creds) or a .creds file"),
     ] = None
     nats_tls_ca: Annotated[
-        Path | None, Field(description="CA bundle that signed the NATS server's certificate")
+        FilePath | None, Field(description="CA bundle that signed the NATS server's certificate")
     ] = None
     nats_tls_cert: Annotated[
-        Path | None, Field(description="TLS client certificate for NATS (servers that verify clients)")
+        FilePath | None, Field(description="TLS client certificate for NATS (servers that verify clients)")
     ] = None
-    nats_tls_key: Annotated[Path | None, Field(description="the key of --nats-tls-cert")] = None
+    nats_tls_key: Annotated[FilePath | None, Field(description="the key of --nats-tls-cert")] = None
 
 
 class CommonSettings(_NatsClient, _Storage, _Base):

@@ -165,6 +165,8 @@ def test_natron_serve_gives_each_worker_and_the_orchestrator_its_own_identity(tm
     settings = ServeSettings(model_repository=(tmp_path / "models",), workers=2)
     ids = [*worker_ids(settings, [], "box"), orchestrator_id("box")]
     assert ids == ["box-cpu-0", "box-cpu-1", "box-ensemble"]
+    auth.ensure_credentials(tmp_path / "creds")
+    auth.ensure_worker_credentials(tmp_path / "creds", ids)
     access = embedded_access(settings, tmp_path / "creds", ids)
     children = {c.name: c.settings for c in plan_children(settings, "nats://n:1", [], "box", 1, None, access)}
     assert children["worker-0"].nats_creds == auth.worker_seed_path(tmp_path / "creds", "box-cpu-0")
@@ -172,3 +174,16 @@ def test_natron_serve_gives_each_worker_and_the_orchestrator_its_own_identity(tm
     assert children["ensemble"].nats_creds == auth.worker_seed_path(tmp_path / "creds", "box-ensemble")
     assert children["router"].nats_creds == auth.seed_path(tmp_path / "creds", "router")
     assert children["gateway"].nats_creds == auth.seed_path(tmp_path / "creds", "gateway")
+
+
+def test_a_credentials_file_that_is_not_there_is_refused_at_start_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from natron.cli.main import parse
+
+    missing = tmp_path / "worker.nk"
+    with pytest.raises(SystemExit) as exited:
+        parse(["worker", "--nats-creds", str(missing)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "nats_creds" in error and "--nats-creds" in error and str(missing) in error
