@@ -445,7 +445,8 @@ def render_fleet(
         families += summaries
     if config.histogram_latencies:
         families.append(first_response)
-    families += [pending, depth, batch, up, connected, *_gpu_families(workers), *cpu_families(host)]
+    families += [pending, depth, batch, up, connected, *_gpu_families(workers), _worker_memory(workers)]
+    families += cpu_families(host)
     return "\n".join(line for family in families for line in family.lines) + "\n"
 
 
@@ -487,6 +488,29 @@ def _gpu_families(workers: list[WorkerReport]) -> list[_Family]:
         if seen:
             families.append(family)
     return families
+
+
+def _worker_memory(workers: list[WorkerReport]) -> _Family:
+    """Each worker's host memory with the device it serves: `natron analyze` reads it to charge a
+    configuration for memory per device kind, and to find which kinds the fleet has."""
+    family = _Family(
+        "natron_worker_resident_memory_bytes",
+        "gauge",
+        "Resident host memory of a worker and its model processes, in bytes, by the device it serves",
+    )
+    for worker in workers:
+        device = worker.devices[0] if worker.devices else {}
+        labels = {
+            "worker": worker.id,
+            "host": worker.host,
+            "role": worker.role,
+            "device_kind": str(device.get("kind", "CPU")),
+            "device": str(device.get("name", "")),
+            "device_index": str(device.get("index", 0)),
+            "gpu_uuid": str(device.get("uuid", "")),
+        }
+        family.add(labels, worker.rss_bytes)
+    return family
 
 
 def metrics_app(render: Callable[[], Awaitable[bytes]]) -> web.Application:

@@ -147,6 +147,9 @@ class WorkerReport:
     role: str = WORKER
     # "model/version" -> cumulative statistics (natron/stats.py ModelStats.to_json()).
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Host memory of the worker and the processes it started (Python model stubs), in bytes, at
+    # the last heartbeat: what `natron analyze` charges a configuration for on the host.
+    rss_bytes: int = 0
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -165,6 +168,7 @@ class WorkerReport:
                 "stopping": self.stopping,
                 "role": self.role,
                 "stats": self.stats,
+                "rss_bytes": self.rss_bytes,
             }
         )
 
@@ -186,4 +190,5 @@ class WorkerReport:
             stopping=raw.get("stopping", False),
             role=raw.get("role", WORKER),
             stats=raw.get("stats", {}),
+            rss_bytes=int(raw.get("rss_bytes", 0)),
         )

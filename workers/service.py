@@ -62,7 +62,7 @@ from workers.backends import LOADERS, AnyBackend, BackendContext, Loader, load_b
 from workers.devices import Device
 from workers.instance import ModelInstance
 from workers.model_cache import DEFAULT_CACHE_BYTES, LocalVersion, ModelFilesMode, WorkerModelFiles
-from workers.telemetry import GpuTelemetry
+from workers.telemetry import GpuTelemetry, resident_bytes
 from workers.warmup import run_warmup
 
 log = logging.getLogger(__name__)
@@ -662,6 +662,7 @@ class Worker:
         if telemetry and self._report.devices:
             self._report.devices[0]["telemetry"] = telemetry
         self._report.stats = self.current_stats()
+        self._report.rss_bytes = resident_bytes(self._report.pid)
         if self._workers_kv is not None:
             await self._workers_kv.put(self._options.worker_id, self._report.to_json())
 

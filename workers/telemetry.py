@@ -5,6 +5,8 @@ sample and nothing fails."""
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from workers.devices import Device
@@ -63,3 +65,27 @@ class GpuTelemetry:
             except Exception:  # shutting down must never fail a worker's stop
                 pass
             self._nvml = None
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes(pid: int, proc: Path = Path("/proc")) -> int:
+    """Resident memory of `pid` and its descendants (a worker's Python model stubs are its
+    children), from /proc; 0 where /proc cannot tell (another OS, a process gone meanwhile).
+
+    Descendants come from each thread's `children` file (Linux 3.5+), so no scan of /proc."""
+    total, seen, todo = 0, set(), [pid]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            # statm's second field: resident pages.
+            total += int((proc / str(current) / "statm").read_text().split()[1]) * _PAGE_BYTES
+            for task in (proc / str(current) / "task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
