@@ -5,14 +5,20 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TF_STAMP := $(VENV)/.tensorflow
 
 .PHONY: serve test test-unit lint types pytest bench sidebyside models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[cpu,torch,test]"
+	$(BIN)/python -m pip install --quiet -e ".[cpu,torch,test,analyze]"
 	touch $(STAMP)
+
+# TensorFlow only for the tests of `natron convert`'s TensorFlow sources: serving needs none of it.
+$(TF_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[tensorflow]"
+	touch $(TF_STAMP)
 
 models: $(STAMP)
 	$(BIN)/python examples/build_models.py --out examples/models
@@ -33,7 +39,7 @@ types: $(STAMP)
 	$(BIN)/mypy
 
 # Two tiers: `unit` starts no process (seconds), `mesh` runs real nats-server and natron processes.
-pytest: $(STAMP)
+pytest: $(STAMP) $(TF_STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m unit
 	$(BIN)/python -m pytest -p no:cacheprovider -m mesh
 

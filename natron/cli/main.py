@@ -71,6 +71,14 @@ _HELP = {
 }
 
 
+_TOOLS = {
+    "creds": "write every role's NATS credentials and the broker's auth.conf",
+    "perf": "drive load at a model and measure it, as perf_analyzer (HTTP, gRPC, WebSocket, NATS)",
+    "analyze": "search a model's configs for throughput against latency and memory, per device kind",
+    "convert": "turn a PyTorch or TensorFlow model into ONNX / TensorRT and a checked model folder",
+}
+
+
 def _version() -> str:
     try:
         return version("natron")
@@ -156,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         triton_flags.add_translated(sub, model.model_fields)
         subs[command] = sub
     triton_flags.refuse_the_rest(subs)
+    # Commands with parsers of their own (main() hands them their arguments before this parser
+    # runs): listed here so that `natron --help` names them.
+    for command, text in _TOOLS.items():
+        commands.add_parser(command, help=text, add_help=False)
     return parser
 
 
@@ -375,6 +387,19 @@ def main(argv: list[str] | None = None) -> None:
         from natron.cli import creds
 
         sys.exit(creds.main(args[1:]))
+    # The tools are clients of a mesh, not services: their own flags, no settings, no signals.
+    if args[:1] == ["perf"]:
+        from natron.perf import cli as perf_cli
+
+        sys.exit(perf_cli.main(args[1:]))
+    if args[:1] == ["analyze"]:
+        from natron.analyze import cli as analyze_cli
+
+        sys.exit(analyze_cli.main(args[1:]))
+    if args[:1] == ["convert"]:
+        from natron.convert import cli as convert_cli
+
+        sys.exit(convert_cli.main(args[1:]))
     _remember_early_signals()
     # Read once and removed: what a parent sent is for this process, not for its descendants.
     settings = parse(argv, os.environ.pop(SETTINGS_ENV, None))

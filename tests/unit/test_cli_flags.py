@@ -47,8 +47,9 @@ def repository(tmp_path: Path) -> Path:
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
+    """The services' parsers (the tools' entries only name them in `natron --help`)."""
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(commands.choices)
+    return {name: parser for name, parser in commands.choices.items() if name in ROLES}
 
 
 def args_for(command: str, repository: Path) -> list[str]:
