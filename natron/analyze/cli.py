@@ -43,6 +43,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates, got '{text}'") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected rates > 0, got '{text}'")
+    return values
+
+
 def _delays(text: str) -> tuple[int | None, ...]:
     values: list[int | None] = []
     for item in text.split(","):
@@ -96,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONCURRENCY,
         help="concurrency levels per config (1,2,4,8,16,32)",
     )
+    parser.add_argument(
+        "--request-rates",
+        type=_rates,
+        default=(),
+        help="sweep these request rates (req/s) instead of concurrency levels",
+    )
     parser.add_argument("--window-s", type=_positive, default=2.0, help="measurement window per level (2 s)")
     parser.add_argument("--instance-counts", type=_ints, default=(1, 2, 4))
     parser.add_argument(
@@ -148,6 +164,7 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         max_configs=args.max_configs,
         strategy=args.search,
         concurrency=args.concurrency,
+        request_rates=args.request_rates,
         window_s=args.window_s,
         instance_counts=args.instance_counts,
         max_batch_sizes=args.max_batch_sizes,
@@ -237,7 +254,7 @@ def main(argv: list[str]) -> int:
             why = f": {failures[0]}" if failures else ""
             print(f"natron analyze: error: no config could be measured{why}", file=sys.stderr)
             return 1
-        shown = max(near.points, key=lambda p: p.throughput_per_s) if near.points else None
+        shown = near.nearest_point(options.constraints)
         figures = f"{shown.throughput_per_s:.1f} infer/s at p99 {shown.p99_ms:.2f} ms" if shown else ""
         print(
             f"natron analyze: error: no config meets {options.constraints.describe()}; the closest is "

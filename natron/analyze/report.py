@@ -2,7 +2,7 @@
 the chosen config as config.pbtxt, and the summary printed at the end.
 
 Plots are drawn with matplotlib's Agg backend (no display): throughput against p99 latency, one
-line per config over its concurrency levels, and memory per config. The HTML page is static and
+line per config over its load levels, and memory per config. The HTML page is static and
 self-contained apart from the PNGs beside it, so a report directory can be copied or archived.
 """
 
@@ -33,6 +33,7 @@ CSV_COLUMNS = (
     "config",
     "settings",
     "concurrency",
+    "request_rate",
     "throughput_per_s",
     "p50_ms",
     "p95_ms",
@@ -105,7 +106,8 @@ def write_csv(report: Report, path: Path) -> None:
                     writer.writerow(
                         base
                         | {
-                            "concurrency": point.concurrency,
+                            "concurrency": point.concurrency or "",
+                            "request_rate": f"{point.request_rate:g}" if point.request_rate else "",
                             "throughput_per_s": f"{point.throughput_per_s:.2f}",
                             "p50_ms": f"{point.p50_ms:.3f}",
                             "p95_ms": f"{point.p95_ms:.3f}",
@@ -131,14 +133,17 @@ def _plots(report: Report, directory: Path) -> list[str]:
         for candidate in result.candidates:
             if not candidate.points:
                 continue
-            points = sorted(candidate.points, key=lambda p: p.concurrency)
+            points = sorted(candidate.points, key=lambda p: p.order)
             label = candidate.name if len(report.results) == 1 else f"{result.device}: {candidate.name}"
             is_best = candidate is result.best
             axes.plot(
                 [p.p99_ms for p in points],
                 [p.throughput_per_s for p in points],
                 marker="o",
-                linewidth=2.5 if is_best else 1.0,
+                linewidth=3.0 if is_best else 1.0,
+                # The chosen one stands out; the others take the colour cycle.
+                color="black" if is_best else None,
+                zorder=3 if is_best else 2,
                 label=label + (" (chosen)" if is_best else ""),
             )
     if report.constraints.latency_budget_ms is not None:
@@ -244,7 +249,7 @@ def _html(report: Report, plots: list[str], chosen: str | None) -> str:
         parts.append(f"<h2>{e(result.device)} ({result.workers} worker(s))</h2><table><tr>")
         parts.append(
             "<th class='l'>config</th><th class='l'>settings</th><th>best infer/s</th><th>p99 ms</th>"
-            "<th>concurrency</th><th>RSS MB</th><th>GPU MB</th><th class='l'>verdict</th></tr>"
+            "<th>load</th><th>RSS MB</th><th>GPU MB</th><th class='l'>verdict</th></tr>"
         )
         for candidate in result.candidates:
             point = candidate.best_point(report.constraints)
@@ -258,7 +263,7 @@ def _html(report: Report, plots: list[str], chosen: str | None) -> str:
                 f"<tr{css}><td class='l'>{e(candidate.name)}</td><td class='l'>{e(settings)}</td>"
                 f"<td>{f'{shown.throughput_per_s:.1f}' if shown else '-'}</td>"
                 f"<td>{f'{shown.p99_ms:.2f}' if shown else '-'}</td>"
-                f"<td>{shown.concurrency if shown else '-'}</td><td>{candidate.rss_mb:.0f}</td>"
+                f"<td>{shown.load if shown else '-'}</td><td>{candidate.rss_mb:.0f}</td>"
                 f"<td>{candidate.gpu_mb:.0f}</td><td class='l'>{e(verdict)}</td></tr>"
             )
         parts.append("</table>")
@@ -288,7 +293,7 @@ def write(report: Report, directory: Path) -> dict[str, Path]:
 def print_summary(report: Report, console: Console) -> None:
     for result in report.results:
         table = Table(title=f"{report.model} on {result.device} ({result.workers} worker(s))")
-        for column in ("config", "infer/s", "p99 ms", "conc.", "RSS MB", "GPU MB", "verdict"):
+        for column in ("config", "infer/s", "p99 ms", "load", "RSS MB", "GPU MB", "verdict"):
             table.add_column(column, justify="left" if column in ("config", "verdict") else "right")
         for candidate in result.candidates:
             point = candidate.best_point(report.constraints)
@@ -302,7 +307,7 @@ def print_summary(report: Report, console: Console) -> None:
                 candidate.name,
                 f"{shown.throughput_per_s:.1f}" if shown else "-",
                 f"{shown.p99_ms:.2f}" if shown else "-",
-                str(shown.concurrency) if shown else "-",
+                shown.load if shown else "-",
                 f"{candidate.rss_mb:.0f}",
                 f"{candidate.gpu_mb:.0f}",
                 verdict,

@@ -43,6 +43,8 @@ class Options:
     max_configs: int = 12
     strategy: str = "auto"
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
+    # Request rates (infer requests/s) to sweep instead of concurrency levels, when given.
+    request_rates: tuple[float, ...] = ()
     window_s: float = 2.0
     warmup_s: float = 0.5
     instance_counts: tuple[int, ...] = (1, 2, 4)
@@ -62,7 +64,8 @@ def point_of(measurement: Measurement) -> LoadPoint:
     server = measurement.server
     compute = sum(server.get(k, 0.0) for k in ("compute_input_us", "compute_infer_us", "compute_output_us"))
     return LoadPoint(
-        concurrency=round(measurement.load),
+        concurrency=round(measurement.load) if measurement.mode == "concurrency" else 0,
+        request_rate=measurement.load if measurement.mode != "concurrency" else 0.0,
         throughput_per_s=measurement.throughput_per_s,
         p50_ms=latency.get("p50", 0.0) / 1000,
         p95_ms=latency.get("p95", 0.0) / 1000,
@@ -232,7 +235,12 @@ class Analysis:
         # In the report from the start: an interruption keeps the levels measured so far.
         result.candidates.append(candidate)
         assert self._progress is not None
-        step = self._progress.add_task(f"  {candidate.name}: loading", total=len(options.concurrency))
+        levels: list[tuple[str, float]] = (
+            [("request_rate", rate) for rate in options.request_rates]
+            if options.request_rates
+            else [("concurrency", float(c)) for c in options.concurrency]
+        )
+        step = self._progress.add_task(f"  {candidate.name}: loading", total=len(levels))
         try:
             try:
                 await Repository(session, endpoints.http_url).load(options.model, candidate.config)
@@ -258,11 +266,16 @@ class Analysis:
             async with LoadGenerator(target) as generator:
                 best, stale = 0.0, 0
                 # Appended as measured: an interruption keeps the levels done so far.
-                for concurrency in options.concurrency:
-                    self._progress.update(step, description=f"  {candidate.name}: concurrency {concurrency}")
-                    measurement = await generator.measure(
-                        concurrency=concurrency, window_s=options.window_s, warmup_s=options.warmup_s
-                    )
+                for mode, level in levels:
+                    self._progress.update(step, description=f"  {candidate.name}: {mode} {level:g}")
+                    if mode == "concurrency":
+                        measurement = await generator.measure(
+                            concurrency=int(level), window_s=options.window_s, warmup_s=options.warmup_s
+                        )
+                    else:
+                        measurement = await generator.measure(
+                            request_rate=level, window_s=options.window_s, warmup_s=options.warmup_s
+                        )
                     load_point = point_of(measurement)
                     candidate.points.append(load_point)
                     await self._sample_memory(session, endpoints, device, candidate)
@@ -295,7 +308,7 @@ class Analysis:
         top = max(candidate.points, key=lambda p: p.throughput_per_s)
         return (
             f"measured {candidate.device} {candidate.name}: {top.throughput_per_s:.1f} infer/s at "
-            f"concurrency {top.concurrency}, p99 {top.p99_ms:.2f} ms, RSS {candidate.rss_mb:.0f} MB"
+            f"load {top.load}, p99 {top.p99_ms:.2f} ms, RSS {candidate.rss_mb:.0f} MB"
         )
 
     def _url_for(self, endpoints: Endpoints) -> str:

@@ -44,7 +44,7 @@ class Constraints:
 class LoadPoint:
     """One measured load level of a config."""
 
-    concurrency: int
+    concurrency: int  # 0 in request-rate mode
     throughput_per_s: float
     p50_ms: float
     p95_ms: float
@@ -53,6 +53,16 @@ class LoadPoint:
     errors: int = 0
     server_queue_us: float = 0.0
     server_compute_us: float = 0.0
+    request_rate: float = 0.0  # the rate asked, in request-rate mode
+
+    @property
+    def load(self) -> str:
+        """The load level as the user set it: a concurrency, or a request rate."""
+        return f"{self.request_rate:g}/s" if self.request_rate else str(self.concurrency)
+
+    @property
+    def order(self) -> float:
+        return self.request_rate or float(self.concurrency)
 
 
 @dataclass(slots=True)
@@ -107,22 +117,31 @@ class Candidate:
             return None
         return -best.p99_ms if constraints.objective == LATENCY else best.throughput_per_s
 
+    @staticmethod
+    def _miss(point: LoadPoint, constraints: Constraints) -> float:
+        """How far one level is from the constraints, relatively (0: it meets them)."""
+        miss = 0.0 if not point.errors else 1.0
+        if constraints.latency_budget_ms is not None and point.p99_ms > constraints.latency_budget_ms:
+            miss += point.p99_ms / constraints.latency_budget_ms - 1
+        if constraints.min_throughput is not None and point.throughput_per_s < constraints.min_throughput:
+            miss += 1 - point.throughput_per_s / constraints.min_throughput
+        return miss
+
+    def nearest_point(self, constraints: Constraints) -> LoadPoint | None:
+        """The level that misses the constraints by least: what "the closest" shows."""
+        if not self.points:
+            return None
+        return min(self.points, key=lambda p: self._miss(p, constraints))
+
     def closeness(self, constraints: Constraints) -> float:
-        """How far its best point is from feasible, for "the closest" when nothing is (0 best)."""
-        if self.failure or not self.points:
+        """How far its nearest level is from feasible, for "the closest" when nothing is."""
+        nearest = None if self.failure else self.nearest_point(constraints)
+        if nearest is None:
             return float("inf")
-        miss = 0.0
+        miss = self._miss(nearest, constraints)
         if constraints.max_memory_mb is not None and self.memory_mb > constraints.max_memory_mb:
             miss += self.memory_mb / constraints.max_memory_mb - 1
-        best = float("inf")
-        for point in self.points:
-            point_miss = 0.0 if not point.errors else 1.0
-            if constraints.latency_budget_ms is not None and point.p99_ms > constraints.latency_budget_ms:
-                point_miss += point.p99_ms / constraints.latency_budget_ms - 1
-            if constraints.min_throughput is not None and point.throughput_per_s < constraints.min_throughput:
-                point_miss += 1 - point.throughput_per_s / constraints.min_throughput
-            best = min(best, point_miss)
-        return miss + best
+        return miss
 
 
 Evaluate = Callable[[Point], Awaitable[Candidate]]

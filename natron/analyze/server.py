@@ -35,8 +35,17 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 40.0
 
 
+# How long a 503 from the control plane is waited out: a private server's router starts a
+# moment after its gateway says ready (with no model to load, ready comes first).
+UNAVAILABLE_RETRY_S = 30.0
+
+
 class AnalyzeError(Exception):
     """A problem the user can act on, said in one line."""
+
+
+class Unavailable(PerfError):
+    """A 503: the server cannot do it now, and may later."""
 
 
 def _free_port() -> int:
@@ -173,7 +182,8 @@ class Repository:
                 if response.status >= 400:
                     error = data.get("error") if isinstance(data, dict) else None
                     message = error or text.decode(errors="replace")[:200]
-                    raise PerfError(f"{method} {path}: {response.status} {message}")
+                    kind = Unavailable if response.status == 503 else PerfError
+                    raise kind(f"{method} {path}: {response.status} {message}")
                 if data is None:
                     raise PerfError(
                         f"{method} {path}: the answer is not JSON; is {self._url} a natron gateway?"
@@ -198,7 +208,17 @@ class Repository:
         body: dict[str, Any] = {}
         if config is not None:
             body = {"parameters": {"config": orjson.dumps(config).decode()}}
-        await self._call("POST", f"/v2/repository/models/{model}/load", body, timeout_s=LOAD_TIMEOUT_S)
+        path = f"/v2/repository/models/{model}/load"
+        # 503 is "not now" (the router still starting, or restarting): asked again for a while.
+        retry_until = time.monotonic() + UNAVAILABLE_RETRY_S
+        while True:
+            try:
+                await self._call("POST", path, body, timeout_s=LOAD_TIMEOUT_S)
+                break
+            except Unavailable:
+                if time.monotonic() > retry_until:
+                    raise
+                await asyncio.sleep(0.25)
         # The load answers when the router has the model ready; readiness says the gateway
         # sees it too (its view of the models follows the bucket).
         deadline = time.monotonic() + 30.0

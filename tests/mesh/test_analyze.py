@@ -123,6 +123,20 @@ def test_a_running_server_is_analyzed_and_given_back_its_own_config(
     assert not (explicit_server.repository / "simple" / "config.analyzed.pbtxt").exists()
 
 
+def test_request_rates_can_be_swept_instead_of_concurrency(explicit_server: Served, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    done = _analyze(
+        "simple", "--url", explicit_server.url, "--metrics-url", explicit_server.metrics_url,
+        "--report", str(report), "--max-configs", "1", "--request-rates", "40,80", "--window-s", "1",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = list(csv.DictReader((report / "measurements.csv").open()))
+    assert [(row["concurrency"], row["request_rate"]) for row in rows] == [("", "40"), ("", "80")]
+    # An open-loop rate well under capacity is served at that rate (generous bounds: a shared box).
+    for row, rate in zip(rows, (40, 80), strict=True):
+        assert 0.7 * rate < float(row["throughput_per_s"]) < 1.3 * rate, row
+
+
 def test_a_server_that_takes_no_config_is_refused_after_one_try(served: Served, tmp_path: Path) -> None:
     """The session's server runs in control mode none: a load with a config is refused, and the
     analysis says why at once rather than failing every candidate alike."""
