@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,22 +149,32 @@ def test_a_full_queue_is_refused_at_once_over_http_and_what_it_refuses_never_run
 
 
 def test_a_full_queue_is_unavailable_over_grpc(served: Served) -> None:
-    def grpc_infer(tag: int) -> tuple[str, str, float]:
-        client = grpcclient.InferenceServerClient(served.grpc_url)
+    # Channels are opened, and connected, before the queue fills, and the six requests leave
+    # together: on a loaded machine opening a channel can take longer than an execution, and a
+    # request that only arrives once the queue has drained is rightly admitted.
+    clients = [grpcclient.InferenceServerClient(served.grpc_url) for _ in range(6)]
+    for client in clients:
+        assert client.is_server_live()
+    start = threading.Barrier(6)
+
+    def grpc_infer(client: grpcclient.InferenceServerClient, tag: int) -> tuple[str, str, float]:
         tensor = grpcclient.InferInput("TAG", [1], "INT32")
         tensor.set_data_from_numpy(np.array([tag], dtype=np.int32))
+        start.wait(timeout=30)
         started = time.monotonic()
         try:
             client.infer("q_full", [tensor], request_id=f"g{tag}")
             return "OK", "", time.monotonic() - started
         except InferenceServerException as exc:
             return str(exc.status()), exc.message() or "", time.monotonic() - started
-        finally:
-            client.close()
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        occupy(served, pool, "q_full", 200)
-        answers = settle([pool.submit(grpc_infer, 201 + i) for i in range(6)])
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            occupy(served, pool, "q_full", 200)
+            answers = settle([pool.submit(grpc_infer, client, 201 + i) for i, client in enumerate(clients)])
+    finally:
+        for client in clients:
+            client.close()
     refused = [(i, message, took) for i, (code, message, took) in enumerate(answers) if code != "OK"]
     assert len(refused) in (4, 5), answers
     for i, (code, _, _) in enumerate(answers):
