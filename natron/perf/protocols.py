@@ -43,6 +43,7 @@ from natron.datatypes import (
 )
 from natron.errors import NatronError
 from natron.inference import InferRequest, Tensor
+from natron.perf.http1 import ConnectionFailed, Http1Pool
 from natron.perf.results import PerfError
 from natron.perf.target import Target
 from natron.records import READY, ModelRecord
@@ -299,59 +300,52 @@ def _refusal(model: str, version: str, status: int, doc: Any) -> str:
 
 
 class HttpClient(ProtocolClient):
-    """KServe v2 over HTTP/1.1 with keep-alive: aiohttp opens a connection per request in flight
-    and keeps it, so `concurrency` N settles on N connections, as perf_analyzer's."""
+    """KServe v2 over HTTP/1.1 with keep-alive: a connection per request in flight, kept, so
+    `concurrency` N settles on N connections, as perf_analyzer's. The infer requests go through
+    natron/perf/http1.py's lean client (the questions before the run through aiohttp)."""
 
     def __init__(self, target: Target) -> None:
         super().__init__(target)
         self.questions = _HttpQuestions(target.http_base, target.model, self.question_timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Http1Pool | None = None
         self.url = ""
-        self.body = b""
-        self.headers: dict[str, str] = {}
+        self.request = b""
 
     async def open(self) -> None:
         await self.questions.open()
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=self.target.timeout_s),
-        )
+        self.pool = Http1Pool(self.target.http_base, self.target.timeout_s)
 
     async def describe(self) -> ModelInfo:
         return await self.questions.describe(self.target.version)
 
     def prepare(self, info: ModelInfo, inputs: Inputs) -> None:
+        assert self.pool is not None
         self.info = info
-        self.url = f"{self.target.http_base}/v2/models/{info.name}/versions/{info.version}/infer"
+        path = f"/v2/models/{info.name}/versions/{info.version}/infer"
+        self.url = self.target.http_base + path
         docs, data = kserve_inputs(inputs, self.target.binary)
         doc: dict[str, Any] = {"inputs": docs}
         if self.target.binary:
             doc["parameters"] = {"binary_data_output": True}
             head = orjson.dumps(doc)
-            self.body = head + data
-            self.headers = {_HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+            headers = {_HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+            self.request = self.pool.request(path, headers, head + data)
         else:
-            self.body = orjson.dumps(doc)
-            self.headers = {"Content-Type": "application/json"}
+            self.request = self.pool.request(path, {"Content-Type": "application/json"}, orjson.dumps(doc))
 
     async def infer(self) -> Answer:
-        assert self.session is not None
+        assert self.pool is not None
         try:
-            async with self.session.post(self.url, data=self.body, headers=self.headers) as response:
-                data = await response.read()
-                status = response.status
-                header_length = response.headers.get(_HEADER_LENGTH)
-        except aiohttp.ClientConnectionError as exc:  # refused, reset, closed mid-answer
-            raise RequestFailed(f"connection failed: {_connection_error(exc)}", gone=True) from None
+            response = await self.pool.post(self.request)
+        except ConnectionFailed as exc:  # refused, reset, closed mid-answer
+            raise RequestFailed(f"connection failed: {exc}", gone=True) from None
         except TimeoutError:
             raise RequestFailed(f"no answer within {self.target.timeout_s} s") from None
-        except aiohttp.ClientError as exc:
-            raise RequestFailed(f"{type(exc).__name__}: {exc}") from None
         started = time.perf_counter_ns()
-        if status != 200:
-            raise RequestFailed(f"HTTP {status}: {_error_text(data)}")
-        view = memoryview(data)
-        length = int(header_length) if header_length is not None else len(data)
+        if response.status != 200:
+            raise RequestFailed(f"HTTP {response.status}: {_error_text(response.body)}")
+        view = memoryview(response.body)
+        length = response.header_length if response.header_length is not None else len(view)
         outputs = decode_kserve(orjson.loads(view[:length]), view[length:])
         return Answer(outputs, recv_ns=time.perf_counter_ns() - started)
 
@@ -360,9 +354,9 @@ class HttpClient(ProtocolClient):
         return await self.questions.statistics(self.info.version)
 
     async def close(self) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            await session.close()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
         await self.questions.close()
 
 
