@@ -15,6 +15,15 @@ one message, and several of their answers in one answer message:
 batch    {"v": 1, "requests": [request map + {"deadline_ns": int, "trace": {str: str}}, ...]}
 answers  {"v": 1, "answers": [{"i": int, "status": int} + response or error map, ...]}
 
+Tensors by reference (docs/wire-format.md, "tensors by reference"): an input entry may carry
+`"shm": {"key": str, "offset": int, "byte_size": int, "scope": str}` instead of `"data"`; a
+request may name where outputs go with `"output_shm": {name: that map}`, and the answer's entry
+for such an output carries the same `"shm"` (its `byte_size` what was written) and no data.
+Decoding a request with such inputs needs a `ShmAccess` (the worker's, which maps the object);
+without one the request is refused. An answer's output by reference decodes to a tensor whose
+`ref` says where its bytes are and whose `data` is a zero-filled stand-in of its shape (the
+bytes are in the client's region, which the receiver does not read).
+
 The response's status travels in the `Natron-Status` header (HTTP numbering, 200 for success),
 so a reader knows an error from a result before decoding the body. BYTES tensor data uses
 Triton's 4-byte-length-prefixed layout. Decoding turns any malformed message into
@@ -32,13 +41,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 
 from natron import datatypes
 from natron.errors import InvalidArgument, NatronError
-from natron.inference import InferRequest, InferResponse, Tensor
+from natron.inference import InferRequest, InferResponse, ShmRef, Tensor
 
 WIRE_VERSION = 1
 # Requests in one coalesced message, and answers in one answer message: a bound on what one
@@ -53,6 +64,19 @@ _ENVELOPE_BYTES = 1024
 _VIEW_FROM_BYTES = 16 * 1024
 
 
+class ShmAccess(Protocol):
+    """How a receiver reaches tensors by reference (the worker's, workers/sharedmemory.py).
+    Both raise InvalidArgument naming the reference when it cannot be used."""
+
+    def read(self, ref: ShmRef, name: str, datatype: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+        """Input `name`'s array, of `datatype` and `shape`, from the window `ref`."""
+        ...
+
+    def check_output(self, ref: ShmRef, name: str) -> None:
+        """Whether output `name` can be written into `ref`, before the request runs."""
+        ...
+
+
 def _packb(value: dict[str, Any]) -> bytes:
     packed: bytes = msgpack.packb(value)
     return packed
@@ -64,7 +88,9 @@ def _pack_view(value: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes | 
     bytes object once more (and grow its buffer by copying on the way)."""
     data_bytes = 0
     for tensor in tensors:  # a loop, not sum(): this runs for every message, mostly small ones
-        data_bytes += len(tensor["data"])
+        data = tensor.get("data")
+        if data is not None:  # a tensor by reference has none
+            data_bytes += len(data)
     if data_bytes < _VIEW_FROM_BYTES:
         return _packb(value)
     packer = msgpack.Packer(autoreset=False, buf_size=data_bytes + _ENVELOPE_BYTES)
@@ -73,7 +99,18 @@ def _pack_view(value: dict[str, Any], tensors: list[dict[str, Any]]) -> bytes | 
     return view
 
 
+def _pack_ref(ref: ShmRef) -> dict[str, Any]:
+    return {"key": ref.key, "offset": ref.offset, "byte_size": ref.byte_size, "scope": ref.scope}
+
+
 def _pack_tensor(tensor: Tensor) -> dict[str, Any]:
+    if tensor.ref is not None:
+        return {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+            "shm": _pack_ref(tensor.ref),
+        }
     data = tensor.data
     # A small tensor's copy costs less than making a view of it (a few hundred nanoseconds).
     raw = datatypes.to_raw if data.nbytes < _VIEW_FROM_BYTES else datatypes.raw_view
@@ -85,7 +122,27 @@ def _pack_tensor(tensor: Tensor) -> dict[str, Any]:
     }
 
 
-def _unpack_tensor(raw: Any) -> Tensor:
+def _unpack_ref(raw: Any, what: str) -> ShmRef:
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{what} 'shm' must be a map")
+    key, offset, byte_size, scope = (raw.get(k) for k in ("key", "offset", "byte_size", "scope"))
+    if not isinstance(key, str) or not key:
+        raise InvalidArgument(f"{what} 'shm' needs a non-empty string 'key'")
+    if type(offset) is not int or type(byte_size) is not int or offset < 0 or byte_size < 0:
+        raise InvalidArgument(f"{what} 'shm' 'offset' and 'byte_size' must be non-negative integers")
+    if not isinstance(scope, str):
+        raise InvalidArgument(f"{what} 'shm' needs a string 'scope'")
+    return ShmRef(key, offset, byte_size, scope)
+
+
+def _stand_in(datatype: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+    """A read-only array of `shape` that takes no memory: an output whose bytes went to shared
+    memory has nothing to carry, but its tensor keeps the shape and size checks true."""
+    dtype = np.dtype(object) if datatype == datatypes.BYTES else datatypes.to_numpy_dtype(datatype)
+    return np.broadcast_to(np.zeros((), dtype=dtype), shape)
+
+
+def _unpack_tensor(raw: Any, shm: ShmAccess | None = None, *, output: bool = False) -> Tensor:
     if not isinstance(raw, dict):
         raise InvalidArgument("tensor entry must be a map")
     name = raw.get("name")
@@ -100,6 +157,16 @@ def _unpack_tensor(raw: Any) -> Tensor:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidArgument(f"tensor '{name}' shape must be a list of non-negative integers")
+    if data is None and "shm" in raw:
+        ref = _unpack_ref(raw["shm"], f"tensor '{name}'")
+        if output:
+            return Tensor(name, datatype, tuple(shape), _stand_in(datatype, tuple(shape)), ref)
+        if shm is None:
+            raise InvalidArgument(
+                f"input '{name}' is a shared memory reference, which this receiver does not take: "
+                "send its bytes in 'data'"
+            )
+        return Tensor(name, datatype, tuple(shape), shm.read(ref, name, datatype, tuple(shape)))
     if not isinstance(data, bytes):
         raise InvalidArgument(f"tensor '{name}' 'data' must be binary")
     array = datatypes.from_raw(data, datatype, tuple(shape))
@@ -126,11 +193,32 @@ def _str_field(body: dict[str, Any], key: str, default: str | None = None) -> st
     return value
 
 
-def _tensors(body: dict[str, Any], key: str) -> list[Tensor]:
+def _tensors(
+    body: dict[str, Any], key: str, shm: ShmAccess | None = None, *, output: bool = False
+) -> list[Tensor]:
     raw = body.get(key, [])
     if not isinstance(raw, list):
         raise InvalidArgument(f"'{key}' must be a list")
-    return [_unpack_tensor(item) for item in raw]
+    return [_unpack_tensor(item, shm, output=output) for item in raw]
+
+
+def _output_refs(body: dict[str, Any], shm: ShmAccess | None) -> dict[str, ShmRef]:
+    raw = body.get("output_shm")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidArgument("'output_shm' must be a map of output names to shared memory windows")
+    refs: dict[str, ShmRef] = {}
+    for name, each in raw.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("'output_shm' keys must be output names")
+        refs[name] = ref = _unpack_ref(each, f"output '{name}'")
+        if shm is None:
+            raise InvalidArgument(
+                f"output '{name}' asks to be written to shared memory, which this receiver does not do"
+            )
+        shm.check_output(ref, name)
+    return refs
 
 
 def _parameters(body: dict[str, Any]) -> dict[str, Any]:
@@ -145,22 +233,26 @@ def encode_request(request: InferRequest) -> bytes | memoryview:
     return _pack_view(_request_map(request, inputs), inputs)
 
 
-def decode_request(data: bytes | memoryview) -> InferRequest:
-    return _request(_unpack_map(data))
+def decode_request(data: bytes | memoryview, shm: ShmAccess | None = None) -> InferRequest:
+    """A request; `shm` reaches its tensors by reference (without it they are refused)."""
+    return _request(_unpack_map(data), shm)
 
 
-def _request(body: dict[str, Any]) -> InferRequest:
+def _request(body: dict[str, Any], shm: ShmAccess | None = None) -> InferRequest:
     """A request map's fields, checked (a plain message's body, or one of a coalesced one's)."""
     outputs = body.get("outputs", [])
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise InvalidArgument("'outputs' must be a list of output names")
+    # The output windows first: a request that cannot be answered maps none of its inputs.
+    output_refs = _output_refs(body, shm)
     return InferRequest(
         id=_str_field(body, "id", ""),
         model=_str_field(body, "model"),
         version=_str_field(body, "version", ""),
-        inputs=_tensors(body, "inputs"),
+        inputs=_tensors(body, "inputs", shm),
         outputs=outputs,
         parameters=_parameters(body),
+        output_refs=output_refs,
     )
 
 
@@ -190,7 +282,7 @@ def _response(body: dict[str, Any]) -> InferResponse:
         id=_str_field(body, "id", ""),
         model=_str_field(body, "model", ""),
         version=_str_field(body, "version", ""),
-        outputs=_tensors(body, "outputs"),
+        outputs=_tensors(body, "outputs", output=True),
         parameters=_parameters(body),
     )
 
@@ -224,7 +316,10 @@ def decode_responses(data: bytes | memoryview) -> list[InferResponse]:
         _str_field(body, "model", ""),
         _str_field(body, "version", ""),
     )
-    return [InferResponse(request_id, model, version, _tensors(r, "outputs"), _parameters(r)) for r in raw]
+    return [
+        InferResponse(request_id, model, version, _tensors(r, "outputs", output=True), _parameters(r))
+        for r in raw
+    ]
 
 
 def encode_error(request_id: str, message: str) -> bytes:
@@ -259,7 +354,7 @@ class BatchEntry:
 
 
 def _request_map(request: InferRequest, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
+    body = {
         "v": WIRE_VERSION,
         "id": request.id,
         "model": request.model,
@@ -268,6 +363,9 @@ def _request_map(request: InferRequest, inputs: list[dict[str, Any]]) -> dict[st
         "outputs": request.outputs,
         "parameters": request.parameters,
     }
+    if request.output_refs:  # absent otherwise: messages by value are as they always were
+        body["output_shm"] = {name: _pack_ref(ref) for name, ref in request.output_refs.items()}
+    return body
 
 
 def encode_batch(entries: Sequence[tuple[InferRequest, int, dict[str, str] | None]]) -> bytes | memoryview:
@@ -289,7 +387,7 @@ def encode_batch(entries: Sequence[tuple[InferRequest, int, dict[str, str] | Non
     return _pack_view({"v": WIRE_VERSION, "requests": maps}, tensors)
 
 
-def _entry(raw: Any) -> BatchEntry:
+def _entry(raw: Any, shm: ShmAccess | None = None) -> BatchEntry:
     request_id = ""
     try:
         if not isinstance(raw, dict):
@@ -303,13 +401,13 @@ def _entry(raw: Any) -> BatchEntry:
             isinstance(k, str) and isinstance(v, str) for k, v in trace.items()
         ):
             raise InvalidArgument("'trace' must be a map of strings")
-        request = _request(raw)
+        request = _request(raw, shm)
     except InvalidArgument as exc:
         return BatchEntry(None, exc, request_id)
     return BatchEntry(request, None, request_id, deadline_ns, trace)
 
 
-def decode_batch(data: bytes | memoryview, expected: int) -> list[BatchEntry]:
+def decode_batch(data: bytes | memoryview, expected: int, shm: ShmAccess | None = None) -> list[BatchEntry]:
     """The requests of a coalesced message whose header announced `expected` of them. A
     malformed envelope raises InvalidArgument (nothing in it can be answered singly); a
     malformed request becomes an entry with its error."""
@@ -323,7 +421,7 @@ def decode_batch(data: bytes | memoryview, expected: int) -> list[BatchEntry]:
         )
     if len(raw) != expected:
         raise InvalidArgument(f"the message announces {expected} requests but holds {len(raw)}")
-    return [_entry(item) for item in raw]
+    return [_entry(item, shm) for item in raw]
 
 
 def encode_answers(answers: Sequence[tuple[int, str, InferResponse | NatronError]]) -> bytes | memoryview:

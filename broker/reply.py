@@ -164,12 +164,17 @@ class Replier:
         self._decoupled = decoupled
 
     async def answer(
-        self, reply_to: str, response: InferResponse, counted: Counted | None = None
+        self,
+        reply_to: str,
+        response: InferResponse,
+        counted: Counted | None = None,
+        headers: dict[str, str] | None = None,
     ) -> NatronError | None:
-        frames, error = answer_frames(response, self._nc.max_payload)
+        """`headers`: more headers for the answer (a traced request's timestamps)."""
+        frames, error = answer_frames(response, self._nc.max_payload - _room(headers))
         if counted is not None:
             counted(error)
-        await self._publish(reply_to, frames)
+        await self._publish(reply_to, frames, headers)
         return error
 
     async def error(
@@ -181,14 +186,18 @@ class Replier:
         await self._publish(reply_to, [frame])
 
     async def batch(
-        self, reply_to: str, answers: list[Indexed], counted: Callable[[list[Indexed]], None] | None = None
+        self,
+        reply_to: str,
+        answers: list[Indexed],
+        counted: Callable[[list[Indexed]], None] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> list[Indexed]:
         """Answers to requests of one coalesced message; returns those that went out as 413
-        errors instead (`counted` gets them too)."""
-        frames, replaced = batch_frames(answers, self._nc.max_payload)
+        errors instead (`counted` gets them too). `headers`: more headers for every frame."""
+        frames, replaced = batch_frames(answers, self._nc.max_payload - _room(headers))
         if counted is not None:
             counted(replaced)
-        await self._publish(reply_to, frames)
+        await self._publish(reply_to, frames, headers)
         return replaced
 
     async def frames(
@@ -205,10 +214,18 @@ class Replier:
         await self._publish(reply_to, frames)
         return error
 
-    async def _publish(self, reply_to: str, frames: list[Frame]) -> None:
+    async def _publish(self, reply_to: str, frames: list[Frame], extra: dict[str, str] | None = None) -> None:
         for frame in frames:
+            headers = frame.headers if not extra else {**(frame.headers or {}), **extra}
             # nats-py sends any buffer; its annotation says bytes.
-            await self._nc.publish(reply_to, frame.payload, headers=frame.headers)  # type: ignore[arg-type]
+            await self._nc.publish(reply_to, frame.payload, headers=headers)  # type: ignore[arg-type]
+
+
+def _room(headers: dict[str, str] | None) -> int:
+    """What `headers` add to a frame's size: kept free under max_payload for them."""
+    if not headers:
+        return 0
+    return _HEADER_LINE + sum(len(k) + len(v) + 4 for k, v in headers.items())
 
 
 # -- the requester's side ----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from nats.aio.subscription import Subscription
 
 from broker import codec, reply
 from broker.recovery import reconnects_of
-from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, Subjects
+from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, TIMESTAMPS, TRACE, Subjects
 from natron.errors import DeadlineExceeded, NatronError, PayloadTooLarge, Unavailable
 from natron.inference import InferRequest, InferResponse
 
@@ -77,6 +77,8 @@ class _Pending:
     version: str
     queued: bool = False
     epoch: int = 0  # the connection's reconnect count when it was made
+    # A traced request's: filled with the worker's timestamps from its answer (TIMESTAMPS).
+    timestamps: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -280,6 +282,7 @@ class Requester:
         rows: int = 1,
         max_rows: int = 1,
         level: int = 0,
+        timestamps: list[int] | None = None,
     ) -> InferResponse:
         """Send `request` to `version` of its model; answer or raise a NatronError.
 
@@ -289,10 +292,15 @@ class Requester:
         in all (the model's max_batch_size; 1 keeps every request in a message of its own).
         `level`: the priority level's subject of a model with priority levels (0: the plain
         subject); only requests of one level share a message.
+        `timestamps`: the request is traced (the trace extension's triton mode): the worker's
+        timestamps are appended to this list when its answer carries them.
         """
         deadline_ns = time.time_ns() + int(timeout_s * 1e9)
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future(), request.model, version, epoch=self._reconnects.count)
+        if timestamps is not None:
+            pending.timestamps = timestamps
+            headers = {**(headers or {}), TRACE: "1"}
         data_bytes = 0
         for tensor in request.inputs:
             data_bytes += tensor.data.nbytes
@@ -665,6 +673,8 @@ class Requester:
             return
         # An ordinary request has one answer: the message's first (and only) one.
         answer, _ = reply.decode_reply(msg)[0]
+        if pending.timestamps is not None:
+            _take_timestamps(msg, pending.timestamps)
         if isinstance(answer, NatronError):
             pending.future.set_exception(answer)
         else:
@@ -693,6 +703,9 @@ class Requester:
             future = pendings[index].future
             if future.done():
                 continue  # settled already (a redelivery's second answer, a timeout)
+            traced = pendings[index].timestamps
+            if traced is not None:
+                _take_timestamps(msg, traced)
             if isinstance(answer, NatronError):
                 future.set_exception(answer)
             else:
@@ -709,3 +722,14 @@ class Requester:
             return
         for answer in reply.decode_reply(msg):
             stream.queue.put_nowait(answer)
+
+
+def _take_timestamps(msg: Msg, into: list[int]) -> None:
+    """A traced request's worker timestamps (TIMESTAMPS), when its answer carries them; a
+    malformed value is left out rather than failing the answer."""
+    value = (msg.headers or {}).get(TIMESTAMPS)
+    if value and not into:
+        try:
+            into.extend(int(part) for part in value.split(","))
+        except ValueError:
+            into.clear()

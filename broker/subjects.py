@@ -34,6 +34,13 @@ COUNT = "Natron-Count"
 # answer, how many answers its "answers" list holds (docs/wire-format.md).
 BATCH = "Natron-Batch"
 
+# The trace extension's triton mode: a request its gateway traces carries TRACE ("1"), and its
+# answer carries TIMESTAMPS: the worker's QUEUE_START, COMPUTE_START, COMPUTE_INPUT_END,
+# COMPUTE_OUTPUT_START and COMPUTE_END, unix epoch nanoseconds (wall clock, as DEADLINE_NS),
+# comma-separated. Untraced requests carry neither.
+TRACE = "Natron-Trace"
+TIMESTAMPS = "Natron-Timestamps"
+
 # JetStream's own header, echoed for the pull loop's bookkeeping of expired pull requests.
 PENDING_MESSAGES = "Nats-Pending-Messages"
 

@@ -20,6 +20,7 @@ import base64
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -33,13 +34,13 @@ from broker.view import ModelView
 from gateway import admission, answers, grpc_codec, health, logging_api, stats, trace_api
 from gateway.connections import ConnectionLimits, grpc_options
 from gateway.infer import new_request_id, trace_headers
-from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
+from gateway.keys import FLEET, METRICS, OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import unexpected_error
 from gateway.restricted import ACCESS, GRPC_GROUPS, AccessPolicy, check_upload
 from gateway.sharedmemory import SHARED_MEMORY
 from gateway.tracing import TRACER
 from natron.errors import NatronError, Unsupported
-from natron.inference import InferResponse
+from natron.inference import InferRequest, InferResponse
 from natron.restricted_api import Restriction, Restrictions, grpc_refusal
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return infer, view, target, queue, trace_headers(metadata.get) or None
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        # grpcio read the message before this handler ran: the trace's GRPC_WAITREAD_START
+        # and _END are both now (read only while tracing is on).
+        tracer = self._app[TRACER]
+        received_ns = time.time_ns() if tracer.active else 0
         infer, view, target, queue, trace = await self._prepare(request, context)
         spec = view.spec
         assert spec is not None
@@ -288,26 +293,55 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         if waiting is not None:
             await waiting
         # The gateway's span when the trace settings sample this request: its context goes on.
-        traced = self._app[TRACER].begin(spec.name, target, infer.parsed.request.id, (trace or {}).get)
+        traced = tracer.begin(
+            spec.name,
+            target,
+            infer.parsed.request.id,
+            (trace or {}).get,
+            protocol="GRPC",
+            received_ns=received_ns,
+            read_ns=received_ns,
+            client_request_id=request.id,
+        )
         status = 500
         try:
-            response = await self._app[REQUESTER].infer(
+            requester = self._app[REQUESTER]
+
+            def send(request: InferRequest) -> Awaitable[InferResponse]:
+                return requester.infer(
+                    request,
+                    target,
+                    queue.timeout_s,
+                    headers=trace if traced is None else traced.headers or None,
+                    rows=rows,
+                    max_rows=spec.max_rows,
+                    level=queue.subject_level,
+                    timestamps=None if traced is None else traced.timestamps,
+                )
+
+            # By reference when the model's workers share this host (gateway/sharedmemory.py).
+            response = await self._app[SHARED_MEMORY].infer(
                 infer.parsed.request,
-                target,
-                queue.timeout_s,
-                headers=trace if traced is None else traced.headers,
-                rows=rows,
-                max_rows=spec.max_rows,
-                level=queue.subject_level,
+                {name: out.window for name, out in infer.parsed.shm_outputs.items()},
+                view.record,
+                self._app[FLEET].workers,
+                send,
             )
             status = 200
         except NatronError as exc:
             status = exc.status
             raise
         finally:
-            if traced is not None:
+            if traced is not None and status != 200:
                 traced.end(status)
-        return grpc_codec.encode_response(response, infer.parsed, request.id, batched=spec.batching)
+        if traced is None:
+            return grpc_codec.encode_response(response, infer.parsed, request.id, batched=spec.batching)
+        # Traced: the answer is in, then encoded (the send), then handed to grpcio.
+        traced.answered()
+        try:
+            return grpc_codec.encode_response(response, infer.parsed, request.id, batched=spec.batching)
+        finally:
+            traced.end(status)
 
     async def _stream_one(
         self,

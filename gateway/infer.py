@@ -7,17 +7,19 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from gateway import admission, kserve
-from gateway.keys import METRICS, OPTIONS, REGISTRY, REQUESTER
+from gateway.keys import FLEET, METRICS, OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import read_body
 from gateway.sharedmemory import SHARED_MEMORY
-from gateway.tracing import TRACER, RequestTrace
+from gateway.tracing import TRACER, RequestTraces
 from natron.errors import InvalidArgument, NatronError, Unsupported
+from natron.inference import InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ async def handle(
     started_s = loop.time()
     status = 500
     names = ["-"]  # the request id for the log, once known
-    traced: list[RequestTrace] = []  # its span, when the trace settings sample it
+    traced: list[RequestTraces] = []  # its trace, when the trace settings sample it
     try:
         answer = await _infer(app, model, version, header, read, names, traced)
         status = 200
@@ -136,8 +138,11 @@ async def _infer(
     header: HeaderLookup,
     read: BodyReader,
     names: list[str],
-    traced: list[RequestTrace],
+    traced: list[RequestTraces],
 ) -> InferAnswer:
+    # When receiving started, for a trace (read only while tracing is on).
+    tracer = app[TRACER]
+    received_ns = time.time_ns() if tracer.active else 0
     view = app[REGISTRY].get(model)
     target = view.resolve(version)
     spec = view.spec
@@ -156,6 +161,7 @@ async def _infer(
             )
         header_length = int(text)
     body = await read()
+    read_ns = time.time_ns() if received_ns else 0
     limits = app[OPTIONS].limits
     parsed = await app[SHARED_MEMORY].parse(
         lambda window: kserve.parse_infer_body(
@@ -184,21 +190,45 @@ async def _infer(
         await waiting
     # W3C trace context travels on to the worker, so its spans join the trace: the gateway's
     # own span's when the trace settings sample this request, else the client's as it came.
-    request_trace = app[TRACER].begin(model, target, parsed.request.id, header)
+    request_trace = tracer.begin(
+        model,
+        target,
+        parsed.request.id,
+        header,
+        received_ns=received_ns,
+        read_ns=read_ns,
+        client_request_id=request_id,
+    )
     if request_trace is not None:
         traced.append(request_trace)
         trace = request_trace.headers
     else:
         trace = trace_headers(header)
     # Requests of a batching model may share a broker message with others of the same moment.
-    response = await app[REQUESTER].infer(
+    requester = app[REQUESTER]
+
+    def send(request: InferRequest) -> Awaitable[InferResponse]:
+        return requester.infer(
+            request,
+            target,
+            queue.timeout_s,
+            headers=trace or None,
+            rows=rows,
+            max_rows=spec.max_rows,
+            level=queue.subject_level,
+            timestamps=request_trace.timestamps if request_trace is not None else None,
+        )
+
+    # Tensors in the client's shared memory go by reference when the model's workers share
+    # this host (gateway/sharedmemory.py), else their bytes travel.
+    response = await app[SHARED_MEMORY].infer(
         parsed.request,
-        target,
-        queue.timeout_s,
-        headers=trace or None,
-        rows=rows,
-        max_rows=spec.max_rows,
-        level=queue.subject_level,
+        {name: target.window for name, target in parsed.shm_outputs.items()},
+        view.record,
+        app[FLEET].workers,
+        send,
     )
+    if request_trace is not None:
+        request_trace.answered()
     out, json_length = kserve.encode_infer_response(response, parsed, request_id, batched=spec.batching)
     return InferAnswer(out, json_length)

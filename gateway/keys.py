@@ -17,6 +17,7 @@ from gateway.fleet import FleetView
 from gateway.kserve import DEFAULT_LIMITS, InputLimits
 from gateway.metrics import GatewayMetrics
 from natron.tasks import EssentialTasks
+from natron.tracesettings import TraceSettings
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,6 +38,9 @@ class GatewayOptions:
     strict_readiness: bool = True
     # Where the stream and buckets live when this gateway is the first to need them.
     storage: Storage = field(default_factory=Storage)
+    # Its trace settings from its command line (--trace-config): its trace file, and the
+    # defaults until the deployment's are set (gateway/tracing.py).
+    trace: TraceSettings = field(default_factory=TraceSettings)
 
 
 NATS: web.AppKey[Client] = web.AppKey("nats", Client)

@@ -759,6 +759,8 @@ def _encode_output(tensor: Tensor, as_binary: bool) -> tuple[dict[str, Any], Any
 def _write_shm_output(tensor: Tensor, target: ShmOutput) -> dict[str, Any]:
     """Write an output into its shared memory window; its JSON entry, without data."""
     datatype = tensor.datatype
+    if tensor.ref is not None:  # the worker wrote it there (tensors by reference)
+        return {"name": tensor.name, "datatype": datatype, "shape": tensor.shape}
     chunk: Any
     if datatype == BYTES:
         chunk = datatypes.serialize_bytes(tensor.data)

@@ -5,8 +5,26 @@ registers a window of it under a name (`POST /v2/systemsharedmemory/region/<name
 with `key`, `offset`, `byte_size`), and then names that region in an infer request instead of
 sending a tensor: an input's bytes are read from the region, an output's bytes are written into
 it and the answer carries the output without data. The gateway maps the object (read-write:
-outputs are written into it) and carries the bytes over NATS to the workers, so the saving is
-the client's HTTP transfer, not the hop to the worker.
+outputs are written into it).
+
+How the tensors reach the worker (`SharedMemoryRegistry.infer`): when every worker that may
+pull the model's messages (those its record places it on, and any that still runs it) reports
+this gateway's host scope in its WorkerReport, they see the client's object too, and the request
+carries references instead of bytes (docs/wire-format.md, "tensors by reference"): an input the
+parse left as a view of a mapping becomes `{shm: key, offset, byte_size, scope}`, an output
+asked for in a region names its window in `output_shm`, and the worker maps the object itself
+(workers/sharedmemory.py), reads the inputs there, writes the outputs there and answers with
+their metadata only. So neither the client's HTTP transfer nor the hop to the worker carries
+the tensor. Otherwise (a worker on another host, a report from before host scopes, a worker
+started with `--system-shm off`) the gateway carries the bytes over NATS as before. An input
+that the parse had to copy (BYTES, BOOL bytes other than 0/1) goes by value either way.
+
+Placement may change between the gateway's look at the fleet and the worker's pull, and a
+client may unlink its key after registering (which the gateway, holding its mapping, allows,
+as Triton does): a worker that cannot reach a reference answers a 400 saying "shared memory
+region ... not reachable from worker ..." before running anything, and on that answer alone
+the gateway sends the request once more by value. Every other error stands. A worker never
+computes on memory it could not check, so no placement race gives a wrong answer.
 
 Several gateway processes on one host (`--http-workers`) share one port, and a client's
 connections land on any of them, so a region registered through one must be usable through all.
@@ -47,13 +65,14 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import nats.errors
 import nats.js.errors
+import numpy as np
+import numpy.typing as npt
 import orjson
 from aiohttp import web
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -63,15 +82,25 @@ from broker.recovery import Reconnects
 from broker.subjects import Subjects
 from gateway.keys import NATS, OPTIONS
 from gateway.middleware import json_object, json_response
-from natron.errors import InvalidArgument, NotFound, Unavailable, Unsupported
+from natron.errors import InternalError, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
+from natron.inference import (
+    SHM_DIR,
+    SHM_UNREACHABLE,
+    InferRequest,
+    InferResponse,
+    ShmRef,
+    Tensor,
+    host_scope,
+)
+from natron.records import ModelRecord, WorkerReport
 from natron.tasks import EssentialTasks, cancel_and_wait
+
+__all__ = ["SHM_DIR", "host_scope"]  # where they were before natron/inference.py had them
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-SHM_DIR: Final = Path("/dev/shm")
-_BOOT_ID: Final = Path("/proc/sys/kernel/random/boot_id")
 # Objects with this prefix are Triton's own (its Python backend's); Triton refuses them too.
 _RESERVED_PREFIX: Final = "triton_python_backend_shm_region_"
 # POSIX shared memory names are file names in SHM_DIR.
@@ -85,21 +114,6 @@ BROKER_TIMEOUT_S: Final = 5.0
 def bucket_name(subjects: Subjects) -> str:
     """The KV bucket of the system shared memory registrations of this deployment."""
     return subjects.shm_bucket
-
-
-def host_scope(shm_dir: Path = SHM_DIR) -> str | None:
-    """Which processes see the same POSIX shared memory objects: one boot of one host (its boot
-    id) and one mount of `shm_dir` (its device number; a container has a mount of its own).
-    None when this host has no `shm_dir`: system shared memory is then unsupported."""
-    try:
-        device = os.stat(shm_dir).st_dev
-    except OSError:
-        return None
-    try:
-        boot = _BOOT_ID.read_text().strip()
-    except OSError:  # not Linux: the host name is the best identity left
-        boot = os.uname().nodename
-    return f"{_key_safe(boot)}-{device:x}"
 
 
 class RegionMiss(InvalidArgument):
@@ -142,13 +156,26 @@ class MappedRegion:
     that every use can check the object still holds the region: touching a mapped page past
     the end of an object the client truncated would kill the process with SIGBUS."""
 
-    __slots__ = ("_fd", "_map", "_start", "region")
+    __slots__ = ("_fd", "_map", "_start", "address", "region")
 
     def __init__(self, region: SystemRegion, fd: int, mapped: mmap.mmap, start: int) -> None:
         self.region = region
         self._fd = fd
         self._map = mapped
         self._start = start  # the region's first byte within the mapping
+        # Where the mapping lies in this process: an array parsed from the region is a view at
+        # an address within it, which `reference` turns back into the object's window.
+        probe = np.frombuffer(mapped, dtype=np.uint8)
+        self.address: int = probe.ctypes.data
+        del probe  # its export of the mapping would keep `close` from unmapping
+
+    def reference(self, address: int, byte_size: int, scope: str) -> ShmRef | None:
+        """The object's window holding `byte_size` bytes at `address`, if this mapping's
+        region holds them."""
+        first = self.address + self._start
+        if not first <= address or address + byte_size > first + self.region.byte_size:
+            return None
+        return ShmRef(self.region.key, self.region.offset + address - first, byte_size, scope)
 
     @staticmethod
     def open(region: SystemRegion) -> MappedRegion:
@@ -237,10 +264,6 @@ def _object_size(fd: int, key: str) -> int:
     return info.st_size
 
 
-def _key_safe(text: str) -> str:
-    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in text)
-
-
 def region_key(scope: str, name: str) -> str:
     """The KV key of region `name` in `scope`: the name in base64url, which KV keys allow."""
     return f"{scope}.{base64.urlsafe_b64encode(name.encode()).decode().rstrip('=')}"
@@ -280,6 +303,8 @@ class SharedMemoryRegistry:
         self._refresh_lock = asyncio.Lock()
         self._refreshes_started = 0
         self._refreshes_done = 0  # the number of the last refresh that completed
+        # Requests a worker could not reach by reference, sent again by value (see `infer`).
+        self.sent_again_by_value = 0
         self.tasks = EssentialTasks("shared memory")
 
     # -- life ------------------------------------------------------------------------------
@@ -452,6 +477,93 @@ class SharedMemoryRegistry:
         """Copy `data` into `region` at `offset` (an output)."""
         source = memoryview(data).cast("B")
         (await self.lookup(region, offset, len(source)))[:] = source
+
+    # -- tensors by reference --------------------------------------------------------------
+
+    def reaches(self, record: ModelRecord, workers: list[WorkerReport]) -> bool:
+        """Whether every worker that may pull `record`'s messages sees this host's objects: the
+        workers it is placed on and those that still run it (a placement that just moved),
+        each reporting this gateway's host scope. A worker without a report, or whose report
+        has no scope (an older worker, `--system-shm off`), is another host."""
+        scope = self._scope
+        if scope is None or not record.placement:
+            return False
+        reports = {worker.id: worker for worker in workers}
+        pullers = set(record.placement)
+        pullers.update(worker.id for worker in workers if record.name in worker.models)
+        return all(
+            (report := reports.get(each)) is not None and report.host_scope == scope for each in pullers
+        )
+
+    def _reference(self, array: npt.NDArray[Any]) -> ShmRef | None:
+        """Where `array`'s bytes are in a client's object, when it is a contiguous view of a
+        region this process has mapped (what the parse makes of an input in shared memory)."""
+        scope = self._scope
+        if scope is None or array.dtype.hasobject or not array.flags.c_contiguous:
+            return None
+        address, nbytes = array.ctypes.data, array.nbytes
+        for entry in self._regions.values():
+            if entry.mapping is not None:
+                ref = entry.mapping.reference(address, nbytes, scope)
+                if ref is not None:
+                    return ref
+        return None
+
+    def by_reference(self, request: InferRequest, shm_outputs: dict[str, memoryview]) -> InferRequest | None:
+        """`request` with its inputs from shared memory as references and `shm_outputs` (output
+        name -> its window, as parsed) as output windows; None when nothing goes by reference."""
+        inputs: list[Tensor] = []
+        found = False
+        for tensor in request.inputs:
+            ref = self._reference(tensor.data) if tensor.data.nbytes else None
+            if ref is not None:
+                found = True
+                tensor = Tensor(tensor.name, tensor.datatype, tensor.shape, tensor.data, ref)
+            inputs.append(tensor)
+        output_refs: dict[str, ShmRef] = {}
+        for name, window in shm_outputs.items():
+            ref = self._reference(np.frombuffer(window, dtype=np.uint8)) if len(window) else None
+            if ref is not None:
+                output_refs[name] = ref
+        if not found and not output_refs:
+            return None
+        return InferRequest(
+            request.id,
+            request.model,
+            request.version,
+            inputs,
+            request.outputs,
+            request.parameters,
+            output_refs,
+        )
+
+    async def infer(
+        self,
+        request: InferRequest,
+        shm_outputs: dict[str, memoryview],
+        record: ModelRecord,
+        workers: list[WorkerReport],
+        send: Callable[[InferRequest], Awaitable[InferResponse]],
+    ) -> InferResponse:
+        """`send(request)`, by reference when the model's workers share this host (see the
+        module docstring), else by value; by value again when a worker could not reach the
+        references. `shm_outputs`: output name -> its window in the client's region."""
+        # The cheap test first: most requests name no region, and then the fleet is not looked at.
+        referenced = self.by_reference(request, shm_outputs) if self._regions else None
+        if referenced is None or not self.reaches(record, workers):
+            return await send(request)
+        try:
+            response = await send(referenced)
+        except NatronError as exc:
+            if exc.status != 400 or SHM_UNREACHABLE not in exc.message:
+                raise
+            self.sent_again_by_value += 1
+            log.info("request id=%s sent again by value: %s", request.id, exc.message)
+            return await send(request)
+        for tensor in response.outputs:
+            if tensor.ref is not None and tensor.name not in referenced.output_refs:
+                raise InternalError(f"output '{tensor.name}' came back in shared memory, which was not asked")
+        return response
 
     # -- the extension's calls -------------------------------------------------------------
 

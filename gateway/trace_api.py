@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -41,11 +42,13 @@ def _check_model(app: web.Application, model: str | None) -> None:
 
 
 async def _stored(app: web.Application) -> TraceSettings:
+    """The deployment's settings as this gateway applies them: with its own trace file, and its
+    command line's defaults while none were set."""
     record = await shared_settings.read(app[NATS], app[OPTIONS].subjects, TRACE)
     if record is None:
-        return TraceSettings()
+        return app[TRACER].own(None)
     try:
-        return tracesettings.decode(record.value)
+        return app[TRACER].own(tracesettings.decode(record.value))
     except InvalidArgument as exc:  # the broker's record, not the caller's request
         raise InternalError(f"the stored trace settings are unreadable: {exc.message}") from None
 
@@ -71,18 +74,22 @@ async def update_trace_settings(
     if parsed.get("trace_mode") == OPENTELEMETRY and not tracing.available():
         raise InvalidArgument(tracing.OTEL_MISSING)
 
+    tracer = app[TRACER]
+
     def change(stored: bytes | None) -> bytes:
-        base = TraceSettings()
+        # Never set: this gateway's defaults (its command line's) are what the change is to.
+        base = tracer.own(None)
         if stored is not None:
             try:
                 base = tracesettings.decode(stored)
             except InvalidArgument as exc:  # replaced, rather than failing every change for ever
                 log.warning("replacing unreadable stored trace settings: %s", exc.message)
-        return tracesettings.encode(base.updated(parsed, model))
+        # A trace file is each gateway's own: none is stored for the deployment.
+        return tracesettings.encode(replace(base.updated(parsed, model), trace_file=""))
 
     # An empty request changes nothing, and stores nothing.
     record = await shared_settings.update(app[NATS], app[OPTIONS].subjects, TRACE, change) if parsed else None
-    settings = await _stored(app) if record is None else tracesettings.decode(record.value)
+    settings = await _stored(app) if record is None else tracer.own(tracesettings.decode(record.value))
     if record is not None:
         # At once here, so the answer and this gateway agree; the broadcast reaches the others.
         app[TRACER].update(settings)
@@ -120,6 +127,7 @@ async def post_setting(request: web.Request) -> web.Response:
 
 async def _tracer_ctx(app: web.Application) -> AsyncIterator[None]:
     tracer = app[TRACER]
+    tracer.start()
 
     def apply(record: shared_settings.Record) -> None:
         tracer.update(tracesettings.decode(record.value))
@@ -138,7 +146,7 @@ def add_routes(app: web.Application) -> None:
     """The routes, the gateway's tracer (app[TRACER], for the infer paths) and its following of
     the settings (after the connection and the gateway's tasks are set up: call it after the
     app's cleanup contexts are in place)."""
-    app[TRACER] = GatewayTracer()
+    app[TRACER] = GatewayTracer(app[OPTIONS].trace)
     for base in ("/v2", "/v2/models/{model}"):
         app.router.add_get(base + "/trace/setting", get_setting)
         app.router.add_post(base + "/trace/setting", post_setting)

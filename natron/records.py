@@ -150,6 +150,11 @@ class WorkerReport:
     # Host memory of the worker and the processes it started (Python model stubs), in bytes, at
     # the last heartbeat: what `natron analyze` charges a configuration for on the host.
     rss_bytes: int = 0
+    # Which processes see the same POSIX shared memory objects as this worker (natron/inference.py
+    # host_scope()); None: none it would map (a report from before there was such a field, a
+    # host without /dev/shm, or a worker told not to map clients' regions). A gateway sends
+    # tensors by reference only to workers of its own scope.
+    host_scope: str | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -169,6 +174,7 @@ class WorkerReport:
                 "role": self.role,
                 "stats": self.stats,
                 "rss_bytes": self.rss_bytes,
+                "host_scope": self.host_scope,
             }
         )
 
@@ -191,4 +197,5 @@ class WorkerReport:
             role=raw.get("role", WORKER),
             stats=raw.get("stats", {}),
             rss_bytes=int(raw.get("rss_bytes", 0)),
+            host_scope=scope if isinstance(scope := raw.get("host_scope"), str) and scope else None,
         )

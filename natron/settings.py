@@ -328,6 +328,17 @@ class _Front(BaseSettings):
     strict_readiness: Annotated[
         bool, Field(description="ready only once every model has settled and a worker is live")
     ] = True
+    # Triton's trace settings (natron/tracesettings.py `startup` reads them; natron/cli/main.py
+    # checks them at the edge): the triton mode's file, and defaults the trace API may change.
+    # NoDecode: from the environment, whitespace-separated, as a value holds commas.
+    trace_config: Annotated[
+        tuple[str, ...],
+        NoDecode,
+        Field(
+            description="a trace setting, as Triton's: triton,file=PATH, triton,log-frequency=N, "
+            "level=TIMESTAMPS, rate=N, count=N (repeatable)"
+        ),
+    ] = ()
     # With more than one, `natron gateway` supervises that many gateway processes; each of them
     # has its place in http_worker_index (see natron/cli/services.py). After http_port, which
     # its check reads.
@@ -375,7 +386,9 @@ class _Front(BaseSettings):
         Field(ge=1, le=1_000_000, description="open HTTP connections per gateway process; past it, 503"),
     ] = 10_000
 
-    @field_validator("metrics_config", "http_restricted_api", "grpc_restricted_protocol", mode="before")
+    @field_validator(
+        "metrics_config", "trace_config", "http_restricted_api", "grpc_restricted_protocol", mode="before"
+    )
     @classmethod
     def _split_words(cls, value: object) -> object:
         if isinstance(value, str):
@@ -463,6 +476,13 @@ class WorkerSettings(_Compute, _Drain, CommonSettings):
     model_cache_gb: Annotated[
         float, Field(gt=0, description="bound of the model cache (GiB); versions in use are never evicted")
     ] = 32.0
+    system_shm: Annotated[
+        Literal["auto", "off"],
+        Field(
+            description="auto: map clients' system shared memory regions of this host, so that its gateways "
+            "send those tensors by reference; off: never map clients' memory (gateways carry the bytes)"
+        ),
+    ] = "auto"
 
 
 class OrchestratorSettings(_Drain, CommonSettings):

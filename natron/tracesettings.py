@@ -8,16 +8,16 @@ ones; `null` clears a model's own value (the global one applies again) or puts a
 back to its default.
 
 Beyond Triton's API: `trace_mode` and `trace_config` (the options of Triton's `--trace-config`
-for the opentelemetry mode: url, resource, bsp_*) are set here too, since natron's processes
-take no trace flags; they are global. `trace_file` is never set over the API (as in Triton: a
-remote caller must not choose a file the server writes), so the triton mode, which writes its
-traces to that file, collects none, as Triton without `--trace-file`.
+for the opentelemetry mode: url, resource, bsp_*) are set here too; they are global.
+`trace_file` is never set over the API (as in Triton: a remote caller must not choose a file the
+server writes): a gateway takes it from its command line (`--trace-config triton,file=PATH`,
+`startup`), with its defaults for the other settings, and answers it as its own.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -351,6 +351,76 @@ def grpc_changes(settings: Mapping[str, list[str]]) -> dict[str, object]:
         else:
             raise InvalidArgument(f"trace setting '{key}' takes one value, got {len(values)}")
     return body
+
+
+# -- the command line ----------------------------------------------------------------------
+
+# Triton's `--trace-config triton,<setting>=<value>` settings; natron also takes them without
+# the mode, and log_frequency spelled with an underscore, as the API spells it.
+_TRITON_OPTIONS: Final[Mapping[str, str]] = {
+    "file": "trace_file",
+    "log-frequency": "log_frequency",
+    "log_frequency": "log_frequency",
+}
+_GLOBAL_OPTIONS: Final[Mapping[str, str]] = {
+    "level": "trace_level",
+    "rate": "trace_rate",
+    "count": "trace_count",
+    "mode": "trace_mode",
+}
+
+
+def startup(entries: Sequence[str]) -> TraceSettings:
+    """A process's trace settings from Triton's `--trace-config` entries, in order (a later
+    one wins; `level` accumulates, `level=OFF` clears it): `[triton,]file=PATH`,
+    `[triton,]log-frequency=N`, `level=TIMESTAMPS|TENSORS|OFF`, `rate=N`, `count=N`,
+    `mode=triton|opentelemetry`, `opentelemetry,<option>=<value>`. ValueError naming the
+    entry otherwise."""
+    settings = TraceSettings()
+    levels: list[str] = []
+    changes: dict[str, Any] = {}
+    config: dict[str, str] = {}
+    for entry in entries:
+        head, equals, value = entry.partition("=")
+        mode, comma, key = head.partition(",")
+        if not comma:
+            mode, key = "", head
+        mode, key = mode.strip(), key.strip()
+        try:
+            if not equals or not key:
+                raise InvalidArgument("expected [<mode>,]<setting>=<value>")
+            if mode in ("", TRITON) and key in _TRITON_OPTIONS:
+                field_name = _TRITON_OPTIONS[key]
+                if field_name == "trace_file":
+                    if not value.strip():
+                        raise InvalidArgument("the file needs a path")
+                    changes[field_name] = value
+                else:
+                    changes[field_name] = _integer(field_name, value, 0, UINT32_MAX)
+            elif mode == "" and key in _GLOBAL_OPTIONS:
+                field_name = _GLOBAL_OPTIONS[key]
+                if field_name == "trace_level":
+                    levels = [] if value.strip().upper() == OFF else [*levels, value.strip().upper()]
+                    changes[field_name] = _level(levels or [OFF])
+                else:
+                    changes[field_name] = _checked(field_name, value.strip())
+            elif mode == OPENTELEMETRY and key in OTEL_DEFAULTS:
+                config[key] = _option(key, value)
+            else:
+                raise InvalidArgument(
+                    f"unknown setting; natron takes {', '.join(_GLOBAL_OPTIONS)}, "
+                    f"triton,{{{','.join(_TRITON_OPTIONS)}}} and opentelemetry,{{{','.join(OTEL_DEFAULTS)}}}"
+                )
+        except InvalidArgument as exc:
+            raise ValueError(f"--trace-config {entry!r}: {exc.message}") from None
+    if config:
+        full = {**OTEL_DEFAULTS, **config}
+        try:
+            _check_batching(full)
+        except InvalidArgument as exc:
+            raise ValueError(f"--trace-config: {exc.message}") from None
+        changes["trace_config"] = full
+    return replace(settings, **changes)
 
 
 # -- the wire ------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class Admitted:
     index: int = -1
     # It waited past its queue timeout and its policy DELAYs it: it runs after the others.
     delayed: bool = False
+    # A request its gateway traces (the trace extension's triton mode): QUEUE_START, then the
+    # runner's COMPUTE_* timestamps (wall clock ns), sent back with its answer. None: untraced.
+    timestamps: list[int] | None = None
 
 
 LINGERS_BEFORE_SKIPPING = 3

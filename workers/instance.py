@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from broker import codec
 from broker.puller import Puller, stored_ns
 from broker.reply import Replier
-from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO
+from broker.subjects import BATCH, DEADLINE_NS, REPLY_TO, TRACE
 from natron.errors import DeadlineExceeded, InvalidArgument, NatronError, Unavailable
 from natron.inference import InferRequest
 from natron.spec import ModelSpec
@@ -44,6 +44,7 @@ from natron.tracing import ProcessSpans, end_span
 from workers.backends import AnyBackend
 from workers.batcher import Admitted, Batcher
 from workers.runners import Answers, runner_for
+from workers.sharedmemory import WorkerSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,11 @@ class ModelInstance:
         throttle_s: float = 0.0,
         stats: ModelStats | None = None,
         spans: ProcessSpans | None = None,
+        shm: WorkerSharedMemory | None = None,
     ) -> None:
         self._puller = puller
+        # Tensors by reference (workers/sharedmemory.py); None: refused with a 400.
+        self._shm = shm
         self._spans = spans
         self._spec = spec
         self.name = name
@@ -94,7 +98,9 @@ class ModelInstance:
         self._stopping = False
         # Only a model whose config names a queue policy pays for checking one.
         self._queue_policy = spec.scheduling.configured
-        self._answers = Answers(Replier(nc, decoupled=spec.decoupled), spec, version, self.stats, self._ack)
+        self._answers = Answers(
+            Replier(nc, decoupled=spec.decoupled), spec, version, self.stats, self._ack, shm=shm
+        )
         self._runner = runner_for(
             backend,
             spec,
@@ -179,7 +185,7 @@ class ModelInstance:
             return None
         request_id = ""
         try:
-            request = codec.decode_request(msg.data)
+            request = codec.decode_request(msg.data, self._shm)
             request_id = request.id
             raw_deadline = headers.get(DEADLINE_NS)
             deadline_ns = int(raw_deadline) if raw_deadline is not None else 0
@@ -201,7 +207,15 @@ class ModelInstance:
                 request.model,
                 headers.get("traceparent", "-"),
             )
-        return Admitted(msg, reply_to, request, abs(batch_size), deadline_ns, delayed=batch_size < 0)
+        return Admitted(
+            msg,
+            reply_to,
+            request,
+            abs(batch_size),
+            deadline_ns,
+            delayed=batch_size < 0,
+            timestamps=_queued(msg, now_ns) if TRACE in headers else None,
+        )
 
     async def _admit_coalesced(self, msg: Msg, now_ns: int, level: int = 0) -> list[Admitted]:
         """The requests of a coalesced message; each that fails admission is answered alone,
@@ -218,7 +232,7 @@ class ModelInstance:
                 raise InvalidArgument(
                     f"model '{self._spec.name}' is decoupled: its requests cannot share a message"
                 )
-            entries = codec.decode_batch(msg.data, int(headers[BATCH]))
+            entries = codec.decode_batch(msg.data, int(headers[BATCH]), self._shm)
         except NatronError as exc:
             await self._answers.error(msg, reply_to, "", exc)
             return []
@@ -249,6 +263,7 @@ class ModelInstance:
                     entry.deadline_ns,
                     index,
                     delayed=batch_size < 0,
+                    timestamps=_queued(msg, now_ns) if TRACE in entry.trace else None,
                 )
             )
         return admitted
@@ -274,6 +289,10 @@ class ModelInstance:
         if request.model != self._spec.name:
             raise InvalidArgument(
                 f"request for model '{request.model}' published to model '{self._spec.name}'"
+            )
+        if request.output_refs and self._spec.decoupled:
+            raise InvalidArgument(
+                f"model '{self._spec.name}' is decoupled: its outputs cannot be written to shared memory"
             )
         batch_size = self._spec.validate(request)
         if self.is_cancelled(request.id, reply_to):
@@ -315,3 +334,9 @@ class ModelInstance:
         if held is not None:
             for span in held.spans:
                 end_span(span, None)
+
+
+def _queued(msg: Msg, now_ns: int) -> list[int]:
+    """A traced request's QUEUE_START: when JetStream stored it (its queue is the stream, and
+    the queue statistics start there too), else when this worker took it."""
+    return [stored_ns(msg) or now_ns]

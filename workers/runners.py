@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 
 from broker.puller import stored_ns
 from broker.reply import Indexed, Replier
+from broker.subjects import TIMESTAMPS
 from natron import datatypes
 from natron.errors import InternalError, NatronError
 from natron.inference import InferResponse, Tensor
@@ -40,6 +41,7 @@ from natron.spec import ModelSpec
 from natron.stats import ModelStats, failure_reason
 from workers.backends import AnyBackend, AsyncBackend, Backend, RequestBackend, ResponseSink
 from workers.batcher import Admitted, BatchPolicy, group, join, split
+from workers.sharedmemory import WorkerSharedMemory
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,15 @@ class Answers:
         version: str,
         stats: ModelStats,
         ack: Callable[[Msg], Awaitable[None]],
+        *,
+        shm: WorkerSharedMemory | None = None,
     ) -> None:
         self._replier = replier
         self._spec = spec
         self._version = version
         self._stats = stats
         self._ack = ack
+        self._shm = shm
 
     def response(self, item: Admitted, outputs: list[Tensor]) -> InferResponse:
         return InferResponse(item.request.id, self._spec.name, self._version, outputs)
@@ -85,6 +90,14 @@ class Answers:
         message go out together in one answer message. Each is counted before it is sent."""
         coalesced: dict[int, list[tuple[Admitted, list[Tensor]]]] = {}
         for item, outputs in answered:
+            if item.request.output_refs and self._shm is not None:
+                # Outputs asked for in the client's shared memory go there; the answer carries
+                # where, not the bytes. A window too small is this request's 400 alone.
+                try:
+                    outputs = self._shm.place_outputs(item.request, outputs)
+                except NatronError as exc:
+                    await self.fail(item, exc)
+                    continue
             if item.index >= 0:
                 coalesced.setdefault(id(item.msg), []).append((item, outputs))
                 continue
@@ -93,6 +106,7 @@ class Answers:
                     item.reply_to,
                     self.response(item, outputs),
                     functools.partial(self._count, item),
+                    None if item.timestamps is None else _trace_headers(item),
                 )
             except Exception as exc:  # e.g. an unencodable output: the request still gets an answer
                 await self.fail(item, InternalError(f"cannot send the response: {type(exc).__name__}: {exc}"))
@@ -113,8 +127,14 @@ class Answers:
                 failure = errors.get(item.index)
                 self._count(item, failure if isinstance(failure, NatronError) else None)
 
+        # The requests of one answer message ran in one execution: one set of timestamps
+        # serves every traced one among them.
+        traced: dict[str, str] | None = None
+        for item, _ in together:
+            if item.timestamps is not None and (traced := _trace_headers(item)):
+                break
         try:
-            await self._replier.batch(first.reply_to, answers, counted)
+            await self._replier.batch(first.reply_to, answers, counted, traced)
         except Exception as exc:  # e.g. an unencodable output: every request still gets an answer
             error = InternalError(f"cannot send the response: {type(exc).__name__}: {exc}")
             await self._replier.batch(
@@ -293,6 +313,16 @@ class BatchRunner(_Runner):
         self._stats.executed(
             rows, infer_ns - started_ns, output_ns - infer_ns, done_ns - output_ns, requests=len(batch)
         )
+        for item in batch:
+            if item.timestamps is not None:
+                # Wall clock from the monotonic readings above: traced requests pay for no
+                # clock reading of their own.
+                item.timestamps += [
+                    now_ns,
+                    now_ns + infer_ns - started_ns,
+                    now_ns + output_ns - started_ns,
+                    now_ns + done_ns - started_ns,
+                ]
         if self._throttle_s:
             await asyncio.sleep(self._throttle_s)
         # Encoding and publishing a large batch's answers takes milliseconds of loop time: do
@@ -396,6 +426,11 @@ class _SinkRunner(_Runner):
                 await self._answers.ack(item.msg)
         self._keep(asyncio.create_task(self._pump(batch, answers)))
         started_ns = time.perf_counter_ns()
+        for item in batch:
+            if item.timestamps is not None:
+                # The model takes its inputs as they are: COMPUTE_INPUT_END is COMPUTE_START.
+                now_ns = time.time_ns()
+                item.timestamps += [now_ns, now_ns]
         failure: NatronError | None = None
         try:
             await self._call(batch, sink)
@@ -456,6 +491,10 @@ class _SinkRunner(_Runner):
                 sequence[index] += len(frames)
             else:
                 final = True
+                if item.timestamps is not None and len(item.timestamps) == 3:
+                    # Its answer is in: COMPUTE_OUTPUT_START and COMPUTE_END.
+                    now_ns = time.time_ns()
+                    item.timestamps += [now_ns, now_ns]
                 await self._answers.result(item, outputs or [])
             if final:
                 open_requests.discard(index)
@@ -578,6 +617,14 @@ def _timed(
     started_s = time.perf_counter()
     results = execute(feeds, wanted)
     return results, time.perf_counter() - started_s
+
+
+def _trace_headers(item: Admitted) -> dict[str, str] | None:
+    """A traced request's timestamps as its answer carries them, once all five are in."""
+    stamps = item.timestamps
+    if stamps is None or len(stamps) != 5:
+        return None
+    return {TIMESTAMPS: ",".join(map(str, stamps))}
 
 
 def _wanted_outputs(batch: list[Admitted]) -> list[str]:

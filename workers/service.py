@@ -62,6 +62,7 @@ from workers.backends import LOADERS, AnyBackend, BackendContext, Loader, load_b
 from workers.devices import Device
 from workers.instance import ModelInstance
 from workers.model_cache import DEFAULT_CACHE_BYTES, LocalVersion, ModelFilesMode, WorkerModelFiles
+from workers.sharedmemory import WorkerSharedMemory
 from workers.telemetry import GpuTelemetry, resident_bytes
 from workers.warmup import run_warmup
 
@@ -111,6 +112,9 @@ class WorkerOptions:
     model_files: ModelFilesMode = "path"
     model_cache_dir: Path | None = None  # None: a temporary folder, removed on stop
     model_cache_bytes: int = DEFAULT_CACHE_BYTES
+    # Map clients' system shared memory regions of this host (workers/sharedmemory.py), so that
+    # gateways of this host send those tensors by reference; False: they carry the bytes.
+    system_shm: bool = True
 
     def __post_init__(self) -> None:
         if self.model_load_threads < 1:
@@ -192,6 +196,8 @@ class Worker:
             devices=[options.device.describe()],
             role=options.role,
         )
+        self._shm = WorkerSharedMemory.of_host(options.worker_id, options.system_shm)
+        self._report.host_scope = self._shm.scope
         # (model, generation, version) -> running instances
         self._loaded: dict[tuple[str, str, str], _LoadedVersion] = {}
         # The models bucket: what the router placed and where.
@@ -300,6 +306,7 @@ class Worker:
                 await self._stats_sub.unsubscribe()
             self._stats_sub = None
         self._telemetry.close()
+        self._shm.close()
         await self._files.close()
 
     # -- following the repository ------------------------------------------------------------
@@ -517,6 +524,7 @@ class Worker:
                     throttle_s=self._options.throttle_s,
                     stats=self._stats_of(record.name, version),
                     spans=self._options.spans,
+                    shm=self._shm,
                 )
                 loaded.instances.append(instance)
                 task = asyncio.create_task(instance.run(), name=name)

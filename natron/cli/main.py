@@ -57,6 +57,7 @@ _METAVARS = {
     "upload_dir": "DIR",
     "model_cache_dir": "DIR",
     "metrics_config": "SETTING=VALUE",
+    "trace_config": "[MODE,]SETTING=VALUE",
     "http_restricted_api": "GROUPS:KEY=VALUE",
     "grpc_restricted_protocol": "GROUPS:KEY=VALUE",
 }
@@ -190,6 +191,7 @@ def parse(argv: list[str] | None = None, settings_json: str | None = None) -> Ro
                 flags[name] = tuple(value)
         settings = load(model, flags, settings_json)
         _check_metrics_config(settings)
+        _check_trace_config(settings)
         _check_restricted(settings)
     except SettingsError as exc:
         parser.exit(2, f"natron {command}: error: {exc}\n")
@@ -207,6 +209,27 @@ def _check_metrics_config(settings: RoleSettings) -> None:
             parse_metrics_config(given)
         except ValueError as exc:
             raise SettingsError(f"metrics_config: {exc} (--metrics-config or NATRON_METRICS_CONFIG)") from exc
+
+
+def _check_trace_config(settings: RoleSettings) -> None:
+    """Triton's trace settings, read as the gateway will read them, and the trace file's
+    directory: a file that cannot be written is refused at startup, not at the first trace."""
+    given: tuple[str, ...] = getattr(settings, "trace_config", ())
+    if given:
+        from natron import tracesettings, tracing
+
+        try:
+            startup = tracesettings.startup(given)
+        except ValueError as exc:
+            raise SettingsError(f"trace_config: {exc} (--trace-config or NATRON_TRACE_CONFIG)") from exc
+        if startup.trace_mode == tracesettings.OPENTELEMETRY and not tracing.available():
+            raise SettingsError(f"trace_config: --trace-config mode=opentelemetry: {tracing.OTEL_MISSING}")
+        path = startup.trace_file
+        directory = os.path.dirname(os.path.abspath(path)) if path else ""
+        if directory and not (os.path.isdir(directory) and os.access(directory, os.W_OK)):
+            raise SettingsError(
+                f"trace_config: --trace-config triton,file={path}: {directory} is not a writable directory"
+            )
 
 
 def _check_restricted(settings: RoleSettings) -> None:

@@ -335,6 +335,7 @@ def plan_children(
             "metrics_port": settings.metrics_port if settings.allow_metrics else 0,
             "allow_metrics": settings.allow_metrics,
             "metrics_config": settings.metrics_config,
+            "trace_config": settings.trace_config,
             "max_body_mb": settings.max_payload_mb,
             "max_tensor_elements": settings.max_tensor_elements,
             "max_bytes_element_mb": settings.max_bytes_element_mb,

@@ -44,7 +44,7 @@ from gateway.kserve import InputLimits
 from gateway.metrics import GatewayMetrics
 from gateway.restricted import AccessPolicy
 from gateway.stats import create_metrics_app
-from natron import restricted_api
+from natron import restricted_api, tracesettings
 from natron.cli.supervisor import SUPERVISOR_GRACE_S, Supervisor
 from natron.prometheus import parse_metrics_config
 from natron.settings import (
@@ -56,6 +56,7 @@ from natron.settings import (
     exactly,
 )
 from natron.tasks import Stopped, until
+from natron.tracesettings import TraceSettings
 from natron.tracing import ProcessSpans
 from router.metrics import router_metrics_app
 from router.service import Router, RouterOptions
@@ -96,7 +97,20 @@ def gateway_options(settings: GatewaySettings) -> GatewayOptions:
         ),
         strict_readiness=settings.strict_readiness,
         storage=storage(settings),
+        trace=trace_defaults(settings),
     )
+
+
+def trace_defaults(settings: GatewaySettings) -> TraceSettings:
+    """The gateway's --trace-config (checked when the settings were read). Gateway processes
+    sharing a port write trace files of their own: PATH.gateway-<index>."""
+    defaults = tracesettings.startup(settings.trace_config)
+    if defaults.trace_file:
+        path = os.path.abspath(defaults.trace_file)
+        if settings.http_workers > 1:
+            path = f"{path}.gateway-{settings.http_worker_index or 0}"
+        defaults = dataclasses.replace(defaults, trace_file=path)
+    return defaults
 
 
 def access_policy(settings: GatewaySettings) -> AccessPolicy:
@@ -171,6 +185,9 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         load_threads = settings.model_load_thread_count
         model_files, cache_dir = settings.model_files, settings.model_cache_dir
         cache_bytes = int(settings.model_cache_gb * 1024 * MiB)
+    # An orchestrator's ensembles read their inputs where its requests have them: by reference
+    # from this host's shared memory too.
+    system_shm = settings.system_shm == "auto" if isinstance(settings, WorkerSettings) else True
     return WorkerOptions(
         worker_id=settings.worker_id or f"worker-{uuid.uuid4().hex[:8]}",
         device=device,
@@ -189,6 +206,7 @@ def worker_options(settings: WorkerSettings | OrchestratorSettings) -> WorkerOpt
         model_files=model_files,
         model_cache_dir=cache_dir,
         model_cache_bytes=cache_bytes,
+        system_shm=system_shm,
     )
 
 

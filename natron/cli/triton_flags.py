@@ -9,7 +9,8 @@ Every flag of `tritonserver --help` (TRITONSERVER_FLAGS) is one of four kinds:
   `--model-store`); natron/cli/main.py adds both from the settings, nothing here.
 - translated into natron settings: `--log-verbose`, `--log-info`, `--log-warning` and
   `--log-error` into `log_level`; the `--backend-config` settings that mean something here
-  into theirs (`translate`).
+  into theirs; Triton's deprecated `--trace-file`, `--trace-level`, `--trace-rate`,
+  `--trace-count` and `--trace-log-frequency` into `trace_config` entries (`translate`).
 - accepted with the one value natron behaves as (`--exit-on-error=false`), so that a command
   line written for Triton runs unchanged; any other value is refused, with the reason.
 - refused, with the reason (REFUSED), and so is a flag of another subcommand: `natron worker
@@ -78,7 +79,6 @@ _GRPC_TUNING = (
 )
 _SAGEMAKER = "natron has no SageMaker endpoint"
 _VERTEX = "natron has no Vertex AI endpoint"
-_TRACE = "natron has no request tracing"
 _CACHE = "natron has no response cache"
 _MEMORY = "natron leaves device and pinned memory to the frameworks (ONNX Runtime, PyTorch, TensorRT)"
 
@@ -108,12 +108,6 @@ REFUSED: dict[str, str] = {
     "--vertex-ai-thread-count": _VERTEX,
     "--vertex-ai-default-model": _VERTEX,
     "--metrics-address": "the metrics endpoint binds --http-address",
-    "--trace-config": _TRACE,
-    "--trace-file": _TRACE,
-    "--trace-level": _TRACE,
-    "--trace-rate": _TRACE,
-    "--trace-count": _TRACE,
-    "--trace-log-frequency": _TRACE,
     "--backend-directory": "natron's backends (ONNX Runtime, PyTorch, TensorRT, Python) are part "
     "of natron, not shared libraries to look for",
     "--repoagent-directory": "natron has no repository agents",
@@ -203,6 +197,35 @@ _LOG_DESTS = {
     "--log-error": "tritonserver_log_error",
 }
 _BACKEND_CONFIG_DEST = "tritonserver_backend_config"
+# Triton's deprecated trace flags: (argparse destination, the --trace-config setting each is,
+# metavar, help). Each is a --trace-config entry, as Triton reads it.
+_TRACE_FLAGS: dict[str, tuple[str, str, str, str]] = {
+    "--trace-file": (
+        "tritonserver_trace_file",
+        "triton,file",
+        "PATH",
+        "--trace-config triton,file=PATH [default: none]",
+    ),
+    "--trace-level": (
+        "tritonserver_trace_level",
+        "level",
+        "LEVEL",
+        "--trace-config level=LEVEL: TIMESTAMPS, TENSORS or OFF (repeatable) [default OFF]",
+    ),
+    "--trace-rate": ("tritonserver_trace_rate", "rate", "N", "--trace-config rate=N [default 1000]"),
+    "--trace-count": (
+        "tritonserver_trace_count",
+        "count",
+        "N",
+        "--trace-config count=N [default -1: no end]",
+    ),
+    "--trace-log-frequency": (
+        "tritonserver_trace_log_frequency",
+        "triton,log-frequency",
+        "N",
+        "--trace-config triton,log-frequency=N [default 0]",
+    ),
+}
 _SEVERITIES: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 
@@ -308,6 +331,15 @@ def add_translated(parser: argparse.ArgumentParser, fields: Mapping[str, object]
             help="onnxruntime,intra_op_thread_count=N is --cpu-threads N; see docs/deployment.md for "
             "the others (repeatable) [default: none]",
         )
+    if "trace_config" in fields:
+        for flag, (dest, _, metavar, help_line) in _TRACE_FLAGS.items():
+            group.add_argument(
+                flag,
+                dest=dest,
+                action="append" if flag == "--trace-level" else "store",
+                metavar=metavar,
+                help=f"deprecated in Triton: {help_line}",
+            )
     for flag, behaviour in NATRON_BEHAVIOUR.items():
         group.add_argument(
             flag,
@@ -353,6 +385,10 @@ def translate(flags: dict[str, Any]) -> dict[str, Any]:
                 "set the same thing: give one or the other"
             )
         settings["log_level"] = log_level(logs)
+    deprecated = trace_entries(flags)
+    if deprecated:
+        # Before --trace-config's own entries, which win where both set one (the later entry).
+        settings["trace_config"] = [*deprecated, *settings.get("trace_config", ())]
     if _BACKEND_CONFIG_DEST in flags:
         for field, value in backend_config(flags[_BACKEND_CONFIG_DEST]).items():
             if field in settings and str(settings[field]) != str(value):
@@ -362,6 +398,18 @@ def translate(flags: dict[str, Any]) -> dict[str, Any]:
                 )
             settings[field] = value
     return settings
+
+
+def trace_entries(flags: Mapping[str, Any]) -> list[str]:
+    """Triton's deprecated trace flags given in `flags` as the --trace-config entries they are."""
+    entries: list[str] = []
+    for dest, setting, _, _ in _TRACE_FLAGS.values():
+        value = flags.get(dest)
+        if value is None:
+            continue
+        for one in value if isinstance(value, list) else [value]:
+            entries.append(f"{setting}={one}")
+    return entries
 
 
 def log_level(given: Mapping[str, Any]) -> LogLevel:

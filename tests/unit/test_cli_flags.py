@@ -417,6 +417,8 @@ def test_serve_takes_every_tritonserver_flag_that_means_something_here() -> None
         "--grpc-address", "--allow-grpc", "--allow-metrics", "--metrics-port", "--metrics-config",
         "--strict-readiness", "--exit-timeout-secs", "--log-verbose", "--log-info", "--log-warning",
         "--log-error", "--log-format", "--http-restricted-api", "--grpc-restricted-protocol",
+        "--trace-config", "--trace-file", "--trace-level", "--trace-rate", "--trace-count",
+        "--trace-log-frequency",
     }  # fmt: skip
     assert gateway <= taken(parsers["gateway"])
     assert taken(parsers["gateway"]) - gateway == set(triton_flags.NATRON_BEHAVIOUR)
