@@ -349,6 +349,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         context: Any,
         send: Callable[[pb.ModelStreamInferResponse], None],
     ) -> None:
+        # grpcio read the message before this ran: GRPC_WAITREAD_START and _END are both now.
+        tracer = self._app[TRACER]
+        received_ns = time.time_ns() if tracer.active else 0
         infer, view, target, queue, trace = await self._prepare(request, context)
         spec = view.spec
         assert spec is not None
@@ -356,6 +359,20 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
         if waiting is not None:
             await waiting
+        # The gateway's span when the trace settings sample this request: its context goes on.
+        traced = tracer.begin(
+            spec.name,
+            target,
+            infer.parsed.request.id,
+            (trace or {}).get,
+            protocol="GRPC",
+            received_ns=received_ns,
+            read_ns=received_ns,
+            client_request_id=request.id,
+            kind="grpc_stream",
+        )
+        if traced is not None:
+            trace = traced.headers or None
         requester = self._app[REQUESTER]
 
         def answer(response: InferResponse, final: bool) -> pb.ModelStreamInferResponse:
@@ -363,30 +380,51 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             encoded.parameters[grpc_codec.FINAL_PARAMETER].bool_param = final
             return pb.ModelStreamInferResponse(infer_response=encoded)
 
-        if not spec.decoupled:
-            response = await requester.infer(
-                infer.parsed.request,
-                target,
-                queue.timeout_s,
-                headers=trace,
-                rows=rows,
-                max_rows=spec.max_rows,
-                level=queue.subject_level,
-            )
-            send(answer(response, True))
-            return
-        infer.parsed.request.version = target
-        async for response, final in requester.stream_marked(
-            infer.parsed.request, target, queue.timeout_s, trace, queue.subject_level
-        ):
-            if response.outputs:
-                send(answer(response, final))
-            elif final and infer.empty_final_response:
-                empty = pb.ModelInferResponse(model_name=response.model or spec.name, model_version=target)
-                if request.id:
-                    empty.id = request.id
-                empty.parameters[grpc_codec.FINAL_PARAMETER].bool_param = True
-                send(pb.ModelStreamInferResponse(infer_response=empty))
+        status, error = 500, None  # how it ended, for its trace
+        try:
+            if not spec.decoupled:
+                response = await requester.infer(
+                    infer.parsed.request,
+                    target,
+                    queue.timeout_s,
+                    headers=trace,
+                    rows=rows,
+                    max_rows=spec.max_rows,
+                    level=queue.subject_level,
+                    timestamps=None if traced is None else traced.timestamps,
+                )
+                if traced is not None:
+                    traced.answered()
+                send(answer(response, True))
+                status = 200
+                return
+            infer.parsed.request.version = target
+            # A decoupled worker's answers carry no timestamps: the trace has the gateway's.
+            async for response, final in requester.stream_marked(
+                infer.parsed.request, target, queue.timeout_s, trace, queue.subject_level
+            ):
+                if final and traced is not None:
+                    traced.answered()
+                if response.outputs:
+                    send(answer(response, final))
+                elif final and infer.empty_final_response:
+                    empty = pb.ModelInferResponse(
+                        model_name=response.model or spec.name, model_version=target
+                    )
+                    if request.id:
+                        empty.id = request.id
+                    empty.parameters[grpc_codec.FINAL_PARAMETER].bool_param = True
+                    send(pb.ModelStreamInferResponse(infer_response=empty))
+            status = 200
+        except NatronError as exc:
+            status, error = exc.status, exc.message
+            raise
+        except asyncio.CancelledError:
+            status, error = 499, "cancelled"
+            raise
+        finally:
+            if traced is not None:
+                traced.end(status, error)
 
     # -- shared memory ---------------------------------------------------------------------
 

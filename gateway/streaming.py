@@ -17,6 +17,10 @@ On shutdown no stream is cut without a last frame: a WebSocket takes no new requ
 requests in flight get the drain time to finish, then it closes with code 1001 (going away); an
 SSE stream still running at the end of the drain time ends with a last event
 `{"error": ..., "status": 503}`.
+
+Each request is traced as the infer route's are (gateway/tracing.py), when the trace settings
+sample it: the trace ends once its last answer was sent, or with its error. A WebSocket's
+requests carry on the W3C trace context of the request that opened the socket.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +38,10 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import admission, kserve
+from gateway.infer import trace_headers
 from gateway.keys import OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import json_object, unexpected_error
+from gateway.tracing import TRACER, RequestTraces
 from natron import datatypes
 from natron.errors import InvalidArgument, NatronError
 from natron.inference import InferResponse
@@ -72,10 +79,31 @@ async def _on_shutdown(app: web.Application) -> None:
         socket.shut_down(streams.deadline)
 
 
+def _received_ns(app: web.Application) -> int:
+    """Now, for a trace's receive timestamps, while tracing is on (0 otherwise: untraced
+    requests read no clock)."""
+    return time.time_ns() if app[TRACER].active else 0
+
+
+def _end(traced: list[RequestTraces], status: int, error: str | None = None) -> None:
+    """The request's trace, when it has one, ends (written to the trace file, or exported)."""
+    for trace in traced:
+        trace.end(status, error)
+
+
 async def _answers(
-    request: web.Request, model: str, version: str, parsed: kserve.ParsedInfer
+    request: web.Request,
+    model: str,
+    version: str,
+    parsed: kserve.ParsedInfer,
+    traced: list[RequestTraces],
+    kind: str,
+    received_ns: int = 0,
+    read_ns: int = 0,
 ) -> AsyncGenerator[InferResponse, None]:
-    """Every answer of one request, decoupled model or not."""
+    """Every answer of one request, decoupled model or not. When the trace settings sample it,
+    its trace goes into `traced` (the caller ends it once the last answer was sent) and is
+    `answered` when the final answer comes in; `kind`: the path, for the span."""
     view = request.app[REGISTRY].get(model)
     target = view.resolve(version)
     spec = view.spec
@@ -89,15 +117,48 @@ async def _answers(
     waiting = request.app[admission.ADMISSION].admit(spec, target, queue, parsed.request.id)
     if waiting is not None:
         await waiting
+    # The W3C trace context travels on to the worker: the gateway's span's when this request
+    # is sampled, else the client's as it came.
+    trace = request.app[TRACER].begin(
+        model,
+        target,
+        parsed.request.id,
+        request.headers.get,
+        received_ns=received_ns,
+        read_ns=read_ns,
+        client_request_id=parsed.request.id,
+        kind=kind,
+    )
+    if trace is not None:
+        traced.append(trace)
+        headers = trace.headers or None
+    else:
+        headers = trace_headers(request.headers.get) or None
     requester = request.app[REQUESTER]
     parsed.request.version = target
     if spec.decoupled:
-        async for answer in requester.stream(
-            parsed.request, target, queue.timeout_s, level=queue.subject_level
-        ):
-            yield answer
+        # With the final flag, to mark when the last answer came in. A decoupled worker's
+        # answers carry no timestamps (its frames go out while it runs): none are asked for.
+        async with contextlib.aclosing(
+            requester.stream_marked(parsed.request, target, queue.timeout_s, headers, queue.subject_level)
+        ) as marked:
+            async for answer, final in marked:
+                if final and trace is not None:
+                    trace.answered()
+                if answer.outputs or not final:
+                    yield answer
     else:
-        yield await requester.infer(parsed.request, target, queue.timeout_s, level=queue.subject_level)
+        answer = await requester.infer(
+            parsed.request,
+            target,
+            queue.timeout_s,
+            headers=headers,
+            level=queue.subject_level,
+            timestamps=None if trace is None else trace.timestamps,
+        )
+        if trace is not None:
+            trace.answered()
+        yield answer
 
 
 # -- generate ------------------------------------------------------------------------------
@@ -149,44 +210,90 @@ def _flat_outputs(answer: InferResponse) -> dict[str, Any]:
 
 async def generate(request: web.Request) -> web.Response:
     model, version = request.match_info["model"], request.match_info.get("version", "")
-    parsed = _generate_body(request, await request.read(), model, version)
-    answers = [a async for a in _answers(request, model, version, parsed) if a.outputs]
-    if len(answers) != 1:
-        raise InvalidArgument(
-            f"model '{model}' sent {len(answers)} responses: generate takes exactly one, use generate_stream"
-        )
-    return web.Response(body=orjson.dumps(_flat_outputs(answers[0])), content_type="application/json")
+    received_ns = _received_ns(request.app)
+    raw = await request.read()
+    read_ns = time.time_ns() if received_ns else 0
+    parsed = _generate_body(request, raw, model, version)
+    traced: list[RequestTraces] = []
+    status, error = 500, None
+    try:
+        stream = _answers(request, model, version, parsed, traced, "generate", received_ns, read_ns)
+        answers = [a async for a in stream if a.outputs]
+        if len(answers) != 1:
+            raise InvalidArgument(
+                f"model '{model}' sent {len(answers)} responses: generate takes exactly one, "
+                "use generate_stream"
+            )
+        body = orjson.dumps(_flat_outputs(answers[0]))
+        status = 200
+        return web.Response(body=body, content_type="application/json")
+    except NatronError as exc:
+        status, error = exc.status, exc.message
+        raise
+    except asyncio.CancelledError:
+        status, error = 499, "cancelled by the client"
+        raise
+    finally:
+        _end(traced, status, error)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     model, version = request.match_info["model"], request.match_info.get("version", "")
-    parsed = _generate_body(request, await request.read(), model, version)
-    stream = _answers(request, model, version, parsed)
-    # The first answer (or error) decides the status: errors before it are plain HTTP errors.
-    first = await anext(stream, None)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    streams = request.app[_STREAMS]
+    received_ns = _received_ns(request.app)
+    raw = await request.read()
+    read_ns = time.time_ns() if received_ns else 0
+    parsed = _generate_body(request, raw, model, version)
+    traced: list[RequestTraces] = []
+    # How the stream ended, for its trace: its last event, or the error before any.
+    status, error = 500, None
+    stream = _answers(request, model, version, parsed, traced, "generate_stream", received_ns, read_ns)
     try:
-        # No deadline until shutdown begins; then the stream has until the drain's end.
-        async with asyncio.timeout_at(streams.deadline) as timeout:
-            streams.sse.add(timeout)
-            try:
-                if first is not None:
-                    await response.write(b"data: " + orjson.dumps(_flat_outputs(first)) + b"\n\n")
-                async for answer in stream:
-                    await response.write(b"data: " + orjson.dumps(_flat_outputs(answer)) + b"\n\n")
-            finally:
-                streams.sse.discard(timeout)
-                await stream.aclose()  # a client gone mid-stream cancels the request
+        # The first answer (or error) decides the status: errors before it are plain HTTP errors.
+        first = await anext(stream, None)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        streams = request.app[_STREAMS]
+        try:
+            # No deadline until shutdown begins; then the stream has until the drain's end.
+            async with asyncio.timeout_at(streams.deadline) as timeout:
+                streams.sse.add(timeout)
+                try:
+                    if first is not None:
+                        await response.write(b"data: " + orjson.dumps(_flat_outputs(first)) + b"\n\n")
+                    async for answer in stream:
+                        await response.write(b"data: " + orjson.dumps(_flat_outputs(answer)) + b"\n\n")
+                finally:
+                    streams.sse.discard(timeout)
+                    await stream.aclose()  # a client gone mid-stream cancels the request
+            status = 200
+        except NatronError as exc:
+            status, error = exc.status, exc.message
+            await response.write(
+                b"data: " + orjson.dumps({"error": exc.message, "status": exc.status}) + b"\n\n"
+            )
+        except TimeoutError:
+            if streams.deadline is None:
+                raise
+            status, error = 503, _SHUTTING_DOWN
+            await response.write(b"data: " + orjson.dumps({"error": _SHUTTING_DOWN, "status": 503}) + b"\n\n")
+        await response.write_eof()
+        return response
     except NatronError as exc:
-        await response.write(b"data: " + orjson.dumps({"error": exc.message, "status": exc.status}) + b"\n\n")
-    except TimeoutError:
-        if streams.deadline is None:
-            raise
-        await response.write(b"data: " + orjson.dumps({"error": _SHUTTING_DOWN, "status": 503}) + b"\n\n")
-    await response.write_eof()
-    return response
+        status, error = exc.status, exc.message
+        raise
+    except asyncio.CancelledError:
+        status, error = 499, "cancelled by the client"
+        raise
+    except Exception as exc:
+        # A status set already stands: the stream was answered (its error event or its last
+        # answer) before the client went away.
+        if status == 500:
+            error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        _end(traced, status, error)
 
 
 # -- WebSocket -----------------------------------------------------------------------------
@@ -256,6 +363,10 @@ class _Socket:
     async def _run(
         self, request_id: str, head: dict[str, Any], raw: bytes, header_length: int | None
     ) -> None:
+        # The frame is in whole: its receive timestamps are both now.
+        received_ns = _received_ns(self._request.app)
+        traced: list[RequestTraces] = []
+        status, error = 500, None  # how it ended, for its trace
         sequence = 0
         try:
             model = head.pop("model", None)
@@ -265,7 +376,10 @@ class _Socket:
             binary = memoryview(raw)[header_length:] if header_length is not None else memoryview(b"")
             limits = self._request.app[OPTIONS].limits
             parsed = kserve.parse_infer_doc(head, binary, model, version, limits=limits)
-            async for answer in _answers(self._request, model, version, parsed):
+            answers = _answers(
+                self._request, model, version, parsed, traced, "websocket", received_ns, received_ns
+            )
+            async for answer in answers:
                 header, chunks = kserve.infer_response_doc(answer, parsed, request_id)
                 header.update({"id": request_id, "sequence": sequence, "final": False})
                 sequence += 1
@@ -274,11 +388,14 @@ class _Socket:
                 else:
                     await self.send_binary(header, chunks)
             await self.send_json({"id": request_id, "sequence": sequence, "final": True})
+            status = 200
         except NatronError as exc:
+            status, error = exc.status, exc.message
             await self.send_json(
                 {"id": request_id, "error": exc.message, "status": exc.status, "final": True}
             )
         except asyncio.CancelledError:
+            status, error = 499, "cancelled"
             with contextlib.suppress(Exception):
                 await self.send_json({"id": request_id, "error": "cancelled", "status": 499, "final": True})
             raise
@@ -292,6 +409,8 @@ class _Socket:
                     "final": True,
                 }
             )
+        finally:
+            _end(traced, status, error)
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:

@@ -18,6 +18,12 @@ REQUEST_END, send) and writes the trace as Triton does. Every timestamp is wall-
 (time.time_ns), the worker's from its own clock and QUEUE_START from the broker's (when
 JetStream stored the request): across hosts, their clocks must be in sync (NTP), as for
 Triton's OpenTelemetry traces. The TENSORS level writes the timestamps only.
+
+Streams (generate, generate_stream, the WebSocket, gRPC ModelStreamInfer) are traced as one
+request each: the span ends, and the trace is written, once the stream's last answer was sent;
+REQUEST_END (and the send's start) is when its final answer came in. A decoupled model's answers
+carry no worker timestamps (its worker answers frame by frame, before its execution ends): its
+trace has the gateway's timestamps only. A model that is not decoupled answers once, with them.
 """
 
 from __future__ import annotations
@@ -210,11 +216,13 @@ class GatewayTracer:
         received_ns: int = 0,
         read_ns: int = 0,
         client_request_id: str = "",
+        kind: str = "",
     ) -> RequestTraces | None:
         """A trace for this request, or None when it is not traced. `received_ns`, `read_ns`:
         when its handling began and its body was read (wall clock, read only while `active`;
         0: now), for the triton mode's trace; `client_request_id`: the id its client gave ("" for
-        none)."""
+        none); `kind`: the streaming path that carried it (the span's `request.kind`: generate,
+        generate_stream, websocket, grpc_stream), "" for the infer paths."""
         if not self._active:
             return None
         settings = self.settings.effective(model)
@@ -239,6 +247,8 @@ class GatewayTracer:
             "request.id": request_id,
             "trace.level": ",".join(settings.level),
         }
+        if kind:
+            attributes["request.kind"] = kind
         span = export.start_span(
             "InferRequest", parent if propagated else None, attributes, server=True, start_ns=time.time_ns()
         )

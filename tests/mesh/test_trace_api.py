@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import queue
 import re
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 import requests
@@ -24,6 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from broker.server import free_ports
+from examples import build_backend_models
 from gateway import trace_api
 from gateway.app import create_app
 from gateway.keys import GatewayOptions
@@ -48,8 +53,13 @@ CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 
 @pytest.fixture(scope="module")
 def deployment(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A deployment of its own: these tests change its trace settings."""
-    with natron_serve(model_repository, ["tiny"], tmp_path_factory.mktemp("trace")) as served:
+    """A deployment of its own: these tests change its trace settings. With the decoupled
+    `repeat` for the streams."""
+    repository = tmp_path_factory.mktemp("trace-api-models") / "models"
+    shutil.copytree(model_repository, repository)
+    build_backend_models.build(repository, ["repeat"], quiet=True)
+    log_dir = tmp_path_factory.mktemp("trace")
+    with natron_serve(repository, ["tiny", "repeat"], log_dir, timeout_s=120) as served:
         yield served
 
 
@@ -134,6 +144,7 @@ async def collector() -> AsyncIterator[Collector]:
                             "span_id": span.span_id.hex(),
                             "parent": span.parent_span_id.hex(),
                             "attributes": {a.key: _value(a.value) for a in span.attributes},
+                            "error": span.status.code == span.status.STATUS_CODE_ERROR,
                         }
                     )
         answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
@@ -395,3 +406,111 @@ async def test_an_inference_is_one_trace_from_the_client_through_the_gateway_to_
             "update_trace_settings",
             settings=dict.fromkeys(("trace_mode", "trace_level", "trace_config")),
         )
+
+
+async def test_every_streaming_path_is_one_trace_through_the_gateway_to_the_worker(
+    deployment: Served, collector: Collector
+) -> None:
+    """generate, generate_stream, the WebSocket and gRPC ModelStreamInfer: each request sampled
+    gets the gateway's span, with its path, whose context the worker's span joins; one that
+    fails records its error."""
+    url, host_port = deployment.url, deployment.host_port
+    tiny = {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}
+    repeat = {"name": "IN", "shape": [3], "datatype": "INT32", "data": [5, 6, 7]}
+    slow = [repeat, {"name": "DELAY_MS", "shape": [1], "datatype": "UINT32", "data": [2000]}]
+    try:
+        await _triton(host_port, "update_trace_settings", settings=_otel(collector, trace_rate="1"))
+        async with aiohttp.ClientSession() as session:
+            body = {"INPUT0": [1.0] * 16, "id": "gen"}
+            async with session.post(f"{url}/v2/models/tiny/generate", json=body) as response:
+                assert response.status == 200, await response.text()
+            body = {"IN": [3, 1, 4], "id": "sse"}
+            async with session.post(f"{url}/v2/models/repeat/generate_stream", json=body) as response:
+                assert response.status == 200 and (await response.text()).count("data: ") == 3
+            # Two answers where generate takes one: the span records the 400.
+            body = {"IN": [1, 2], "id": "gen-two"}
+            async with session.post(f"{url}/v2/models/repeat/generate", json=body) as response:
+                assert response.status == 400
+            async with session.ws_connect(f"{url}/v2/ws") as ws:
+                await ws.send_json({"id": "ws", "model": "repeat", "inputs": [repeat]})
+                await ws.send_json({"id": "ws-tiny", "model": "tiny", "inputs": [tiny]})
+                await ws.send_json({"id": "ws-cancel", "model": "repeat", "inputs": slow})
+                finals: dict[str, dict[str, Any]] = {}
+                while len(finals) < 2:
+                    frame = json.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+                    if frame["final"]:
+                        finals[frame["id"]] = frame
+                assert "error" not in finals["ws"] and "error" not in finals["ws-tiny"]
+                await ws.send_json({"id": "ws-cancel", "cancel": True})
+                while "ws-cancel" not in finals:
+                    frame = json.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+                    if frame["final"]:
+                        finals[frame["id"]] = frame
+                assert finals["ws-cancel"]["status"] == 499
+        answers = await asyncio.to_thread(_grpc_stream, deployment.grpc_url, "grpc")
+        assert [a.as_numpy("OUT").tolist() for a in answers] == [[5], [6], [7]]
+
+        kinds = {
+            "gen": ("tiny", "generate"),
+            "sse": ("repeat", "generate_stream"),
+            "gen-two": ("repeat", "generate"),
+            "ws": ("repeat", "websocket"),
+            "ws-tiny": ("tiny", "websocket"),
+            "ws-cancel": ("repeat", "websocket"),
+            "grpc": ("repeat", "grpc_stream"),
+        }
+
+        def gateway_spans() -> dict[str, dict[str, Any]]:
+            spans = [s for s in collector.spans if s["service"] == "natron-gateway"]
+            return {s["attributes"]["request.id"]: s for s in spans}
+
+        await wait_until_async(lambda: set(gateway_spans()) >= set(kinds), 30, "a gateway span per request")
+        spans = gateway_spans()
+        for request_id, (model, kind) in kinds.items():
+            span = spans[request_id]
+            assert span["name"] == "InferRequest"
+            assert span["attributes"]["model.name"] == model
+            assert span["attributes"]["request.kind"] == kind
+        assert not any(spans[r]["error"] for r in ("gen", "sse", "ws", "ws-tiny", "grpc"))
+        assert (
+            spans["gen-two"]["error"] and spans["gen-two"]["attributes"]["http.response.status_code"] == 400
+        )
+        assert spans["ws-cancel"]["error"]
+        assert spans["ws-cancel"]["attributes"]["http.response.status_code"] == 499
+
+        # The worker's span of each joins the gateway's: its context went on.
+        def joined() -> set[str]:
+            workers = [s for s in collector.spans if s["service"] == "natron-worker"]
+            return {
+                request_id
+                for request_id in ("gen", "sse", "ws", "ws-tiny", "grpc")
+                if any(
+                    w["trace_id"] == spans[request_id]["trace_id"]
+                    and w["parent"] == spans[request_id]["span_id"]
+                    for w in workers
+                )
+            }
+
+        await wait_until_async(
+            lambda: joined() == {"gen", "sse", "ws", "ws-tiny", "grpc"}, 30, "the worker's spans joined"
+        )
+    finally:
+        await _triton(
+            host_port,
+            "update_trace_settings",
+            settings=dict.fromkeys(("trace_mode", "trace_level", "trace_config", "trace_rate")),
+        )
+
+
+def _grpc_stream(grpc_url: str, request_id: str) -> list[Any]:
+    """One request to `repeat` on a ModelStreamInfer stream: its answers, once the stream ended."""
+    got: queue.Queue[Any] = queue.Queue()
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        inp = grpcclient.InferInput("IN", [3], "INT32")
+        inp.set_data_from_numpy(np.array([5, 6, 7], dtype=np.int32))
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        client.async_stream_infer("repeat", [inp], request_id=request_id)
+        client.stop_stream()  # returns once the server has ended the stream
+    events = [got.get_nowait() for _ in range(got.qsize())]
+    assert [error for _, error in events] == [None] * len(events)
+    return [result for result, _ in events]

@@ -1,12 +1,15 @@
 """The trace extension's triton mode against a real `natron serve` started with Triton's trace
-flags: sampled requests, over HTTP and gRPC, land in the trace file as tritonserver writes them
-(every timestamp, in order, the worker's among them), the trace API changes the sampling and
-the file's rotation but never the file, and bad flags stop the server before it starts."""
+flags: sampled requests, over HTTP and gRPC, infer and streaming paths alike, land in the trace
+file as tritonserver writes them (every timestamp, in order, the worker's among them where its
+answer carries them), the trace API changes the sampling and the file's rotation but never the
+file, and bad flags stop the server before it starts."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +24,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from examples import build_backend_models
 from examples.build_models import TINY_SIZE
 from tests.harness import ROOT, Served, natron_serve
 
@@ -34,6 +38,10 @@ HTTP_NAMES = [
 GRPC_NAMES = [
     name.replace("HTTP_RECV", "GRPC_WAITREAD").replace("HTTP_SEND", "GRPC_SEND") for name in HTTP_NAMES
 ]
+# A decoupled model's stream: the gateway's timestamps only (its worker's answers carry none).
+WORKER_NAMES = {"QUEUE_START", "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END"}
+HTTP_STREAM_NAMES = [name for name in HTTP_NAMES if name not in WORKER_NAMES]
+GRPC_STREAM_NAMES = [name for name in GRPC_NAMES if name not in WORKER_NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +60,13 @@ def deployment(
         "--trace-config", "level=TIMESTAMPS",
         "--trace-rate", "1",
     )  # fmt: skip
-    ready = ["tiny", "simple", "ensemble_simple"]
-    with natron_serve(model_repository, ready, tmp_path_factory.mktemp("trace-file"), flags) as served:
+    # The ONNX test models, and the decoupled `repeat` for the streams.
+    repository = tmp_path_factory.mktemp("trace-models") / "models"
+    shutil.copytree(model_repository, repository)
+    build_backend_models.build(repository, ["repeat"], quiet=True)
+    ready = ["tiny", "simple", "ensemble_simple", "repeat"]
+    log_dir = tmp_path_factory.mktemp("trace-file")
+    with natron_serve(repository, ready, log_dir, flags, timeout_s=120) as served:
         yield served
 
 
@@ -93,6 +106,28 @@ def _http_infer(served: Served, request_id: str = "") -> None:
         np.testing.assert_allclose(result.as_numpy("OUTPUT0"), data * 2 + 1)
     finally:
         client.close()
+
+
+def _grpc_stream(served: Served, model: str, request_id: str) -> list[Any]:
+    """One request on a ModelStreamInfer stream: its answers, once the server ended the stream."""
+    got: queue.Queue[Any] = queue.Queue()
+    with grpcclient.InferenceServerClient(served.grpc_url) as client:
+        if model == "repeat":
+            inp = grpcclient.InferInput("IN", [3], "INT32")
+            inp.set_data_from_numpy(np.array([5, 6, 7], dtype=np.int32))
+        else:
+            inp = grpcclient.InferInput("INPUT0", [1, TINY_SIZE], "FP32")
+            inp.set_data_from_numpy(np.ones((1, TINY_SIZE), np.float32))
+        client.start_stream(callback=lambda result, error: got.put((result, error)))
+        client.async_stream_infer(model, [inp], request_id=request_id)
+        client.stop_stream()  # returns once the server has ended the stream
+    events = [got.get_nowait() for _ in range(got.qsize())]
+    assert [error for _, error in events] == [None] * len(events)
+    return [result for result, _ in events]
+
+
+def _by_id(traces: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {trace["request_id"]: trace for trace in traces}
 
 
 def _post(served: Served, body: dict[str, Any]) -> requests.Response:
@@ -159,7 +194,7 @@ def test_an_ensemble_s_request_is_traced_with_its_orchestrator_s_timestamps(
     deployment: Served, trace_path: Path
 ) -> None:
     before = len(_traces(trace_path))
-    body = {
+    body: dict[str, Any] = {
         "id": "e1",
         "inputs": [
             {"name": "INPUT0", "shape": [1, 16], "datatype": "INT32", "data": list(range(16))},
@@ -172,6 +207,79 @@ def test_an_ensemble_s_request_is_traced_with_its_orchestrator_s_timestamps(
     # The gateway traces the request it was sent; the ensemble's steps are the orchestrator's.
     assert [trace["request_id"] for trace in traces] == ["e1"]
     _check(traces[0], HTTP_NAMES, "ensemble_simple")
+
+
+def test_generate_and_generate_stream_are_traced(deployment: Served, trace_path: Path) -> None:
+    before = len(_traces(trace_path))
+    # A model that is not decoupled answers once, with its worker's timestamps.
+    body: dict[str, Any] = {"INPUT0": [1.0] * TINY_SIZE, "id": "gen-tiny"}
+    answer = requests.post(f"{deployment.url}/v2/models/tiny/generate", json=body, timeout=30)
+    assert answer.status_code == 200, answer.text
+    streamed = requests.post(
+        f"{deployment.url}/v2/models/repeat/generate_stream",
+        json={"IN": [3, 1, 4], "id": "sse-repeat"},
+        timeout=30,
+    )
+    assert streamed.status_code == 200 and streamed.text.count("data: ") == 3, streamed.text
+    traces = _by_id(_wait_for(trace_path, before + 2)[before:])
+    assert set(traces) == {"gen-tiny", "sse-repeat"}
+    _check(traces["gen-tiny"], HTTP_NAMES)
+    _check(traces["sse-repeat"], HTTP_STREAM_NAMES, "repeat")
+
+
+def test_a_failed_generate_is_traced_and_a_refused_one_is_not(deployment: Served, trace_path: Path) -> None:
+    before = len(_traces(trace_path))
+    # Refused before it ran (an unknown input): nothing to trace, as on the infer route.
+    refused = requests.post(f"{deployment.url}/v2/models/repeat/generate", json={"NOPE": 1}, timeout=30)
+    assert refused.status_code == 400
+    # Ran, then failed: two answers where generate takes one. Traced to its end.
+    failed = requests.post(
+        f"{deployment.url}/v2/models/repeat/generate", json={"IN": [1, 2], "id": "gen-two"}, timeout=30
+    )
+    assert failed.status_code == 400 and "generate_stream" in failed.json()["error"]
+    traces = _wait_for(trace_path, before + 1)[before:]
+    time.sleep(0.5)  # a bound for a trace of the refused request, which must not come
+    traces = _traces(trace_path)[before:]
+    assert [trace["request_id"] for trace in traces] == ["gen-two"]
+    assert traces[0]["model_name"] == "repeat"
+
+
+def test_websocket_requests_are_traced_each(deployment: Served, trace_path: Path) -> None:
+    before = len(_traces(trace_path))
+
+    async def talk() -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{deployment.url}/v2/ws") as ws:
+            repeat = {"name": "IN", "shape": [2], "datatype": "INT32", "data": [8, 9]}
+            tiny = {"name": "INPUT0", "shape": [1, TINY_SIZE], "datatype": "FP32", "data": [1.0] * TINY_SIZE}
+            await ws.send_json({"id": "ws-repeat", "model": "repeat", "inputs": [repeat]})
+            await ws.send_json({"id": "ws-tiny", "model": "tiny", "inputs": [tiny]})
+            finals = 0
+            while finals < 2:
+                frame = json.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+                assert "error" not in frame, frame
+                finals += frame["final"]
+
+    asyncio.run(talk())
+    traces = _by_id(_wait_for(trace_path, before + 2)[before:])
+    assert set(traces) == {"ws-repeat", "ws-tiny"}
+    _check(traces["ws-repeat"], HTTP_STREAM_NAMES, "repeat")
+    _check(traces["ws-tiny"], HTTP_NAMES)
+
+
+def test_grpc_stream_requests_are_traced_with_triton_s_grpc_names(
+    deployment: Served, trace_path: Path
+) -> None:
+    before = len(_traces(trace_path))
+    assert [r.as_numpy("OUT").tolist() for r in _grpc_stream(deployment, "repeat", "gs-repeat")] == [
+        [5],
+        [6],
+        [7],
+    ]
+    assert len(_grpc_stream(deployment, "tiny", "gs-tiny")) == 1
+    traces = _by_id(_wait_for(trace_path, before + 2)[before:])
+    assert set(traces) == {"gs-repeat", "gs-tiny"}
+    _check(traces["gs-repeat"], GRPC_STREAM_NAMES, "repeat")
+    _check(traces["gs-tiny"], GRPC_NAMES)
 
 
 def test_the_api_shows_the_file_refuses_to_change_it_and_changes_the_sampling(
@@ -197,11 +305,28 @@ def test_the_api_shows_the_file_refuses_to_change_it_and_changes_the_sampling(
         time.sleep(0.5)  # a bound for a third trace that must not come
         traces = _traces(trace_path)[before:]
         assert [trace["request_id"] for trace in traces] == ["r1", "r3"]
-        # Off: nothing more.
+        # Streams are sampled by the same settings: every 2nd, and none once the count is spent.
+        assert _post(deployment, {"trace_rate": "2", "trace_count": "1"}).ok
+        before = len(_traces(trace_path))
+        for number in range(4):
+            body: dict[str, Any] = {"IN": [number], "id": f"s{number}"}
+            answer = requests.post(
+                f"{deployment.url}/v2/models/repeat/generate_stream", json=body, timeout=30
+            )
+            assert answer.status_code == 200
+        traces = _wait_for(trace_path, before + 1)[before:]
+        time.sleep(0.5)  # a bound for a second trace that must not come
+        traces = _traces(trace_path)[before:]
+        assert [trace["request_id"] for trace in traces] == ["s1"]
+        # Off: nothing more, on any path.
         assert _post(deployment, {"trace_level": ["OFF"], "trace_count": "-1", "trace_rate": "1"}).ok
         _http_infer(deployment, "off")
+        off = requests.post(
+            f"{deployment.url}/v2/models/repeat/generate_stream", json={"IN": [1], "id": "off"}, timeout=30
+        )
+        assert off.status_code == 200
         time.sleep(0.5)
-        assert len(_traces(trace_path)) == before + 2
+        assert len(_traces(trace_path)) == before + 1
     finally:
         assert _post(deployment, {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "-1"}).ok
 
