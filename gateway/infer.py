@@ -31,7 +31,7 @@ _ids = itertools.count(1)
 _TRACE_HEADERS = ("traceparent", "tracestate")
 
 
-def _utf8_headers(header: HeaderLookup) -> HeaderLookup:
+def utf8_headers(header: HeaderLookup) -> HeaderLookup:
     """`header`, refusing a value that is not UTF-8 with a 400 naming the header. Both HTTP
     layers decode header bytes as UTF-8 with surrogate escapes, so bytes that are not UTF-8
     show as lone surrogates, which no encoder downstream (NATS headers, logs) would take."""
@@ -96,7 +96,7 @@ async def handle(
     """One infer, whatever carried it over HTTP: the answer, or the NatronError (or aiohttp's
     HTTPException, from reading the body) whose status the client gets. Counted and logged."""
     metrics = app[METRICS]
-    header = _utf8_headers(header)
+    header = utf8_headers(header)
     loop = asyncio.get_running_loop()
     started_s = loop.time()
     status = 500

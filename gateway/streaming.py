@@ -38,7 +38,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway import admission, kserve
-from gateway.infer import trace_headers
+from gateway.infer import trace_headers, utf8_headers
 from gateway.keys import OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import json_object, unexpected_error
 from gateway.tracing import TRACER, RequestTraces
@@ -119,11 +119,13 @@ async def _answers(
         await waiting
     # The W3C trace context travels on to the worker: the gateway's span's when this request
     # is sampled, else the client's as it came.
+    # Header bytes that are not UTF-8 are the client's mistake (a 400), as on the infer route.
+    header = utf8_headers(request.headers.get)
     trace = request.app[TRACER].begin(
         model,
         target,
         parsed.request.id,
-        request.headers.get,
+        header,
         received_ns=received_ns,
         read_ns=read_ns,
         client_request_id=parsed.request.id,
@@ -133,7 +135,7 @@ async def _answers(
         traced.append(trace)
         headers = trace.headers or None
     else:
-        headers = trace_headers(request.headers.get) or None
+        headers = trace_headers(header) or None
     requester = request.app[REQUESTER]
     parsed.request.version = target
     if spec.decoupled:

@@ -167,6 +167,17 @@ def test_a_header_value_that_is_not_utf8_is_a_400_naming_it(
     assert f"header '{header.decode()}'" in rest or "Inference-Header-Content-Length" in rest, rest
 
 
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+@pytest.mark.parametrize("header", [b"traceparent", b"tracestate"])
+def test_a_trace_header_that_is_not_utf8_is_a_400_on_the_generate_routes(
+    served: Served, route: str, header: bytes
+) -> None:
+    body = json.dumps({"INPUT0": list(range(16)), "INPUT1": [1] * 16}).encode()
+    status, rest = post_raw(served, body, header + b": 00-\xff\xfe-01", path=f"/v2/models/simple/{route}")
+    assert status == 400, rest
+    assert f"header '{header.decode()}' is not valid UTF-8" in rest, rest
+
+
 def test_a_body_over_the_limit_is_a_413_naming_the_flag_and_counted_as_413(served: Served) -> None:
     before = counted(served, "tiny", 413)
     response = requests.post(f"{served.url}{INFER}", data=b" " * (9 * 1024 * 1024), timeout=60)
