@@ -48,11 +48,14 @@ def simple_repo(model_repository: Path, tmp_path: Path) -> Path:
     return repo
 
 
-@pytest.fixture
-def explicit_server(simple_repo: Path, tmp_path: Path) -> Iterator[Served]:
-    with natron_serve(
-        simple_repo, ["simple"], tmp_path, ("--model-control-mode", "explicit", "--load-model", "simple")
-    ) as served:
+@pytest.fixture(scope="module")
+def explicit_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A running mesh in explicit mode, shared by the module's tests: each analysis gives the
+    model back its own config at the end (a test checks that)."""
+    repo = tmp_path_factory.mktemp("explicit") / "repo"
+    shutil.copytree(model_repository / "simple", repo / "simple")
+    flags = ("--model-control-mode", "explicit", "--load-model", "simple")
+    with natron_serve(repo, ["simple"], tmp_path_factory.mktemp("explicit-serve"), flags) as served:
         yield served
 
 
