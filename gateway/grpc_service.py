@@ -38,10 +38,11 @@ from gateway.keys import FLEET, METRICS, OPTIONS, REGISTRY, REQUESTER
 from gateway.middleware import unexpected_error
 from gateway.restricted import ACCESS, GRPC_GROUPS, AccessPolicy, check_upload
 from gateway.sharedmemory import SHARED_MEMORY
-from gateway.tracing import TRACER
+from gateway.tracing import TRACER, RequestTraces
 from natron.errors import NatronError, Unsupported
 from natron.inference import InferRequest, InferResponse
 from natron.restricted_api import Restriction, Restrictions, grpc_refusal
+from natron.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,36 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     def _view(self, name: str) -> ModelView:
         return self._app[REGISTRY].get(name)
 
+    async def _admit(
+        self,
+        request: pb.ModelInferRequest,
+        infer: grpc_codec.GrpcInfer,
+        spec: ModelSpec,
+        target: str,
+        queue: admission.Queueing,
+        trace: dict[str, str] | None,
+        received_ns: int,
+        kind: str = "",
+    ) -> tuple[int, RequestTraces | None]:
+        """A checked request through the queue policy's admission, then sampled for a trace:
+        its rows, and its trace when the settings sample it (whose context then goes on)."""
+        rows = spec.validate(infer.parsed.request)
+        waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
+        if waiting is not None:
+            await waiting
+        traced = self._app[TRACER].begin(
+            spec.name,
+            target,
+            infer.parsed.request.id,
+            (trace or {}).get,
+            protocol="GRPC",
+            received_ns=received_ns,
+            read_ns=received_ns,  # grpcio read the message before the handler ran
+            client_request_id=request.id,
+            kind=kind,
+        )
+        return rows, traced
+
     async def _prepare(
         self, request: pb.ModelInferRequest, context: Any
     ) -> tuple[grpc_codec.GrpcInfer, ModelView, str, admission.Queueing, dict[str, str] | None]:
@@ -288,21 +319,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             raise Unsupported(
                 f"model '{spec.name}' is decoupled: ModelInfer cannot carry its answers, use ModelStreamInfer"
             )
-        rows = spec.validate(infer.parsed.request)
-        waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
-        if waiting is not None:
-            await waiting
-        # The gateway's span when the trace settings sample this request: its context goes on.
-        traced = tracer.begin(
-            spec.name,
-            target,
-            infer.parsed.request.id,
-            (trace or {}).get,
-            protocol="GRPC",
-            received_ns=received_ns,
-            read_ns=received_ns,
-            client_request_id=request.id,
-        )
+        rows, traced = await self._admit(request, infer, spec, target, queue, trace, received_ns)
         status = 500
         try:
             requester = self._app[REQUESTER]
@@ -355,21 +372,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         infer, view, target, queue, trace = await self._prepare(request, context)
         spec = view.spec
         assert spec is not None
-        rows = spec.validate(infer.parsed.request)
-        waiting = self._app[admission.ADMISSION].admit(spec, target, queue, request.id)
-        if waiting is not None:
-            await waiting
-        # The gateway's span when the trace settings sample this request: its context goes on.
-        traced = tracer.begin(
-            spec.name,
-            target,
-            infer.parsed.request.id,
-            (trace or {}).get,
-            protocol="GRPC",
-            received_ns=received_ns,
-            read_ns=received_ns,
-            client_request_id=request.id,
-            kind="grpc_stream",
+        rows, traced = await self._admit(
+            request, infer, spec, target, queue, trace, received_ns, kind="grpc_stream"
         )
         if traced is not None:
             trace = traced.headers or None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -153,8 +154,6 @@ class PrivateServer:
         self._log.close()
         with contextlib.suppress(OSError):
             os.unlink(self._log.name)
-        import shutil
-
         shutil.rmtree(self._creds, ignore_errors=True)
 
 
