@@ -309,6 +309,7 @@ async def delete_consumer(
 class BucketChange:
     key: str
     value: bytes | None  # None: the key was deleted or purged
+    revision: int = 0  # the bucket stream's sequence of this change (0: not known)
 
 
 async def follow_bucket(kv: KeyValue) -> AsyncGenerator[BucketChange | None, None]:
@@ -320,7 +321,7 @@ async def follow_bucket(kv: KeyValue) -> AsyncGenerator[BucketChange | None, Non
         async for entry in watcher:
             if entry is not None:
                 deleted = entry.operation in ("DEL", "PURGE") or not entry.value
-                yield BucketChange(entry.key, None if deleted else entry.value)
+                yield BucketChange(entry.key, None if deleted else entry.value, entry.revision or 0)
             if not synced and (entry is None or entry.delta == 0):
                 synced = True
                 yield None

@@ -501,9 +501,10 @@ class Router:
         blind = False
         while True:
             await asyncio.sleep(min(1.0, timeout_s / 3))
-            if not self._nc.is_connected or not await self._bucket_writable(js):
-                # No heartbeat can be written or reach this router now (the broker is away, or
-                # a cluster is electing the bucket's leader): none is late for that.
+            if not self._nc.is_connected or not self._fleet.live or not await self._bucket_writable(js):
+                # No heartbeat can be written or reach this router now (the broker is away, a
+                # cluster is electing the bucket's leader, the watch is being opened again):
+                # none is late for that.
                 blind = True
                 continue
             now = loop.time()
@@ -511,7 +512,17 @@ class Router:
                 blind = False
                 for worker_id in self._last_seen_s:
                     self._last_seen_s[worker_id] = now
-            dead = [w for w, seen in self._last_seen_s.items() if now - seen > timeout_s]
+            dead = []
+            for worker_id, seen in list(self._last_seen_s.items()):
+                if now - seen <= timeout_s:
+                    continue
+                # A watch can fall behind its bucket unnoticed for a while (broker/mirror.py):
+                # the bucket itself says whether the worker wrote since.
+                written = await self._fleet.written_since_seen(self._workers_kv, worker_id)
+                if written is False:
+                    dead.append(worker_id)
+                elif written:
+                    self._last_seen_s[worker_id] = now
             for worker_id in dead:
                 log.warning("worker %s stopped heart-beating; placing its models elsewhere", worker_id)
                 self._workers.pop(worker_id, None)

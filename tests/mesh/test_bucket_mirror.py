@@ -6,10 +6,12 @@ import asyncio
 import uuid
 
 import pytest
+from nats.aio.client import Client
 
 from broker import jetstream
 from broker.mirror import BucketMirror
 from broker.server import EmbeddedNatsServer
+from tests.harness import wait_until_async
 
 
 async def test_a_mirror_holds_current_values_reports_each_change_and_skips_malformed_ones(
@@ -41,6 +43,83 @@ async def test_a_mirror_holds_current_values_reports_each_change_and_skips_malfo
             assert await asyncio.wait_for(changes.get(), 5) == ("a", 2, None)
             assert mirror.values == {"b": 3}
             assert changes.empty()
+        finally:
+            follow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await follow
+    finally:
+        await jetstream.close_connection(nc)
+
+
+async def _drop_watch_consumers(nc: Client, bucket: str) -> int:
+    """Delete the bucket's watch consumers behind their clients' backs, as a cluster node that
+    dies with them does while the clients stay connected to other nodes."""
+    jsm = nc.jsm()
+    consumers = await jsm.consumers_info(f"KV_{bucket}")
+    for consumer in consumers:
+        await jsm.delete_consumer(f"KV_{bucket}", consumer.name)
+    return len(consumers)
+
+
+async def test_a_watch_that_falls_behind_its_bucket_is_opened_again(nats_server: EmbeddedNatsServer) -> None:
+    """The watch's consumer is gone and the connection never noticed: the mirror sees the
+    bucket move on without it and watches again, long before nats-py's own replacement (two
+    missed idle heartbeats, 10 s) would."""
+    nc = await jetstream.connect(nats_server.url, name="test-mirror-lag")
+    try:
+        bucket = f"mirror_{uuid.uuid4().hex[:8]}"
+        kv = await jetstream.ensure_bucket(nc.jetstream(), bucket)
+        await kv.put("a", b"1")
+        mirror: BucketMirror[int] = BucketMirror("number", lambda data: int(data.decode()), lag_check_s=0.3)
+        follow = asyncio.create_task(mirror.follow(kv))
+        try:
+            await asyncio.wait_for(mirror.synced.wait(), 5)
+            # Changes the watch delivers are no lag, however many the checks see.
+            for n in range(2, 12):
+                await kv.put("a", str(n).encode())
+                await asyncio.sleep(0.1)
+            await wait_until_async(lambda: mirror.values == {"a": 11}, 5, "the puts delivered")
+            assert (mirror.lagged, mirror.rewatches) == (0, 0)
+            assert mirror.live
+
+            assert await _drop_watch_consumers(nc, bucket) == 1
+            await kv.put("b", b"2")
+            await kv.put("a", b"12")
+            # Within a few checks, far sooner than nats-py's 10 s.
+            await wait_until_async(lambda: mirror.values == {"a": 12, "b": 2}, 5, "the watch opened again")
+            assert mirror.lagged == mirror.rewatches == 1
+        finally:
+            follow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await follow
+    finally:
+        await jetstream.close_connection(nc)
+
+
+async def test_the_bucket_says_whether_a_key_was_written_since_the_mirror_saw_it(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    """What the router asks before it counts a worker dead whose heartbeats it has not seen."""
+    nc = await jetstream.connect(nats_server.url, name="test-mirror-written")
+    try:
+        bucket = f"mirror_{uuid.uuid4().hex[:8]}"
+        kv = await jetstream.ensure_bucket(nc.jetstream(), bucket)
+        await kv.put("quiet", b"1")
+        await kv.put("busy", b"1")
+        # Checks far apart: the watch stays behind for the whole test.
+        mirror: BucketMirror[int] = BucketMirror("number", lambda data: int(data.decode()), lag_check_s=600)
+        follow = asyncio.create_task(mirror.follow(kv))
+        try:
+            await asyncio.wait_for(mirror.synced.wait(), 5)
+            await _drop_watch_consumers(nc, bucket)
+            await kv.put("busy", b"2")
+            await asyncio.sleep(0.3)
+            assert mirror.values == {"quiet": 1, "busy": 1}, "the watch should be behind"
+            assert await mirror.written_since_seen(kv, "busy") is True
+            assert await mirror.written_since_seen(kv, "quiet") is False
+            assert await mirror.written_since_seen(kv, "never") is False
+            await kv.delete("quiet")
+            assert await mirror.written_since_seen(kv, "quiet") is False
         finally:
             follow.cancel()
             with pytest.raises(asyncio.CancelledError):
