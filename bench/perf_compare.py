@@ -69,7 +69,10 @@ def run_natron_perf(base_url: str, model: str, concurrency: int, duration_s: flo
         report = Path(tmp) / "report.csv"
         args = [
             *natron_command(), "perf", "-m", model, "-x", perf_analyzer.MODEL_VERSION, "-u", host_port,
-            "-i", "http", "--concurrency-range", str(concurrency), "-p", str(round(duration_s * 1000)),
+            "-i", "http", "--concurrency-range", str(concurrency),
+            # The same windows and stability rule as perf_analyzer's cell (bench/perf_analyzer.py).
+            "-p", str(max(200, round(duration_s * 1000 / perf_analyzer.WINDOWS))),
+            "-s", str(perf_analyzer.STABILITY_PERCENTAGE), "-r", str(perf_analyzer.MAX_TRIALS),
             "--warmup", "1", "-f", str(report),
         ]  # fmt: skip
         cpu_before = _children_cpu_s()

@@ -112,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="sweep these request rates (req/s) instead of concurrency levels",
     )
-    parser.add_argument("--window-s", type=_positive, default=2.0, help="measurement window per level (2 s)")
+    parser.add_argument("--window-s", type=_positive, default=1.0, help="measurement window (1 s)")
+    parser.add_argument(
+        "--stability-percentage",
+        type=_positive,
+        default=10.0,
+        help="a level is stable when 3 windows' throughput and p99 lie within this %% of their mean (10)",
+    )
+    parser.add_argument(
+        "--max-trials", type=int, default=4, help="windows per level at most; under 3: one, unchecked (4)"
+    )
     parser.add_argument("--instance-counts", type=_ints, default=(1, 2, 4))
     parser.add_argument(
         "--max-batch-sizes", type=_ints, default=(), help="default: powers of 2 to the model's"
@@ -137,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Options:
     if args.max_configs < 1:
         parser.error("--max-configs must be >= 1")
+    if args.max_trials < 1:
+        parser.error("--max-trials must be >= 1")
     if args.workers < 1 or args.batch_size < 1:
         parser.error("--workers and --batch-size must be >= 1")
     if args.url and args.protocol in ("grpc", "nats") and not getattr(args, f"{args.protocol}_url"):
@@ -166,6 +177,8 @@ def options_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> O
         concurrency=args.concurrency,
         request_rates=args.request_rates,
         window_s=args.window_s,
+        stability_pct=args.stability_percentage,
+        max_trials=args.max_trials,
         instance_counts=args.instance_counts,
         max_batch_sizes=args.max_batch_sizes,
         queue_delays_us=args.queue_delays_us,

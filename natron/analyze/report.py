@@ -42,6 +42,8 @@ CSV_COLUMNS = (
     "server_queue_us",
     "server_compute_us",
     "errors",
+    "stable",
+    "windows",
     "rss_mb",
     "gpu_mb",
     "workers",
@@ -116,6 +118,8 @@ def write_csv(report: Report, path: Path) -> None:
                             "server_queue_us": f"{point.server_queue_us:.1f}",
                             "server_compute_us": f"{point.server_compute_us:.1f}",
                             "errors": point.errors,
+                            "stable": "" if point.stable is None else point.stable,
+                            "windows": point.windows,
                             "feasible": id(point) in feasible,
                         }
                     )

@@ -45,8 +45,12 @@ class Options:
     concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
     # Request rates (infer requests/s) to sweep instead of concurrency levels, when given.
     request_rates: tuple[float, ...] = ()
-    window_s: float = 2.0
+    window_s: float = 1.0
     warmup_s: float = 0.5
+    # natron perf's (and perf_analyzer's) stability rule, per level, on the p99 the budget is
+    # about: up to `max_trials` windows until 3 agree within `stability_pct`; under 3, one window.
+    stability_pct: float = 10.0
+    max_trials: int = 4
     instance_counts: tuple[int, ...] = (1, 2, 4)
     max_batch_sizes: tuple[int, ...] = ()
     queue_delays_us: tuple[int | None, ...] = (None, 0, 100, 1000)
@@ -74,6 +78,8 @@ def point_of(measurement: Measurement) -> LoadPoint:
         errors=measurement.errors,
         server_queue_us=server.get("queue_us", 0.0),
         server_compute_us=compute,
+        stable=measurement.stable,
+        windows=measurement.trials,
     )
 
 
@@ -268,14 +274,16 @@ class Analysis:
                 # Appended as measured: an interruption keeps the levels done so far.
                 for mode, level in levels:
                     self._progress.update(step, description=f"  {candidate.name}: {mode} {level:g}")
-                    if mode == "concurrency":
-                        measurement = await generator.measure(
-                            concurrency=int(level), window_s=options.window_s, warmup_s=options.warmup_s
-                        )
-                    else:
-                        measurement = await generator.measure(
-                            request_rate=level, window_s=options.window_s, warmup_s=options.warmup_s
-                        )
+                    concurrency, rate = (int(level), None) if mode == "concurrency" else (None, level)
+                    measurement = await generator.measure(
+                        concurrency=concurrency,
+                        request_rate=rate,
+                        window_s=options.window_s,
+                        warmup_s=options.warmup_s,
+                        stability=options.stability_pct / 100,
+                        max_trials=options.max_trials,
+                        latency_key="p99",
+                    )
                     load_point = point_of(measurement)
                     candidate.points.append(load_point)
                     await self._sample_memory(session, endpoints, device, candidate)
@@ -306,9 +314,11 @@ class Analysis:
         if not candidate.points:
             return f"measured {candidate.device} {candidate.name}: nothing"
         top = max(candidate.points, key=lambda p: p.throughput_per_s)
+        unstable = sum(p.stable is False for p in candidate.points)
         return (
             f"measured {candidate.device} {candidate.name}: {top.throughput_per_s:.1f} infer/s at "
             f"load {top.load}, p99 {top.p99_ms:.2f} ms, RSS {candidate.rss_mb:.0f} MB"
+            + (f" ({unstable} of {len(candidate.points)} levels unstable)" if unstable else "")
         )
 
     def _url_for(self, endpoints: Endpoints) -> str:

@@ -54,6 +54,9 @@ class LoadPoint:
     server_queue_us: float = 0.0
     server_compute_us: float = 0.0
     request_rate: float = 0.0  # the rate asked, in request-rate mode
+    # natron perf's stability rule on p99 (None: one window, not checked) and the windows taken.
+    stable: bool | None = None
+    windows: int = 1
 
     @property
     def load(self) -> str:

@@ -33,7 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from natron.perf.load import DISTRIBUTIONS, LoadGenerator, sweep
-from natron.perf.results import Measurement, PerfError, ServerGone, csv_header
+from natron.perf.results import Measurement, PerfError, ServerGone, csv_header, first_column
 from natron.perf.target import INPUT_DATA, PROTOCOLS, Target
 
 PROG = "natron perf"
@@ -109,6 +109,25 @@ def parser() -> argparse.ArgumentParser:
         default=5000,
         metavar="MS",
         help="window per load point (default 5000)",
+    )
+    p.add_argument(
+        "-s",
+        "--stability-percentage",
+        dest="stability",
+        type=float,
+        default=10.0,
+        metavar="PCT",
+        help="windows agree when each one's throughput and latency lie within PCT%% of their mean "
+        "(default 10)",
+    )
+    p.add_argument(
+        "-r",
+        "--max-trials",
+        type=int,
+        default=10,
+        metavar="N",
+        help="windows per load point at most while seeking 3 that agree; under 3: one window, unchecked "
+        "(default 10)",
     )
     p.add_argument(
         "--percentile",
@@ -221,6 +240,10 @@ def options(argv: Sequence[str]) -> tuple[Target, argparse.Namespace, list[tuple
         raise UsageError(f"--latency-threshold must be positive, got {args.latency_threshold}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must not be negative, got {args.warmup}")
+    if not args.stability > 0:
+        raise UsageError(f"--stability-percentage must be positive, got {args.stability:g}")
+    if args.max_trials < 1:
+        raise UsageError(f"--max-trials must be at least 1, got {args.max_trials}")
     if args.json and args.protocol not in ("http", "ws"):
         raise UsageError(f"--json applies to http and ws, not {args.protocol}")
     if args.nats_creds is not None and args.protocol != "nats":
@@ -259,7 +282,7 @@ def table(measured: Sequence[Measurement], mode: str, key: str, title: str) -> T
     """The points so far; latencies and server times in ms (the CSV keeps perf_analyzer's µs)."""
     t = Table(title=title, title_justify="left")
     columns = ["Conc." if mode == "concurrency" else "Rate/s", "Infer/s", "OK", "Errors"]
-    columns += [f"{key} ms", "p50", "p90", "p99", "Queue", "Compute"]
+    columns += [f"{key} ms", "p50", "p90", "p99", "Queue", "Compute", "Windows"]
     if mode == "request_rate":
         columns.append("Delayed")
     for column in columns:
@@ -277,6 +300,7 @@ def table(measured: Sequence[Measurement], mode: str, key: str, title: str) -> T
             _ms(m.latency_us.get("p99")),
             _ms(m.server.get("queue_us")),
             _ms(sum(m.server.get(k, 0.0) for k in compute) if "compute_infer_us" in m.server else None),
+            str(m.trials) if m.stable is not False else f"[yellow]{m.trials}, unstable[/yellow]",
         ]
         if mode == "request_rate":
             row.append(str(m.delayed))
@@ -332,6 +356,8 @@ async def run(
                     latency_key=key,
                     warmup_s=args.warmup,
                     distribution=args.request_distribution,
+                    stability=args.stability / 100,
+                    max_trials=args.max_trials,
                 )
             except ServerGone as exc:
                 if args.csv is not None and measured:
@@ -347,6 +373,16 @@ async def run(
             )
     if measured and measured[-1].errors and not measured[-1].requests:
         console.print(f"{PROG}: error: no request succeeded at load {measured[-1].load:g}", highlight=False)
+        exit_code = 1
+    elif measured and measured[-1].stable is False:
+        # perf_analyzer's words, and its choice: the sweep ends there, and that is a failure.
+        last = measured[-1]
+        console.print(
+            f"{PROG}: error: failed to obtain stable measurement within {last.trials} measurement "
+            f"windows for {first_column(mode).lower()} {last.load:g}; increase the "
+            "--measurement-interval or the --stability-percentage",
+            highlight=False,
+        )
         exit_code = 1
     return exit_code
 

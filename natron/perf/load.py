@@ -8,7 +8,10 @@ leaves more than 1 ms after its time counts as delayed (perf_analyzer's "delayed
 A measurement: the load runs `warmup_s`, the server's statistics are read, the window of
 `window_s` opens, closes, the statistics are read again, and the load stops (the requests in
 flight finish, within the timeout). A request counts in the window when its answer came while
-the window was open, as perf_analyzer counts. Every answer is checked: each output of the
+the window was open, as perf_analyzer counts. With a stability rule, windows follow one another
+under the same load, as perf_analyzer's trials do, until the last STABILITY_WINDOWS agree (each
+one's throughput and latency within the given fraction of their mean) or `max_trials` windows
+have run; the measurement is those last windows together. Every answer is checked: each output of the
 model's config present, with the batch as its first dimension where the model batches, and,
 given a `check`, the caller's own test of the answer; a wrong answer is an error.
 """
@@ -20,6 +23,7 @@ import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import ml_dtypes
@@ -52,6 +56,21 @@ _GONE_PAUSE_S: Final = 0.05
 _STRING_LENGTH: Final = 128
 # Requests in flight at most in request-rate mode; past it, sends wait (and count as delayed).
 MAX_IN_FLIGHT: Final = 4096
+# perf_analyzer's stability rule looks at this many windows in a row.
+STABILITY_WINDOWS: Final = 3
+
+
+def is_stable(windows: Sequence[Measurement], within: float, latency_key: str) -> bool:
+    """perf_analyzer's rule: each window's throughput, and its `latency_key` latency, lies within
+    `within` (a fraction) of the windows' mean. Windows that all measured nothing agree."""
+    for values in (
+        [m.throughput_per_s for m in windows],
+        [m.latency_us.get(latency_key, 0.0) for m in windows],
+    ):
+        mean = sum(values) / len(values)
+        if any(abs(v - mean) > within * mean for v in values):
+            return False
+    return True
 
 
 def build_inputs(info: ModelInfo, target: Target, seed: int = 0) -> Inputs:
@@ -154,6 +173,37 @@ class _Window:
             self.gone += gone
             count_error(self.samples, message)
 
+    def take(self) -> _Window:
+        """What this window counted, handed over; it counts afresh from here (no await between:
+        the next window loses no answer)."""
+        taken = _Window()
+        taken.absorb(self)
+        self.latencies_us, self.samples = [], {}
+        self.send_ns = self.recv_ns = self.errors = self.gone = self.sent = self.delayed = 0
+        return taken
+
+    def absorb(self, other: _Window) -> None:
+        """Add what `other` counted to this window's counts."""
+        self.latencies_us += other.latencies_us
+        self.send_ns += other.send_ns
+        self.recv_ns += other.recv_ns
+        self.errors += other.errors
+        self.gone += other.gone
+        for text, count in other.samples.items():
+            count_error(self.samples, text, count)
+        self.sent += other.sent
+        self.delayed += other.delayed
+
+
+@dataclass(slots=True)
+class _Trial:
+    """One window of a measurement, with the server's statistics around it."""
+
+    window: _Window
+    duration_s: float
+    before: dict[str, float] | None
+    after: dict[str, float] | None
+
 
 class LoadGenerator:
     """async with LoadGenerator(target) as gen: m = await gen.measure(concurrency=4, window_s=2.0)
@@ -214,9 +264,14 @@ class LoadGenerator:
         window_s: float = 5.0,
         warmup_s: float = 0.5,
         distribution: str = "constant",
+        stability: float | None = None,
+        max_trials: int = 10,
+        latency_key: str = "avg",
     ) -> Measurement:
-        """One load point. Exactly one of `concurrency` and `request_rate`. Raises ServerGone
-        when no request of the window reached the server."""
+        """One load point. Exactly one of `concurrency` and `request_rate`. With `stability` (a
+        fraction) and `max_trials` of at least STABILITY_WINDOWS, windows run until the last
+        ones are stable by `latency_key` (see the module docstring); otherwise one window.
+        Raises ServerGone when no request of a window reached the server."""
         if (concurrency is None) == (request_rate is None):
             raise PerfError("give exactly one of concurrency and request_rate")
         if concurrency is not None and concurrency < 1:
@@ -231,6 +286,11 @@ class LoadGenerator:
             raise PerfError(
                 f"the window must be positive and the warm-up not negative ({window_s}, {warmup_s})"
             )
+        if stability is not None and not stability > 0:
+            raise PerfError(f"the stability fraction must be positive, got {stability}")
+        if max_trials < 1:
+            raise PerfError(f"max trials must be at least 1, got {max_trials}")
+        checked = stability is not None and max_trials >= STABILITY_WINDOWS
         window = _Window()
         tasks: set[asyncio.Task[None]] = set()
         if concurrency is not None:
@@ -244,23 +304,44 @@ class LoadGenerator:
             scheduler = asyncio.create_task(
                 self._schedule(window, request_rate, distribution, tasks), name="natron-perf-schedule"
             )
+        trials: list[_Trial] = []
+        stable: bool | None = None
         try:
             await asyncio.sleep(warmup_s)
-            before = await self.client.statistics()
-            window.open = True
-            started = time.perf_counter()
-            await asyncio.sleep(window_s)
-            window.open = False
-            duration_s = time.perf_counter() - started
-            after = await self.client.statistics()
+            while True:
+                before = await self.client.statistics()
+                window.open = True
+                started = time.perf_counter()
+                await asyncio.sleep(window_s)
+                window.open = False
+                duration_s = time.perf_counter() - started
+                taken = window.take()
+                trials.append(_Trial(taken, duration_s, before, await self.client.statistics()))
+                if not taken.latencies_us and taken.errors and taken.gone == taken.errors:
+                    common = max(taken.samples.items(), key=lambda item: item[1])[0]
+                    raise ServerGone(f"the server stopped answering: {common}")
+                if not checked:
+                    break
+                if len(trials) >= STABILITY_WINDOWS:
+                    last = [self._measurement(mode, load, t, t) for t in trials[-STABILITY_WINDOWS:]]
+                    assert stability is not None
+                    if is_stable(last, stability, latency_key):
+                        stable = True
+                        break
+                if len(trials) >= max_trials:
+                    stable = False
+                    break
         finally:
             window.open = False
             window.stopping = True
             await self._stop(scheduler, tasks)
-        measurement = self._measurement(mode, load, duration_s, window, before, after)
-        if measurement.requests == 0 and window.errors and window.gone == window.errors:
-            common = max(window.samples.items(), key=lambda item: item[1])[0]
-            raise ServerGone(f"the server stopped answering: {common}")
+        counted = trials[-STABILITY_WINDOWS:] if checked else trials[-1:]
+        merged = _Window()
+        for trial in counted:
+            merged.absorb(trial.window)
+        total = _Trial(merged, sum(t.duration_s for t in counted), counted[0].before, counted[-1].after)
+        measurement = self._measurement(mode, load, total, total)
+        measurement.stable, measurement.trials = stable, len(trials)
         return measurement
 
     async def _one(self, window: _Window) -> None:
@@ -337,15 +418,10 @@ class LoadGenerator:
         if pending:
             await asyncio.wait(pending)
 
-    def _measurement(
-        self,
-        mode: str,
-        load: float,
-        duration_s: float,
-        window: _Window,
-        before: dict[str, float] | None,
-        after: dict[str, float] | None,
-    ) -> Measurement:
+    def _measurement(self, mode: str, load: float, first: _Trial, last: _Trial) -> Measurement:
+        """`last`'s window and duration; the server's statistics from before `first` to after `last`."""
+        window, duration_s = last.window, last.duration_s
+        before, after = first.before, last.after
         requests = len(window.latencies_us)
         batch = self.target.batch_size
         return Measurement(
@@ -391,28 +467,36 @@ async def sweep(
     latency_key: str = "p99",
     warmup_s: float = 0.5,
     distribution: str = "constant",
+    stability: float | None = None,
+    max_trials: int = 10,
 ) -> list[Measurement]:
     """Measure each (mode, load) point in order; stop after the first whose `latency_key`
-    latency passes `latency_threshold_ms` (perf_analyzer's --latency-threshold). Raises
-    ServerGone carrying the measurements taken before the server went."""
+    latency passes `latency_threshold_ms` (perf_analyzer's --latency-threshold), and, as
+    perf_analyzer does, after the first that did not become stable within `max_trials`
+    windows. Raises ServerGone carrying the measurements taken before the server went."""
     measured: list[Measurement] = []
     for mode, load in points:
         if mode not in MODES:
             raise PerfError(f"unknown load mode '{mode}' (one of {', '.join(MODES)})")
+        concurrency, rate = (int(load), None) if mode == "concurrency" else (None, load)
         try:
-            if mode == "concurrency":
-                m = await gen.measure(
-                    concurrency=int(load), window_s=window_s, warmup_s=warmup_s, distribution=distribution
-                )
-            else:
-                m = await gen.measure(
-                    request_rate=load, window_s=window_s, warmup_s=warmup_s, distribution=distribution
-                )
+            m = await gen.measure(
+                concurrency=concurrency,
+                request_rate=rate,
+                window_s=window_s,
+                warmup_s=warmup_s,
+                distribution=distribution,
+                stability=stability,
+                max_trials=max_trials,
+                latency_key=latency_key,
+            )
         except ServerGone as exc:
             raise ServerGone(str(exc), measured) from None
         measured.append(m)
         if on_point is not None:
             on_point(m)
+        if m.stable is False:
+            break
         if (
             latency_threshold_ms is not None
             and m.latency_us.get(latency_key, 0.0) > latency_threshold_ms * 1000

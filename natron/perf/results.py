@@ -74,12 +74,13 @@ def latency_summary(latencies_us: Iterable[float], extra: Iterable[int] = ()) ->
     return summary
 
 
-def count_error(samples: dict[str, int], message: str) -> None:
-    """Count `message` (its first line) in `samples`, keeping at most MAX_ERROR_SAMPLES texts."""
+def count_error(samples: dict[str, int], message: str, count: int = 1) -> None:
+    """Count `message` (its first line) `count` times in `samples`, keeping at most
+    MAX_ERROR_SAMPLES texts."""
     text = (message.strip().splitlines() or ["(empty error)"])[0][:300]
     if text not in samples and len(samples) >= MAX_ERROR_SAMPLES:
         text = OTHER_ERRORS
-    samples[text] = samples.get(text, 0) + 1
+    samples[text] = samples.get(text, 0) + count
 
 
 @dataclass(slots=True)
@@ -104,6 +105,9 @@ class Measurement:
     batch_size: int = 1
     sent: int = 0  # requests sent in the window (request-rate mode: how many the rate asked)
     achieved_rate_per_s: float = 0.0  # requests sent per second in the window
+    # The stability rule's verdict (None: not checked, one window) and the windows it took.
+    stable: bool | None = None
+    trials: int = 1
 
     def csv_row(self) -> dict[str, object]:
         """perf_analyzer's CSV columns (µs, whole numbers). A server column the statistics did

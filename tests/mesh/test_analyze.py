@@ -25,7 +25,8 @@ from tests.harness import ROOT, Served, child_processes, natron_serve
 pytestmark = pytest.mark.mesh
 
 # Short windows and few levels: the tests prove the tool's behaviour, bench/ measures.
-QUICK = ("--window-s", "0.4", "--concurrency", "1,4", "--instance-counts", "1,2")
+# One window per level (fewer trials than the stability rule needs), except where a test says.
+QUICK = ("--window-s", "0.4", "--max-trials", "1", "--concurrency", "1,4", "--instance-counts", "1,2")
 
 
 def _analyze(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
@@ -63,9 +64,11 @@ def test_a_repository_is_analyzed_into_a_report_and_a_chosen_config(
     simple_repo: Path, tmp_path: Path
 ) -> None:
     report = tmp_path / "report"
+    # natron perf's stability rule per level, loose enough to be met: three windows at least.
     done = _analyze(
-        "simple", "--repository", str(simple_repo), "--report", str(report), "--max-configs", "3", *QUICK
-    )
+        "simple", "--repository", str(simple_repo), "--report", str(report), "--max-configs", "3", *QUICK,
+        "--max-trials", "4", "--stability-percentage", "60",
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     html = (report / "index.html").read_text()
@@ -78,8 +81,9 @@ def test_a_repository_is_analyzed_into_a_report_and_a_chosen_config(
         assert row["failure"] == "" and int(row["errors"]) == 0
         assert float(row["throughput_per_s"]) > 0 and float(row["p99_ms"]) > 0
         assert float(row["rss_mb"]) > 20  # a worker with ONNX Runtime loaded: tens of MB at least
-        # The server's own figures, from the statistics extension over the window.
+        # The server's own figures, from the statistics extension over the windows.
         assert float(row["server_compute_us"]) > 0
+        assert row["stable"] in ("True", "False") and 3 <= int(row["windows"]) <= 4
     chosen = text_format.Parse((report / "config.pbtxt").read_text(), pb.ModelConfig())
     assert chosen.name == "simple" and chosen.max_batch_size in (1, 2, 4, 8)
     assert chosen.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
@@ -131,6 +135,7 @@ def test_request_rates_can_be_swept_instead_of_concurrency(explicit_server: Serv
     done = _analyze(
         "simple", "--url", explicit_server.url, "--metrics-url", explicit_server.metrics_url,
         "--report", str(report), "--max-configs", "1", "--request-rates", "40,80", "--window-s", "1",
+        "--max-trials", "1",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader((report / "measurements.csv").open()))
@@ -224,7 +229,7 @@ def test_a_server_that_goes_away_mid_run_keeps_what_was_measured(simple_repo: Pa
     ) as served:
         running = _Running(
             "simple", "--url", served.url, "--metrics-url", served.metrics_url, "--report", str(report),
-            "--max-configs", "12", "--window-s", "1", "--concurrency", "1,2,4,8",
+            "--max-configs", "12", "--window-s", "1", "--max-trials", "1", "--concurrency", "1,2,4,8",
         )  # fmt: skip
         running.wait_measured()
         # The whole mesh goes at once: every process of natron serve.
@@ -242,7 +247,7 @@ def test_ctrl_c_writes_the_report_and_stops_the_private_server(simple_repo: Path
     report = tmp_path / "report"
     running = _Running(
         "simple", "--repository", str(simple_repo), "--report", str(report), "--max-configs", "12",
-        "--window-s", "1", "--concurrency", "1,2,4,8",
+        "--window-s", "1", "--max-trials", "1", "--concurrency", "1,2,4,8",
     )  # fmt: skip
     running.wait_measured()
     servers = [pid for pid, command in child_processes(running.process.pid) if "serve" in command]

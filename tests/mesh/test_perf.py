@@ -132,8 +132,9 @@ def perf(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_concurrency_range_writes_perf_analyzers_csv(served: Served, tmp_path: Path) -> None:
     report = tmp_path / "perf.csv"
-    done = perf("-m", "simple", "-u", served.host_port, "--concurrency-range", "1:3:2", "-p", "400",
-                "--percentile", "90", "-f", str(report))  # fmt: skip
+    # A loose stability rule: each point takes at least three windows that agree within 50%.
+    done = perf("-m", "simple", "-u", served.host_port, "--concurrency-range", "1:3:2", "-p", "300",
+                "--percentile", "90", "-s", "50", "-f", str(report))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "natron perf: simple over http" in done.stdout
     with report.open() as f:
@@ -145,6 +146,32 @@ def test_a_concurrency_range_writes_perf_analyzers_csv(served: Served, tmp_path:
         assert float(row["Inferences/Second"]) > 0
         assert int(row["p50 latency"]) <= int(row["p99 latency"])
         assert row["Server Compute Infer"] != ""  # over HTTP the statistics are there
+
+
+async def test_windows_follow_one_another_until_three_agree(served: Served) -> None:
+    """perf_analyzer's trials: the measurement is the last three windows, together."""
+    async with LoadGenerator(target_for(served, "http"), check=simple_is_right) as gen:
+        m = await gen.measure(concurrency=1, window_s=0.3, warmup_s=WARMUP_S, stability=0.5, max_trials=10)
+        once = await gen.measure(concurrency=1, window_s=0.3, warmup_s=0, stability=0.5, max_trials=2)
+    assert m.stable is True and 3 <= m.trials <= 10
+    assert m.duration_s == pytest.approx(0.9, rel=0.2)
+    assert m.throughput_per_s == pytest.approx(m.requests / m.duration_s)
+    assert m.server["success"] >= m.requests > 0  # the statistics span the three windows too
+    # Fewer trials than the rule needs: one window, unchecked.
+    assert once.stable is None and once.trials == 1 and once.duration_s == pytest.approx(0.3, rel=0.2)
+
+
+def test_a_point_that_never_becomes_stable_ends_the_sweep_and_exits_1(served: Served, tmp_path: Path) -> None:
+    """No three windows agree within 0.001%: the first point is reported, marked, and the sweep
+    stops there, as perf_analyzer stops."""
+    report = tmp_path / "perf.csv"
+    done = perf("-m", "simple", "-u", served.host_port, "--concurrency-range", "1:2", "-p", "200",
+                "-s", "0.001", "-r", "3", "-f", str(report))  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed to obtain stable measurement within 3 measurement windows for concurrency 1" in done.stdout
+    assert "3, unstable" in done.stdout
+    with report.open() as f:
+        assert [row["Concurrency"] for row in csv.DictReader(f)] == ["1"]
 
 
 def test_the_cli_exits_1_naming_a_model_that_does_not_exist(served: Served) -> None:

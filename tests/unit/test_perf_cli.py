@@ -90,6 +90,7 @@ def test_the_defaults_are_perf_analyzers() -> None:
     )
     assert points == [("concurrency", 1)]
     assert args.interval_ms == 5000
+    assert (args.stability, args.max_trials) == (10.0, 10)
     assert cli.latency_key(args.percentile) == "avg"
     grpc, _, _ = options(["-m", "simple", "-i", "grpc"])
     assert grpc.url == "grpc://localhost:8001"
@@ -116,6 +117,8 @@ def test_the_defaults_are_perf_analyzers() -> None:
         (["-m", "s", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["-m", "s", "--shape", "INPUT0"], "--shape must be NAME:D1,D2"),
         (["-m", "s", "--request-distribution", "gamma"], "invalid choice: 'gamma'"),
+        (["-m", "s", "-s", "0"], "--stability-percentage must be positive"),
+        (["-m", "s", "--max-trials", "0"], "--max-trials must be at least 1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from natron.perf.load import build_inputs, check_structure, server_deltas
+from natron.perf.load import build_inputs, check_structure, is_stable, server_deltas
 from natron.perf.protocols import InputSpec, ModelInfo, decode_kserve, kserve_inputs, model_info
 from natron.perf.results import (
     CSV_COLUMNS,
@@ -260,3 +260,23 @@ def test_the_statistics_default_to_the_http_endpoint_of_http_and_ws_targets() ->
 def test_bad_targets_are_refused_naming_the_field(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(PerfError, match=message):
         Target(model="m", **kwargs)  # type: ignore[arg-type]
+
+
+# -- the stability rule ------------------------------------------------------------------------
+
+
+def windows(*points: tuple[float, float]) -> list[Measurement]:
+    """Windows of (throughput, average latency µs)."""
+    return [measurement(throughput_per_s=t, latency_us={"avg": lat, "p99": 2 * lat}) for t, lat in points]
+
+
+def test_three_windows_are_stable_when_each_lies_within_the_fraction_of_their_mean() -> None:
+    # Mean throughput 100: 91 and 109 are within 10%, 89 is not.
+    assert is_stable(windows((91, 1000), (100, 1000), (109, 1000)), 0.10, "avg")
+    assert not is_stable(windows((89, 1000), (100, 1000), (111, 1000)), 0.10, "avg")
+    # Latency counts as much as throughput, by the key asked for.
+    assert not is_stable(windows((100, 800), (100, 1000), (100, 1200)), 0.10, "avg")
+    assert is_stable(windows((100, 800), (100, 1000), (100, 1200)), 0.25, "p99")
+    # Windows that all measured nothing agree; one that measured something among them does not.
+    assert is_stable(windows((0, 0), (0, 0), (0, 0)), 0.10, "avg")
+    assert not is_stable(windows((0, 0), (0, 0), (30, 1000)), 0.10, "avg")
