@@ -55,6 +55,14 @@ class GatewayMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
         )
+        self.shared_memory = Counter(
+            "natron_gateway_shared_memory_requests",
+            "Inference requests naming system shared memory, by how their tensors were sent: "
+            "by reference (the model's workers map the regions), by value (a worker elsewhere "
+            "serves the model), or by value again (a worker could not reach the references)",
+            ["model", "sent"],
+            registry=self.registry,
+        )
         # labels() takes a lock and hashes on every call: keep the children per label set.
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
@@ -69,6 +77,10 @@ class GatewayMetrics:
         if latency is None:
             latency = self._latency_children[model] = self.latency_s.labels(model)
         latency.observe(duration_s)
+
+    def shared_memory_sent(self, model: str, sent: str) -> None:
+        """One request naming shared memory; `sent`: by_reference, by_value, by_value_again."""
+        self.shared_memory.labels(model, sent).inc()
 
     def own(self) -> bytes:
         return generate_latest(self._exposed)

@@ -80,7 +80,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from broker import jetstream, recovery
 from broker.recovery import Reconnects
 from broker.subjects import Subjects
-from gateway.keys import NATS, OPTIONS
+from gateway.keys import METRICS, NATS, OPTIONS
 from gateway.middleware import json_object, json_response
 from natron.errors import InternalError, InvalidArgument, NatronError, NotFound, Unavailable, Unsupported
 from natron.inference import (
@@ -293,9 +293,11 @@ class SharedMemoryRegistry:
     miss) for tensors; `read` and `write` for a tensor's bytes in one call. The CUDA calls
     answer as described in the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: Callable[[str, str], None] | None = None) -> None:
         self._kv: KeyValue | None = None
         self._scope: str | None = None
+        # count(model, how): each request naming regions, by how its tensors were sent.
+        self._count = count or (lambda model, how: None)
         self._regions: dict[str, _Entry] = {}
         # The revision last applied per name, deletions included: the watch and `refresh` both
         # deliver entries, and an older one must not undo a newer one.
@@ -303,8 +305,6 @@ class SharedMemoryRegistry:
         self._refresh_lock = asyncio.Lock()
         self._refreshes_started = 0
         self._refreshes_done = 0  # the number of the last refresh that completed
-        # Requests a worker could not reach by reference, sent again by value (see `infer`).
-        self.sent_again_by_value = 0
         self.tasks = EssentialTasks("shared memory")
 
     # -- life ------------------------------------------------------------------------------
@@ -550,14 +550,18 @@ class SharedMemoryRegistry:
         references. `shm_outputs`: output name -> its window in the client's region."""
         # The cheap test first: most requests name no region, and then the fleet is not looked at.
         referenced = self.by_reference(request, shm_outputs) if self._regions else None
-        if referenced is None or not self.reaches(record, workers):
+        if referenced is None:
             return await send(request)
+        if not self.reaches(record, workers):
+            self._count(record.name, "by_value")
+            return await send(request)
+        self._count(record.name, "by_reference")
         try:
             response = await send(referenced)
         except NatronError as exc:
             if exc.status != 400 or SHM_UNREACHABLE not in exc.message:
                 raise
-            self.sent_again_by_value += 1
+            self._count(record.name, "by_value_again")
             log.info("request id=%s sent again by value: %s", request.id, exc.message)
             return await send(request)
         for tensor in response.outputs:
@@ -738,7 +742,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
 def add_routes(app: web.Application) -> None:
     """The registry (under SHARED_MEMORY, opened after the NATS connection) and the extension's
     routes, system and CUDA."""
-    app[SHARED_MEMORY] = SharedMemoryRegistry()
+    app[SHARED_MEMORY] = SharedMemoryRegistry(app[METRICS].shared_memory_sent)
     app.cleanup_ctx.append(_registry_ctx)
     for kind, register, unregister, status in (
         ("systemsharedmemory", _system_register, _system_unregister, _system_status),

@@ -23,6 +23,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from broker.auth import authorization_block, ensure_credentials
@@ -45,6 +46,18 @@ class MonitoredMesh(Mesh):
     """A mesh whose nats-server serves its monitoring endpoint (/varz) on the spare port."""
 
     grpc_address = ""
+    metrics_url = ""
+
+    def shm_sent(self) -> dict[str, float]:
+        """The gateway's count of requests naming shared memory, by how they were sent."""
+        text = requests.get(self.metrics_url, timeout=10).text
+        return {
+            sample.labels["sent"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "natron_gateway_shared_memory_requests"
+            for sample in family.samples
+            if sample.name.endswith("_total") and sample.labels["model"] == MODEL
+        }
 
     def start_nats(self) -> None:
         conf = self.logs / "nats.conf"
@@ -86,9 +99,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MonitoredMesh]:
         mesh.start_router()
         mesh.start_worker("here")
         mesh.natron("orchestrator", "ensemble", "--nats-url", mesh.nats_url)
-        (grpc_port,) = free_ports(1)
+        grpc_port, metrics_port = free_ports(2)
         mesh.grpc_address = f"127.0.0.1:{grpc_port}"
-        mesh.start_gateway("--grpc-port", str(grpc_port), "--grpc-address", "127.0.0.1")
+        mesh.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        mesh.start_gateway(
+            "--grpc-port", str(grpc_port), "--grpc-address", "127.0.0.1", "--metrics-port", str(metrics_port)
+        )  # fmt: skip
         mesh.wait_ready(MODEL)
         mesh.wait_ready("ensemble_simple")
         yield mesh
@@ -158,6 +174,7 @@ def _tensor(seed: int) -> np.ndarray[Any, Any]:
 def test_a_large_input_and_output_in_shared_memory_never_cross_the_broker(
     mesh: MonitoredMesh, regions: Regions
 ) -> None:
+    sent = mesh.shm_sent().get("by_reference", 0)
     for seed in range(3):
         data = _tensor(seed)
         before = mesh.broker_bytes()
@@ -167,6 +184,8 @@ def test_a_large_input_and_output_in_shared_memory_never_cross_the_broker(
         assert carried < TENSOR_BYTES // 16, (
             f"{carried} bytes crossed nats-server for a {TENSOR_BYTES}-byte tensor"
         )
+    # Operators see it too: /metrics counts the requests sent by reference.
+    assert mesh.shm_sent().get("by_reference", 0) == sent + 3
 
 
 def test_grpc_infer_through_shared_memory_never_crosses_the_broker_either(mesh: MonitoredMesh) -> None:
@@ -203,9 +222,12 @@ def test_a_region_unlinked_after_registering_is_served_by_value(
     # worker cannot open the key, says so, and the gateway sends the bytes instead.
     (SHM_DIR / regions.in_key.lstrip("/")).unlink()
     data = _tensor(7)
-    before = mesh.broker_bytes()
+    before, sent = mesh.broker_bytes(), mesh.shm_sent()
     np.testing.assert_array_equal(regions.infer(data), data)
     assert mesh.broker_bytes() - before >= TENSOR_BYTES
+    after = mesh.shm_sent()
+    assert after["by_reference"] == sent["by_reference"] + 1
+    assert after["by_value_again"] == sent.get("by_value_again", 0) + 1
     assert "sent again by value" in mesh.log("gateway")
     assert f"{SHM_UNREACHABLE} 'here': cannot open its key" in mesh.log("gateway")
 
@@ -304,5 +326,7 @@ def test_a_fleet_with_a_worker_on_another_host_is_served_by_value(
         return mesh.broker_bytes() - before >= TENSOR_BYTES
 
     mesh.wait_until(by_value, 30, "the gateway carries the bytes")
+    sent = mesh.shm_sent().get("by_value", 0)
     for _ in range(4):  # whichever worker takes them
         assert by_value()
+    assert mesh.shm_sent()["by_value"] == sent + 4
