@@ -130,6 +130,8 @@ def _plan(args: argparse.Namespace) -> Plan:
         )
     if args.instances < 1:
         raise ConvertError(f"--instances {args.instances}: must be >= 1")
+    if args.chart is not None:
+        repository.check_chart(args.chart)
     for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
         if value is not None and not value >= 0:
             raise ConvertError(f"{flag} {value}: must be >= 0")

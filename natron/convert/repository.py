@@ -110,20 +110,29 @@ def helm_values(name: str, candidate: Candidate) -> str:
     )
 
 
+def check_chart(chart: Path) -> None:
+    """Refuse a `--chart` folder that cannot be written, before any work is done for it."""
+    if chart.exists():
+        raise ConvertError(f"--chart {chart}: already exists; give a new folder")
+    if not CHART.is_dir():
+        # The chart is a part of the source tree (deploy/helm/natron), not of the wheel.
+        raise ConvertError(f"--chart: no natron chart at {CHART}; run natron from its source tree for it")
+
+
 def write_helm(
     repository: Path, name: str, candidate: Candidate, chart: Path | None
 ) -> tuple[Path, Path | None]:
     """REPO/../natron-values-NAME.yaml (beside the repository, not in it, where the server would
     read it as a model folder); with `chart`, a copy of the natron chart there, these values as
     its values.yaml's overrides (`values-NAME.yaml` beside it)."""
+    if chart is not None:
+        check_chart(chart)
     values = helm_values(name, candidate)
     values_path = repository.resolve().parent / f"natron-values-{name}.yaml"
     try:
         values_path.write_text(values, encoding="utf-8")
         copied: Path | None = None
         if chart is not None:
-            if chart.exists():
-                raise ConvertError(f"--chart {chart}: already exists; give a new folder")
             shutil.copytree(CHART, chart)
             copied = chart
             (chart / f"values-{name}.yaml").write_text(values, encoding="utf-8")

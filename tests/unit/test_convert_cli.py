@@ -15,7 +15,7 @@ import torch
 from tritonclient.grpc import model_config_pb2 as pb
 
 from natron import config as cfg
-from natron.convert import cli
+from natron.convert import cli, repository
 from tests import convert_models
 
 pytestmark = pytest.mark.unit
@@ -186,6 +186,20 @@ def test_an_existing_chart_folder_is_refused(tmp_path: Path, capsys: pytest.Capt
     args = ("tests.convert_models:mlp", "--input", "INPUT0:FP32:-1,16", "--out", str(tmp_path / "r" / "m"))
     assert convert(*args, "--chart", str(chart)) == 1
     assert f"--chart {chart}: already exists" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "refused before converting anything"
+
+
+def test_a_chart_asked_for_where_natron_has_none_is_refused_before_converting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installed from a wheel, natron has no deploy/helm folder: --chart says so at once."""
+    monkeypatch.setattr(repository, "CHART", tmp_path / "no-such-chart")
+    out = tmp_path / "r" / "m"
+    args = ("tests.convert_models:mlp", "--input", "INPUT0:FP32:-1,16", "--out", str(out))
+    assert convert(*args, "--chart", str(tmp_path / "chart")) == 1
+    err = capsys.readouterr().err
+    assert "--chart: no natron chart at" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "chart").exists()
 
 
 @pytest.mark.parametrize(
