@@ -41,7 +41,7 @@ types: $(STAMP)
 # Two tiers: `unit` starts no process (seconds), `mesh` runs real nats-server and natron processes.
 pytest: $(STAMP) $(TF_STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m unit
-	$(BIN)/python -m pytest -p no:cacheprovider -m mesh
+	$(BIN)/python -m pytest -p no:cacheprovider -m mesh --durations=20
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider -m unit

@@ -416,6 +416,9 @@ class _Socket:
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
+    # Every request on the socket takes the upgrade's trace context: a header that is not
+    # UTF-8 refuses the upgrade with a 400, rather than each request after it.
+    trace_headers(utf8_headers(request.headers.get))
     ws = web.WebSocketResponse(
         max_msg_size=request.app[OPTIONS].max_body_bytes, heartbeat=30, timeout=_CLOSE_TIMEOUT_S
     )

@@ -178,6 +178,22 @@ def test_a_trace_header_that_is_not_utf8_is_a_400_on_the_generate_routes(
     assert f"header '{header.decode()}' is not valid UTF-8" in rest, rest
 
 
+@pytest.mark.parametrize("header", [b"traceparent", b"tracestate"])
+def test_a_websocket_upgrade_with_a_trace_header_that_is_not_utf8_is_refused_with_a_400(
+    served: Served, header: bytes
+) -> None:
+    head = (
+        b"GET /v2/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    status, rest = raw_request(served.host_port, head + header + b": 00-\xff\xfe-01\r\n\r\n")
+    assert status == 400, rest
+    assert f"header '{header.decode()}' is not valid UTF-8" in rest.decode(errors="replace")
+    # The same upgrade with a good header is taken.
+    status, _ = raw_request(served.host_port, head + header + b": 00-ok-01\r\n\r\n")
+    assert status == 101
+
+
 def test_a_body_over_the_limit_is_a_413_naming_the_flag_and_counted_as_413(served: Served) -> None:
     before = counted(served, "tiny", 413)
     response = requests.post(f"{served.url}{INFER}", data=b" " * (9 * 1024 * 1024), timeout=60)
