@@ -130,6 +130,10 @@ class Router:
         self._records: dict[str, ModelRecord] = {}
         self._sizes: dict[str, int] = {}
         self._published: dict[str, bytes] = {}
+        # Set (under the lock) when the first placement begins: from then on every report that
+        # changes what placement reads places again. Not `_published`, which is empty for a
+        # moment at start and after a reconnect: a report that came then would go unplaced.
+        self._placing = False
         # Loads under way, by model; and the generation whose load last failed over a model
         # that serves on, which polling does not try again until the files change.
         self._attempts: dict[str, _Attempt] = {}
@@ -208,7 +212,10 @@ class Router:
             await asyncio.to_thread(uploads.remove_folders, left)
         self._sizes = await asyncio.to_thread(lambda: {r.name: model_size_bytes(r) for r in records})
         self.tasks.spawn(self._republish(), "router-republish")
-        await self._publish(delete_others=True)
+        async with self._lock:
+            # A report that comes while this runs waits for the lock, then places again.
+            self._placing = True
+            await self._publish(delete_others=True)
         self.tasks.spawn(self._reap_workers(), "router-reap-workers")
         if self._options.control_mode == "poll":
             self.tasks.spawn(self._poll(), "router-poll")
@@ -489,7 +496,7 @@ class Router:
                 # Most reports are heartbeats that only refresh the worker's freshness and
                 # statistics: nothing to place or aggregate again.
                 return
-        if self._fleet.synced.is_set() and self._published:
+        if self._fleet.synced.is_set() and self._placing:
             async with self._lock:
                 await self._publish()
 
