@@ -207,11 +207,14 @@ class Replier:
         sequence: int,
         final: bool,
         counted: Counted | None = None,
+        headers: dict[str, str] | None = None,
     ) -> NatronError | None:
-        frames, error = stream_frames(responses, sequence, final, self._nc.max_payload)
+        """`headers`: more headers for the frames (a traced request's timestamps, with its
+        final frames)."""
+        frames, error = stream_frames(responses, sequence, final, self._nc.max_payload - _room(headers))
         if counted is not None:
             counted(error)
-        await self._publish(reply_to, frames)
+        await self._publish(reply_to, frames, headers)
         return error
 
     async def _publish(self, reply_to: str, frames: list[Frame], extra: dict[str, str] | None = None) -> None:

@@ -68,6 +68,8 @@ class _Stream:
     version: str
     queued: bool = False
     epoch: int = 0  # the connection's reconnect count when it was made
+    # A traced request's: filled with the worker's timestamps from its final answer.
+    timestamps: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -473,13 +475,19 @@ class Requester:
         idle_timeout_s: float,
         headers: dict[str, str] | None = None,
         level: int = 0,
+        timestamps: list[int] | None = None,
     ) -> AsyncGenerator[tuple[InferResponse, bool], None]:
         """`stream`, with each answer's final flag, and the final flag alone as an answer with
-        no outputs: what Triton's gRPC stream tells its clients (`triton_final_response`)."""
+        no outputs: what Triton's gRPC stream tells its clients (`triton_final_response`).
+        `timestamps`: the request is traced; the worker's timestamps are appended to this list
+        when its final answer carries them."""
         payload = self._payload(request)
         token = str(next(self._counter))
         reply_to = f"{self._inbox}.{token}"
         state = _Stream(asyncio.Queue(), request.model, version, epoch=self._reconnects.count)
+        if timestamps is not None:
+            state.timestamps = timestamps
+            headers = {**(headers or {}), TRACE: "1"}
         self._streams[token] = state
         finished = False
         try:
@@ -720,7 +728,10 @@ class Requester:
             else:
                 stream.queued = True
             return
-        for answer in reply.decode_reply(msg):
+        answers = reply.decode_reply(msg)
+        if stream.timestamps is not None and answers[-1][1]:
+            _take_timestamps(msg, stream.timestamps)
+        for answer in answers:
             stream.queue.put_nowait(answer)
 
 

@@ -403,9 +403,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 status = 200
                 return
             infer.parsed.request.version = target
-            # A decoupled worker's answers carry no timestamps: the trace has the gateway's.
+            # The worker's timestamps come with its final answer.
             async for response, final in requester.stream_marked(
-                infer.parsed.request, target, queue.timeout_s, trace, queue.subject_level
+                infer.parsed.request,
+                target,
+                queue.timeout_s,
+                trace,
+                queue.subject_level,
+                timestamps=None if traced is None else traced.timestamps,
             ):
                 if final and traced is not None:
                     traced.answered()

@@ -139,10 +139,17 @@ async def _answers(
     requester = request.app[REQUESTER]
     parsed.request.version = target
     if spec.decoupled:
-        # With the final flag, to mark when the last answer came in. A decoupled worker's
-        # answers carry no timestamps (its frames go out while it runs): none are asked for.
+        # With the final flag, to mark when the last answer came in; the worker's timestamps
+        # come with its final answer.
         async with contextlib.aclosing(
-            requester.stream_marked(parsed.request, target, queue.timeout_s, headers, queue.subject_level)
+            requester.stream_marked(
+                parsed.request,
+                target,
+                queue.timeout_s,
+                headers,
+                queue.subject_level,
+                timestamps=None if trace is None else trace.timestamps,
+            )
         ) as marked:
             async for answer, final in marked:
                 if final and trace is not None:

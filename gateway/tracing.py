@@ -21,9 +21,10 @@ Triton's OpenTelemetry traces. The TENSORS level writes the timestamps only.
 
 Streams (generate, generate_stream, the WebSocket, gRPC ModelStreamInfer) are traced as one
 request each: the span ends, and the trace is written, once the stream's last answer was sent;
-REQUEST_END (and the send's start) is when its final answer came in. A decoupled model's answers
-carry no worker timestamps (its worker answers frame by frame, before its execution ends): its
-trace has the gateway's timestamps only. A model that is not decoupled answers once, with them.
+REQUEST_END (and the send's start) is when its final answer came in. A decoupled model's worker
+sends its timestamps with the final answer: COMPUTE_OUTPUT_START is when the model gave its first
+response, COMPUTE_END its last (the final flag). A model that is not decoupled answers once,
+with them.
 """
 
 from __future__ import annotations

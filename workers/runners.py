@@ -153,8 +153,17 @@ class Answers:
     async def frames(self, item: Admitted, outputs: list[list[Tensor]], sequence: int, final: bool) -> bool:
         """Stream frames of a decoupled request (acknowledged already); False when they could
         not go out and an error answer ended the stream instead. Its first frame is its first
-        response (Triton's first-response histogram), its last one its success."""
+        response (Triton's first-response histogram), its last one its success. A traced
+        request's timestamps go with its final frames: COMPUTE_OUTPUT_START is its first
+        response, COMPUTE_END its last."""
         responses = [self.response(item, tensors) for tensors in outputs]
+        stamps = item.timestamps
+        if stamps is not None:
+            now_ns = time.time_ns()
+            if len(stamps) == 3:
+                stamps.append(now_ns)
+            if final and len(stamps) == 4:
+                stamps.append(now_ns)
         stored = stored_ns(item.msg)
 
         def counted(error: NatronError | None) -> None:
@@ -166,7 +175,8 @@ class Answers:
             if final:
                 self._count(item, None)
 
-        error = await self._replier.frames(item.reply_to, responses, sequence, final, counted)
+        headers = _trace_headers(item) if final and stamps is not None else None
+        error = await self._replier.frames(item.reply_to, responses, sequence, final, counted, headers)
         return error is None
 
     async def ack(self, msg: Msg) -> None:
