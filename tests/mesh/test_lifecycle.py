@@ -363,16 +363,18 @@ def stop_serve_once(repo: Path, log_path: Path, moment: str, rng: random.Random,
                 os.kill(pid, signal.SIGKILL)
 
 
-# Twenty whole starts of `natron serve`, some of them to READY: each attempt checks its own stop
-# bound; the test's timeout only has to let twenty starts happen on a loaded machine.
-@pytest.mark.timeout(360)
-def test_natron_serve_stopped_twenty_times_at_random_moments_exits_within_its_budget_and_leaves_no_process(
+# Twelve whole starts of `natron serve`, some of them to READY: each attempt checks its own stop
+# bound; the test's timeout only has to let twelve starts happen on a loaded machine.
+@pytest.mark.timeout(300)
+def test_natron_serve_stopped_three_times_at_each_moment_exits_within_its_budget_and_leaves_no_process(
     repository: Path, tmp_path: Path
 ) -> None:
+    """Twelve stops: each moment three times, at random offsets (a new seed every run, printed
+    on failure), so that runs over time cover the moments' ranges."""
     repo = small_repository(repository, tmp_path, ["tiny", "simple"])
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    moments = list(MOMENTS) * 5
+    moments = list(MOMENTS) * 3
     rng.shuffle(moments)
     log_path = tmp_path / "serve.log"
     for attempt, moment in enumerate(moments):
