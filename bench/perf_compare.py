@@ -6,8 +6,9 @@ Starts `natron serve` on the example model, then, for each concurrency, runs bot
 generators one after the other against it: HTTP with binary tensor data, version 1, about
 `duration_s` of measured load each. perf_analyzer (from tritonclient 2.41.1's wheel, in
 .venv-triton: scripts/install_triton.sh) is driven as bench/sidebyside.py drives it
-(bench/perf_analyzer.py: three windows, each a third of the cell); `natron perf` runs as users
-run it, a process of its own writing its CSV (`-f`), one window of `duration_s` after a warm-up.
+(bench/perf_analyzer.py: three windows, each a third of the cell, under a stability rule loose
+enough that the first three agree); `natron perf` runs as users run it, a process of its own
+writing its CSV (`-f`), with the same windows and the same rule after a warm-up.
 
 Both tools write perf_analyzer's CSV, read back here by the same parser. Beside throughput and
 latencies, the table gives each tool's own CPU time per 1000 requests (its process's user+system
