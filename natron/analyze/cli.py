@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stability-percentage",
         type=_positive,
         default=10.0,
-        help="a level is stable when 3 windows' throughput and p99 lie within this %% of their mean (10)",
+        help="a level is stable when 3 windows' throughput and mean latency lie within this %% of their mean "
+        "(10)",
     )
     parser.add_argument(
         "--max-trials", type=int, default=4, help="windows per level at most; under 3: one, unchecked (4)"
