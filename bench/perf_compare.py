@@ -1,9 +1,10 @@
 """`natron perf` beside Triton's perf_analyzer, on the same cells of the same natron server.
 
     .venv/bin/python -m bench.perf_compare [--model simple] [--concurrency 1,4,16] [--duration-s 6]
+        [--protocol http|grpc]
 
 Starts `natron serve` on the example model, then, for each concurrency, runs both load
-generators one after the other against it: HTTP with binary tensor data, version 1, about
+generators one after the other against it: HTTP with binary tensor data (or gRPC), version 1, about
 `duration_s` of measured load each. perf_analyzer (from tritonclient 2.41.1's wheel, in
 .venv-triton: scripts/install_triton.sh) is driven as bench/sidebyside.py drives it
 (bench/perf_analyzer.py: three windows, each a third of the cell, under a stability rule loose
@@ -63,14 +64,17 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_natron_perf(base_url: str, model: str, concurrency: int, duration_s: float) -> dict[str, Any]:
-    """One `natron perf` cell as a process of its own; its CSV row in perf_analyzer's keys."""
+def run_natron_perf(
+    base_url: str, model: str, concurrency: int, duration_s: float, protocol: str = "http"
+) -> dict[str, Any]:
+    """One `natron perf` cell as a process of its own; its CSV row in perf_analyzer's keys.
+    `base_url`: http://host:port, or host:port of the gRPC endpoint with `protocol` "grpc"."""
     host_port = base_url.removeprefix("http://")
     with tempfile.TemporaryDirectory(prefix="natron-perf-") as tmp:
         report = Path(tmp) / "report.csv"
         args = [
             *natron_command(), "perf", "-m", model, "-x", perf_analyzer.MODEL_VERSION, "-u", host_port,
-            "-i", "http", "--concurrency-range", str(concurrency),
+            "-i", protocol, "--concurrency-range", str(concurrency),
             # The same windows and stability rule as perf_analyzer's cell (bench/perf_analyzer.py).
             "-p", str(max(200, round(duration_s * 1000 / perf_analyzer.WINDOWS))),
             "-s", str(perf_analyzer.STABILITY_PERCENTAGE), "-r", str(perf_analyzer.MAX_TRIALS),
@@ -98,10 +102,16 @@ def run_natron_perf(base_url: str, model: str, concurrency: int, duration_s: flo
 
 
 def run_perf_analyzer(
-    binary: Path, env: dict[str, str], base_url: str, model: str, concurrency: int, duration_s: float
+    binary: Path,
+    env: dict[str, str],
+    base_url: str,
+    model: str,
+    concurrency: int,
+    duration_s: float,
+    protocol: str = "http",
 ) -> dict[str, Any]:
     cpu_before = _children_cpu_s()
-    point = perf_analyzer.run(binary, env, base_url, model, concurrency, duration_s)
+    point = perf_analyzer.run(binary, env, base_url, model, concurrency, duration_s, protocol)
     cpu_s = _children_cpu_s() - cpu_before
     return {
         "tool": "perf_analyzer",
@@ -115,10 +125,9 @@ def run_perf_analyzer(
     }
 
 
-def table(points: Sequence[dict[str, Any]]) -> Table:
-    t = Table(
-        title="natron perf vs perf_analyzer: same natron server, HTTP binary tensors", title_justify="left"
-    )
+def table(points: Sequence[dict[str, Any]], protocol: str = "http") -> Table:
+    over = "HTTP binary tensors" if protocol == "http" else "gRPC"
+    t = Table(title=f"natron perf vs perf_analyzer: same natron server, {over}", title_justify="left")
     for column in ("Conc.", "Tool", "Infer/s", "p50 ms", "p90 ms", "p99 ms", "Srv queue ms", "Srv infer ms",
                    "Net+srv ms", "Client CPU ms/1k req"):  # fmt: skip
         t.add_column(column, justify="right")
@@ -145,6 +154,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="simple")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default 1,4,16)")
     p.add_argument("--duration-s", type=float, default=6.0, help="measured load per tool and cell")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--triton-venv", type=Path, default=DEFAULT_VENV)
     return p.parse_args(argv)
 
@@ -170,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--metrics-port", str(metrics_port), "--nats-port", str(nats_port),
         ]  # fmt: skip
         base_url = f"http://127.0.0.1:{http_port}"
+        target = base_url if args.protocol == "http" else f"127.0.0.1:{grpc_port}"
         server = ServerProcess("natron", command, Path(tmp) / "natron.log")
         server.start()
         try:
@@ -183,14 +194,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     run_perf_analyzer(
                         install.perf_analyzer,
                         install.perf_analyzer_env(),
-                        base_url,
+                        target,
                         args.model,
                         concurrency,
                         args.duration_s,
+                        args.protocol,
                     )
                 )
                 console.print(f"[dim]concurrency {concurrency}: natron perf")
-                points.append(run_natron_perf(base_url, args.model, concurrency, args.duration_s))
+                points.append(
+                    run_natron_perf(target, args.model, concurrency, args.duration_s, args.protocol)
+                )
         finally:
             server.stop()
     return {
@@ -202,7 +216,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model": args.model,
             "concurrency": levels,
             "duration_s": args.duration_s,
-            "protocol": "http, binary tensors",
+            "protocol": "http, binary tensors" if args.protocol == "http" else "grpc",
         },
         "versions": {"tritonclient (perf_analyzer)": install.versions.get("tritonclient")},
         "points": points,
@@ -217,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         console.print(f"[red]benchmark failed:[/red] {exc}")
         return 1
-    console.print(table(results["points"]))
+    console.print(table(results["points"], args.protocol))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"perf_compare-{results['timestamp']}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
