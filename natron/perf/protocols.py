@@ -1,6 +1,6 @@
 """The four ways `natron perf` reaches a model: KServe v2 over HTTP (binary tensor data or JSON),
-gRPC (tritonclient's asyncio client), natron's WebSocket (/v2/ws) and straight NATS (the
-gateway's own `Requester`).
+gRPC (grpc.aio; tritonclient's client for the questions), natron's WebSocket (/v2/ws) and
+straight NATS (the gateway's own `Requester`).
 
 Each client does the same four things: describe the model (its config and the version that
 serves), build what it sends once, send one request and decode its answer, and read the
