@@ -119,11 +119,15 @@ class BucketMirror(Generic[T]):
 
     async def _lagging(self, kv: KeyValue) -> None:
         """Return once the watch has missed a change: the bucket held it a whole check ago, and
-        the watch has still not delivered it. A check that cannot reach the bucket tells nothing."""
+        the watch has still not delivered it. A check that cannot reach the bucket tells nothing;
+        one after a watch that delivered since the last check and is not behind does not ask
+        (the workers bucket, written every heartbeat, costs the broker nothing while it flows)."""
         behind_at: int | None = None
+        seen = self._delivered
         while True:
             await asyncio.sleep(self._lag_check_s)
-            if not self.live:
+            moving, seen = self._delivered > seen, self._delivered
+            if not self.live or (moving and (behind_at is None or self._delivered >= behind_at)):
                 behind_at = None
                 continue
             try:
