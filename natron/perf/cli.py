@@ -71,6 +71,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-i", dest="protocol", default="http", choices=PROTOCOLS, help="protocol (default http)")
     p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="gRPC: every request on one ModelStreamInfer stream (what a decoupled model needs)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="JSON tensors instead of binary tensor data (http, ws)"
     )
     p.add_argument(
@@ -263,6 +268,7 @@ def options(argv: Sequence[str]) -> tuple[Target, argparse.Namespace, list[tuple
             timeout_s=args.timeout,
             nats_creds=args.nats_creds,
             prefix=args.nats_prefix,
+            streaming=args.streaming,
         )
     except PerfError as exc:
         raise UsageError(str(exc)) from None
@@ -332,6 +338,7 @@ async def run(
     key = latency_key(args.percentile)
     percentiles = [args.percentile] if args.percentile is not None else []
     title = f"natron perf: {target.model} over {target.protocol}" + (" (JSON)" if not target.binary else "")
+    title += " (streaming)" if target.streaming else ""
     measured: list[Measurement] = []
     exit_code = 0
     async with LoadGenerator(target, percentiles=percentiles) as gen:

@@ -655,6 +655,132 @@ class GrpcClient(ProtocolClient):
             await self.questions.close()
 
 
+class GrpcStreamClient(GrpcClient):
+    """perf_analyzer's `--streaming`: every request on one ModelStreamInfer stream, each asking
+    for the final-response flag (`triton_enable_empty_final_response`), so that a decoupled
+    model's request ends at its flag, however many answers it had. A request's latency runs to
+    its final answer; its outputs are its last answer's. The request is serialized once; each
+    send appends its own id (protobuf merges concatenated messages). A stream that breaks fails
+    the requests on it, and the next request opens another."""
+
+    _MODEL_STREAM_INFER: Final = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+    def __init__(self, target: Target) -> None:
+        super().__init__(target)
+        self._stream: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._calls: dict[str, _WsCall] = {}
+        self._ids = itertools.count(1)
+        self._opening = asyncio.Lock()
+        # grpc.aio takes one write at a time on a stream: the slots take turns.
+        self._writing = asyncio.Lock()
+
+    def prepare(self, info: ModelInfo, inputs: Inputs) -> None:
+        from tritonclient.grpc import service_pb2
+
+        super().prepare(info, inputs)
+        flag = service_pb2.ModelInferRequest()
+        flag.parameters["triton_enable_empty_final_response"].bool_param = True
+        self._payload += flag.SerializeToString()
+
+    async def _opened(self) -> Any:
+        if self._stream is not None and not self._stream.done():
+            return self._stream
+        async with self._opening:
+            if self._stream is not None and not self._stream.done():
+                return self._stream
+            from tritonclient.grpc import service_pb2
+
+            assert self._channel is not None
+            self._stream = self._channel.stream_stream(
+                self._MODEL_STREAM_INFER,
+                response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+            )()
+            self._reader = asyncio.create_task(self._read(self._stream), name="natron-perf-grpc-stream")
+            return self._stream
+
+    async def infer(self) -> Answer:
+        import grpc
+        from tritonclient.grpc import service_pb2
+
+        stream = await self._opened()
+        request_id = str(next(self._ids))
+        started = time.perf_counter_ns()
+        payload = self._payload + service_pb2.ModelInferRequest(id=request_id).SerializeToString()
+        call = _WsCall(asyncio.get_running_loop().create_future())
+        self._calls[request_id] = call  # before sending: the answer may come at once
+        try:
+            send_ns = time.perf_counter_ns() - started
+            async with self._writing:
+                await stream.write(payload)
+            answer = await asyncio.wait_for(call.future, self.target.timeout_s)
+        except TimeoutError:
+            raise RequestFailed(f"no answer within {self.target.timeout_s} s") from None
+        except RequestFailed:
+            raise
+        except grpc.aio.AioRpcError as exc:  # the stream ended while this was written
+            gone = exc.code() == grpc.StatusCode.UNAVAILABLE
+            raise RequestFailed(f"{exc.code().name}: {_first_line(exc.details() or '')}", gone=gone) from None
+        except Exception as exc:  # the stream is closing (grpc.aio's usage errors)
+            raise RequestFailed(f"the stream failed: {type(exc).__name__}: {exc}", gone=True) from None
+        finally:
+            self._calls.pop(request_id, None)
+        answer.send_ns = send_ns
+        return answer
+
+    async def _read(self, stream: Any) -> None:
+        import grpc
+
+        failure = RequestFailed("connection failed: the stream ended", gone=True)
+        try:
+            async for message in stream:
+                self._on_response(message)
+        except grpc.aio.AioRpcError as exc:
+            gone = exc.code() == grpc.StatusCode.UNAVAILABLE
+            failure = RequestFailed(f"{exc.code().name}: {_first_line(exc.details() or '')}", gone=gone)
+        except Exception as exc:  # anything else ends this stream too; its requests are told
+            failure = RequestFailed(f"the stream failed: {type(exc).__name__}: {exc}", gone=True)
+        finally:
+            for call in list(self._calls.values()):
+                if not call.future.done():
+                    call.future.set_exception(failure)
+
+    def _on_response(self, message: Any) -> None:
+        started = time.perf_counter_ns()
+        response = message.infer_response
+        call = self._calls.get(response.id)
+        if call is None or call.future.done():
+            return  # an answer to a request that timed out
+        if message.error_message:
+            call.future.set_exception(RequestFailed(_first_line(message.error_message)))
+            return
+        if response.outputs:
+            try:
+                call.outputs = _grpc_outputs(response)
+            except Exception as exc:  # a malformed answer is this request's error, not the reader's
+                call.future.set_exception(RequestFailed(f"undecodable answer: {exc}"))
+                return
+        call.recv_ns += time.perf_counter_ns() - started
+        if response.parameters["triton_final_response"].bool_param:
+            if call.outputs is None:
+                call.future.set_exception(RequestFailed("the request ended without an answer"))
+            else:
+                call.future.set_result(Answer(call.outputs, recv_ns=call.recv_ns))
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.done_writing()
+            stream.cancel()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        await super().close()
+
+
 def _grpc_outputs(response: Any) -> Outputs:
     """A ModelInferResponse's outputs as arrays: from its raw contents (what Triton and natron
     send), else through tritonclient's reading of the typed contents."""
@@ -789,6 +915,8 @@ class NatsClient(ProtocolClient):
 
 
 def client_for(target: Target) -> ProtocolClient:
+    if target.streaming:
+        return GrpcStreamClient(target)
     clients: dict[str, type[ProtocolClient]] = {
         "http": HttpClient,
         "ws": WebSocketClient,

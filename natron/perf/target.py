@@ -35,6 +35,9 @@ class Target:
     timeout_s: float = 30.0
     nats_creds: Path | None = None  # an nkey seed or a .creds file, for protocol "nats"
     prefix: str = "natron"  # the NATS subject prefix of the deployment
+    # gRPC: every request on one ModelStreamInfer stream (perf_analyzer's --streaming), the way
+    # a decoupled model is driven over gRPC.
+    streaming: bool = False
     nats_tls_ca: Path | None = None
     nats_tls_cert: Path | None = None
     nats_tls_key: Path | None = None
@@ -48,6 +51,8 @@ class Target:
             raise PerfError(f"batch size must be at least 1, got {self.batch_size}")
         if self.input_data not in INPUT_DATA:
             raise PerfError(f"input data must be one of {', '.join(INPUT_DATA)}, got '{self.input_data}'")
+        if self.streaming and self.protocol != "grpc":
+            raise PerfError(f"streaming applies to gRPC only, not {self.protocol}")
         if not self.timeout_s > 0:
             raise PerfError(f"timeout must be positive, got {self.timeout_s}")
         for name, dims in self.shapes.items():

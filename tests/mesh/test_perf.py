@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from natron.perf.api import (
 )
 from tests.harness import ROOT, Served, child_processes, natron_serve, wait_until
 
+# The shared server of the backend models, for the decoupled `repeat` (tests/backend_fixtures.py).
+pytest_plugins = ["tests.backend_fixtures"]
 pytestmark = pytest.mark.timeout(120)
 
 WINDOW_S = 0.4
@@ -172,6 +175,35 @@ def test_a_point_that_never_becomes_stable_ends_the_sweep_and_exits_1(served: Se
     assert "3, unstable" in done.stdout
     with report.open() as f:
         assert [row["Concurrency"] for row in csv.DictReader(f)] == ["1"]
+
+
+async def test_grpc_streaming_sends_every_request_on_one_stream_with_answers_checked(served: Served) -> None:
+    async with LoadGenerator(target_for(served, "grpc", streaming=True), check=simple_is_right) as gen:
+        m = await gen.measure(concurrency=4, window_s=WINDOW_S, warmup_s=WARMUP_S)
+    assert m.errors == 0, m.error_samples
+    assert m.requests > 0 and m.server["success"] > 0
+
+
+async def test_a_decoupled_model_is_measured_over_a_grpc_stream_to_its_final_flag(
+    backend_served: Served,
+) -> None:
+    """`repeat` answers once per element of IN and then sends its final flag alone: a request
+    is done at the flag, its outputs are its last answer's. Unary gRPC cannot carry it at all."""
+
+    def last_of_three(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> str | None:
+        if outputs["IDX"].tolist() != [2] or outputs["OUT"].tolist() != inputs["IN"][2:].tolist():
+            return f"the last answer is {outputs['OUT'].tolist()} at {outputs['IDX'].tolist()}"
+        return None
+
+    target = Target(backend_served.grpc_url, "grpc", "repeat", shapes={"IN": (3,)}, timeout_s=20.0)
+    async with LoadGenerator(replace(target, streaming=True), check=last_of_three) as gen:
+        m = await gen.measure(concurrency=2, window_s=WINDOW_S, warmup_s=WARMUP_S)
+    assert m.errors == 0, m.error_samples
+    assert m.requests > 0
+    async with LoadGenerator(target) as gen:
+        unary = await gen.measure(concurrency=1, window_s=WINDOW_S, warmup_s=0)
+    assert unary.requests == 0 and unary.errors > 0
+    assert any("is decoupled" in text for text in unary.error_samples), unary.error_samples
 
 
 def test_the_cli_exits_1_naming_a_model_that_does_not_exist(served: Served) -> None:

@@ -118,6 +118,7 @@ def test_the_defaults_are_perf_analyzers() -> None:
         (["-m", "s", "--shape", "INPUT0"], "--shape must be NAME:D1,D2"),
         (["-m", "s", "--request-distribution", "gamma"], "invalid choice: 'gamma'"),
         (["-m", "s", "-s", "0"], "--stability-percentage must be positive"),
+        (["-m", "s", "--streaming"], "streaming applies to gRPC only, not http"),
         (["-m", "s", "--max-trials", "0"], "--max-trials must be at least 1"),
     ],
 )
