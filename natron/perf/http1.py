@@ -42,6 +42,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.header_length: int | None = None
         self.reusable = False
+        self.answered = False  # any byte of an answer came on this connection since its last send
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -50,6 +51,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -93,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.chunks = []
         self.header_length = None
         self.reusable = False
+        self.answered = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self.waiter
@@ -143,7 +146,18 @@ class Http1Pool:
                 self._all.discard(connection)
                 connection = None
         if connection is None:
-            connection = await self._open()
+            return await self._exchange(await self._open(), request)
+        try:
+            return await self._exchange(connection, request)
+        except ConnectionFailed:
+            if connection.answered:
+                raise
+        # A kept-alive connection that the server closed as this request went out (its idle
+        # timeout racing the send): no byte of an answer came, so the request goes again on a
+        # new connection, once, as HTTP clients do. A fresh connection that fails so is an error.
+        return await self._exchange(await self._open(), request)
+
+    async def _exchange(self, connection: _Connection, request: bytes) -> Response:
         waiter = connection.send(request)
         # A timer on the future rather than wait_for: no task per request.
         timer = asyncio.get_running_loop().call_later(self.timeout_s, _expire, waiter, self.timeout_s)
