@@ -139,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="the latency percentile that the threshold and the summary use (default: the average)",
+        help="the latency percentile that the stability rule, the threshold and the summary use "
+        "(default: the average)",
     )
     p.add_argument(
         "--latency-threshold",
