@@ -66,6 +66,7 @@ class GatewayMetrics:
         # labels() takes a lock and hashes on every call: keep the children per label set.
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._latency_children: dict[str, Any] = {}
+        self._shared_memory_children: dict[tuple[str, str], Any] = {}
 
     def observe(self, model: str, version: str, status: int, duration_s: float) -> None:
         key = (model, version, status)
@@ -80,7 +81,10 @@ class GatewayMetrics:
 
     def shared_memory_sent(self, model: str, sent: str) -> None:
         """One request naming shared memory; `sent`: by_reference, by_value, by_value_again."""
-        self.shared_memory.labels(model, sent).inc()
+        child = self._shared_memory_children.get((model, sent))
+        if child is None:
+            child = self._shared_memory_children[(model, sent)] = self.shared_memory.labels(model, sent)
+        child.inc()
 
     def own(self) -> bytes:
         return generate_latest(self._exposed)
