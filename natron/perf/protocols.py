@@ -377,7 +377,9 @@ def _error_text(data: bytes) -> str:
 # -- the WebSocket ------------------------------------------------------------------------------
 
 
-class _WsCall:
+class _StreamCall:
+    """A request on a stream (the WebSocket, a gRPC stream): its answers until its final one."""
+
     __slots__ = ("future", "outputs", "recv_ns")
 
     def __init__(self, future: asyncio.Future[Answer]) -> None:
@@ -398,7 +400,7 @@ class WebSocketClient(ProtocolClient):
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.reader: asyncio.Task[None] | None = None
         self.connecting = asyncio.Lock()
-        self.calls: dict[str, _WsCall] = {}
+        self.calls: dict[str, _StreamCall] = {}
         self.ids = itertools.count(1)
         self.prefix = b""
         self.suffix = b""
@@ -445,7 +447,7 @@ class WebSocketClient(ProtocolClient):
         request_id = str(next(self.ids))
         started = time.perf_counter_ns()
         head = b'%s"%s"%s' % (self.prefix, request_id.encode(), self.suffix)
-        call = _WsCall(asyncio.get_running_loop().create_future())
+        call = _StreamCall(asyncio.get_running_loop().create_future())
         self.calls[request_id] = call  # before sending: the answer may come at once
         try:
             if self.target.binary:
@@ -669,7 +671,7 @@ class GrpcStreamClient(GrpcClient):
         super().__init__(target)
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._calls: dict[str, _WsCall] = {}
+        self._calls: dict[str, _StreamCall] = {}
         self._ids = itertools.count(1)
         self._opening = asyncio.Lock()
         # grpc.aio takes one write at a time on a stream: the slots take turns.
@@ -707,7 +709,7 @@ class GrpcStreamClient(GrpcClient):
         request_id = str(next(self._ids))
         started = time.perf_counter_ns()
         payload = self._payload + service_pb2.ModelInferRequest(id=request_id).SerializeToString()
-        call = _WsCall(asyncio.get_running_loop().create_future())
+        call = _StreamCall(asyncio.get_running_loop().create_future())
         self._calls[request_id] = call  # before sending: the answer may come at once
         try:
             send_ns = time.perf_counter_ns() - started

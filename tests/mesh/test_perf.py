@@ -250,7 +250,10 @@ def refused(host_port: str) -> bool:
         return True
 
 
-async def test_a_server_killed_mid_sweep_raises_server_gone_with_the_points_so_far(doomed: Served) -> None:
+@pytest.mark.parametrize("protocol", ["http", "grpc-streaming"])
+async def test_a_server_killed_mid_sweep_raises_server_gone_with_the_points_so_far(
+    doomed: Served, protocol: str
+) -> None:
     seen: list[Measurement] = []
 
     def kill_after_first(m: Measurement) -> None:
@@ -259,7 +262,11 @@ async def test_a_server_killed_mid_sweep_raises_server_gone_with_the_points_so_f
             kill_tree(doomed.pid)
             wait_until(lambda: refused(doomed.host_port), 20, "the killed gateway's port refusing")
 
-    target = Target(doomed.url, "http", "tiny", timeout_s=5.0)
+    if protocol == "http":
+        target, gone = Target(doomed.url, "http", "tiny", timeout_s=5.0), "connection failed"
+    else:  # the stream breaks under the requests on it, and a new one cannot be opened
+        target, gone = Target(doomed.grpc_url, "grpc", "tiny", timeout_s=5.0, streaming=True), "UNAVAILABLE"
+
     async with LoadGenerator(target) as gen:
         with pytest.raises(ServerGone) as caught:
             await sweep(
@@ -271,4 +278,4 @@ async def test_a_server_killed_mid_sweep_raises_server_gone_with_the_points_so_f
             )
     assert caught.value.measured == seen
     assert len(seen) == 1 and seen[0].requests > 0 and seen[0].errors == 0
-    assert "the server stopped answering: connection failed" in str(caught.value)
+    assert f"the server stopped answering: {gone}" in str(caught.value)
